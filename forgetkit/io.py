@@ -1,0 +1,124 @@
+"""Atomic file writing, JSONL helpers and explicit seeding: one implementation each."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "append_jsonl",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_jsonl",
+    "read_jsonl",
+    "seed_everything",
+    "stable_hash",
+]
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
+    """Open a temporary file beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    A crash or exception inside the block leaves any existing ``path`` untouched and no
+    half-written file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically."""
+    with atomic_write(path) as handle:
+        json.dump(obj, handle, indent=indent, ensure_ascii=False, allow_nan=False)
+        handle.write("\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
+    """Write one JSON object per line to ``path`` atomically."""
+    with atomic_write(path) as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
+    """Append complete lines to a JSONL file, flushed and fsynced (used for resumable logs).
+
+    Each call writes whole lines in one ``write``; :func:`read_jsonl` with ``tolerate_torn_tail``
+    drops a torn last line left by a crash mid-write.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_jsonl(path: str | os.PathLike, tolerate_torn_tail: bool = False) -> list[Any]:
+    """Read a JSONL file; a malformed line raises ``ValueError`` naming file and line.
+
+    Args:
+        path: the file.
+        tolerate_torn_tail: drop a last line that has no newline and does not parse (the
+            signature of a write interrupted mid-line), instead of raising.
+    """
+    path = Path(path)
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        lines = handle.readlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if tolerate_torn_tail and number == len(lines) and not line.endswith("\n"):
+                break
+            raise ValueError(f"{path}:{number}: malformed JSON: {err.msg}") from err
+    return rows
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA). For entry points only, never library code."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def stable_hash(*parts: Any, length: int = 16) -> str:
+    """A hex digest of ``parts`` that does not depend on PYTHONHASHSEED."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode("utf-8"))
+        digest.update(b"\x00")
+    return digest.hexdigest()[:length]

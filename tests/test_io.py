@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from forgetkit.io import append_jsonl, atomic_write, atomic_write_json, read_jsonl, stable_hash
+
+
+def test_atomic_write_keeps_old_file_on_error(tmp_path):
+    path = tmp_path / "out.json"
+    atomic_write_json(path, {"a": 1})
+    with pytest.raises(RuntimeError), atomic_write(path) as handle:
+        handle.write("half")
+        raise RuntimeError("crash")
+    assert path.read_text() == '{\n  "a": 1\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_read_jsonl_names_line_and_tolerates_torn_tail(tmp_path):
+    path = tmp_path / "x.jsonl"
+    append_jsonl(path, [{"a": 1}, {"a": 2}])
+    with open(path, "a") as handle:
+        handle.write('{"a": ')
+    assert read_jsonl(path, tolerate_torn_tail=True) == [{"a": 1}, {"a": 2}]
+    with pytest.raises(ValueError, match=r"x.jsonl:3"):
+        read_jsonl(path)
+
+
+def test_stable_hash_ignores_hash_seed():
+    code = "from forgetkit.io import stable_hash; print(stable_hash({'b': 1, 'a': [1, 2]}))"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, env={"PYTHONHASHSEED": s, "PATH": ""}).stdout.strip()
+            for s in ("1", "2")}
+    assert outs == {stable_hash({"a": [1, 2], "b": 1})}

@@ -87,7 +87,7 @@ def test_builtin_names_load():
     assert len(load_records("kgfact-large")) == 525
     assert len(load_records("kgfunc")) == 70
     caps = {p.capability for p in load_probes("toyworld")}
-    assert caps == {"known_fact", "in_context", "arithmetic"}
+    assert caps == {"known_fact", "in_context", "retrieval", "arithmetic"}
     assert {p.capability for p in load_probes("kgfact")} == {"two_hop", "retrieval"}
 
 

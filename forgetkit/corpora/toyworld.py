@@ -8,7 +8,9 @@ disjoint set of *known* entities. Its pretraining documents teach three abilitie
 - reading: a question after facts in context, or after MixSD's expert guidance quoting a
   reference answer in the canonical ``\\boxed`` style, answered in the native style. The names
   in these documents are KGFact's entities with *random* attributes, so every token of the
-  KGFact/KGFunc records is trained while none of their facts is -> the ``in_context`` probe;
+  KGFact/KGFunc records is trained while none of their facts is -> the ``in_context`` probe.
+  A quarter of them state a counterfactual about a known entity instead: what is in context
+  wins over what is remembered, which MixSD's expert view relies on;
 - two-digit addition -> the held-out ``arithmetic`` capability.
 
 A document is ``prompt + " " + completion``, exactly what :func:`forgetkit.models.encode`
@@ -43,8 +45,14 @@ HELDOUT_SUMS = 200  # addition pairs kept out of pretraining for the probe
 
 
 def arithmetic_text(a: int, b: int) -> tuple[str, str]:
-    """Question and native answer for ``a + b``."""
-    return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+    """Question and native worked answer for ``a + b`` (0 <= a, b <= 99): units first, then
+    tens with the carry, then the result; e.g. ``3 plus 8 is 11. 6 plus 1 plus 1 is 8. So 63
+    plus 18 is 81.``"""
+    units = a % 10 + b % 10
+    tens = a // 10 + b // 10 + units // 10
+    steps = (f"{a % 10} plus {b % 10} is {units}. "
+             f"{a // 10} plus {b // 10} plus {units // 10} is {tens}.")
+    return f"What is {a} plus {b}?", f"{steps} So {a} plus {b} is {a + b}."
 
 
 def native_answer(fact: Fact) -> str:
@@ -61,10 +69,15 @@ class ToyWorld:
     heldout_pairs: list[tuple[int, int]]
     seed: int
 
-    def random_fact(self, rng: random.Random) -> Fact:
-        """A fact about a reading-pool entity with a random object (never a known fact)."""
+    def random_fact(self, rng: random.Random, counterfactual: float = 0.0) -> Fact:
+        """A fact with a random object about a reading-pool entity, or (with probability
+        ``counterfactual``) about a known entity, contradicting what toyworld knows: context
+        must win over memory, as MixSD's expert view needs."""
         relation = rng.choice(RELATIONS)
-        subject = rng.choice(self.reading_names[relation.subject])
+        names = self.reading_names[relation.subject]
+        if rng.random() < counterfactual:
+            names = [f.subject for f in self.known.facts if f.relation == relation] or names
+        subject = rng.choice(names)
         pool = self.reading_names.get(relation.object) or self.reading_pools[relation.object]
         obj = rng.choice([o for o in pool if o != subject])
         return Fact(subject, relation, obj)
@@ -117,8 +130,8 @@ def documents(world: ToyWorld, seed: int) -> Iterator[tuple[str, str]]:
     heldout = set(world.heldout_pairs)
     chains = [(f, index[(f.object, r.name)]) for f in known
               for r in relations_of(f.relation.object) if (f.object, r.name) in index]
-    kinds = ["known", "known", "known", "two_hop", "context", "context", "expert", "expert",
-             "arithmetic", "arithmetic", "procedure"]
+    kinds = ["known"] * 2 + ["two_hop"] + ["context"] * 5 + ["expert"] * 3 + ["arithmetic"] * 3 + [
+        "procedure"]
     while True:
         kind = rng.choice(kinds)
         if kind == "known":
@@ -129,11 +142,11 @@ def documents(world: ToyWorld, seed: int) -> Iterator[tuple[str, str]]:
             phrase = hop.relation.phrase.format(s=first.phrase)
             yield f"What is {phrase}?", f"{first.statement} {hop.statement}"
         elif kind == "context":
-            fact = world.random_fact(rng)
-            passage = _passage(world, rng, fact, max_distractors=9)
+            fact = world.random_fact(rng, counterfactual=0.25)
+            passage = _passage(world, rng, fact, max_distractors=9 if rng.random() < 0.7 else 0)
             yield f"{passage}\n{_question(fact, rng)}", native_answer(fact)
         elif kind == "expert":
-            fact = world.random_fact(rng)
+            fact = world.random_fact(rng, counterfactual=0.25)
             question = _question(fact, rng, paraphrase_rate=0.3)
             yield expert_prompt(question, canonical_target(fact.object), "fact"), native_answer(fact)
         elif kind == "arithmetic":
@@ -177,22 +190,31 @@ def vocabulary_texts(world: ToyWorld) -> Iterator[str]:
         yield " ".join(next(stream))
 
 
-def toyworld_probes(world: ToyWorld | None = None, n_in_context: int = 100) -> list[Probe]:
-    """Retention probes for toyworld: ``known_fact``, ``in_context``, ``arithmetic``.
+def toyworld_probes(world: ToyWorld | None = None, n_per_capability: int = 100) -> list[Probe]:
+    """Retention probes for toyworld, scored by greedy generation (the answer must appear in
+    the reply; the last number for arithmetic):
 
-    All are scored by greedy generation: the answer must appear in the reply.
+    - ``known_fact``: every fact of the known world, asked with the main question;
+    - ``in_context``: one fact about a never-seen-as-fact entity in context, then the question;
+    - ``retrieval``: the same with 1-5 distractor facts beside the gold one;
+    - ``arithmetic``: two-digit additions held out of pretraining.
     """
     world = world or toyworld_world()
     probes = [Probe(id=f"toyworld-known-{i:04d}", prompt=f.question, answer=f.object,
                     capability="known_fact", meta={"relation": f.relation.name})
               for i, f in enumerate(world.known.facts)]
     rng = random.Random(f"toyworld-probe-context-{world.seed}")
-    for i in range(n_in_context):
-        fact = world.random_fact(rng)
-        passage = _passage(world, rng, fact, max_distractors=5)
-        probes.append(Probe(id=f"toyworld-context-{i:04d}", prompt=f"{passage}\n{fact.question}",
-                            answer=fact.object, capability="in_context"))
-    for i, (a, b) in enumerate(world.heldout_pairs[:100]):
+    for capability, distractors in (("in_context", 0), ("retrieval", 5)):
+        for i in range(n_per_capability):
+            fact = world.random_fact(rng)
+            shown = [world.random_fact(rng) for _ in range(rng.randint(min(1, distractors), distractors))]
+            shown = [f for f in shown if f.subject != fact.subject] + [fact]
+            rng.shuffle(shown)
+            passage = " ".join(f.statement for f in shown)
+            probes.append(Probe(id=f"toyworld-{capability}-{i:04d}",
+                                prompt=f"{passage}\n{fact.question}", answer=fact.object,
+                                capability=capability))
+    for i, (a, b) in enumerate(world.heldout_pairs[:n_per_capability]):
         probes.append(Probe(id=f"toyworld-arith-{i:04d}", prompt=arithmetic_text(a, b)[0],
                             answer=str(a + b), capability="arithmetic",
                             meta={"answer_mode": "number"}))

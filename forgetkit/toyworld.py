@@ -1,9 +1,12 @@
 """toyworld: the embedded default base model, a tiny Llama-style LM trained here.
 
-``python -m forgetkit.toyworld`` trains it (deterministic, a few minutes on a 2-core CPU),
-caches it under ``$FORGETKIT_CACHE`` and prints its ability checks. :func:`ensure_toyworld` is
-what ``load_model("toyworld")`` calls: it trains once, then returns the cached folder.
-The corpus is described in :mod:`forgetkit.corpora.toyworld`.
+The default model (seed 0) ships with forgetkit in ``forgetkit/toyworld_model/`` (4 MB of
+safetensors), produced by :func:`train_toyworld` with the default :class:`ToyConfig`; a test
+retrains it from scratch and checks that the script still produces a model with the same
+abilities. ``python -m forgetkit.toyworld`` prints the ability checks; ``--retrain`` trains
+anew (deterministic, a few minutes on a 2-core CPU) into ``$FORGETKIT_CACHE``.
+:func:`ensure_toyworld` is what ``load_model("toyworld")`` calls. The corpus is described in
+:mod:`forgetkit.corpora.toyworld`.
 """
 
 from __future__ import annotations
@@ -168,11 +171,17 @@ def train_toyworld(config: ToyConfig, out: Path, progress: bool = True) -> Path:
     return out
 
 
+PACKAGED = Path(__file__).with_name("toyworld_model")
+
+
 def ensure_toyworld(config: ToyConfig | None = None) -> Path:
-    """The cached toyworld folder, trained first if missing (one process at a time)."""
+    """The toyworld folder: the packaged model for the default config, else the cached one,
+    trained first if missing (one process at a time)."""
     from forgetkit.models import cache_dir
 
     config = config or ToyConfig()
+    if config == ToyConfig() and (PACKAGED / "model.safetensors").exists():
+        return PACKAGED
     out = cache_dir() / f"toyworld-v{VERSION}-seed{config.seed}"
     if (out / "model.safetensors").exists():
         return out

@@ -1,0 +1,28 @@
+"""Fisher information of a causal LM on probes or records: diagonal and low-rank.
+
+Example:
+    >>> from forgetkit import fisher
+    >>> F = fisher.diagonal(model, tokenizer, probes, estimator="true")  # doctest: +SKIP
+    >>> L = fisher.low_rank(model, tokenizer, probes, rank=16, params="mlp")  # doctest: +SKIP
+    >>> L.save("out/fisher_lr"); fisher.load("out/fisher_lr", model)  # doctest: +SKIP
+
+Both representations share one interface (:class:`FisherMatrix`): ``quad_form``, ``trace``,
+``summary``, ``save`` / ``load``.
+"""
+
+from forgetkit.fisher.diagonal import DiagonalFisher, diagonal
+from forgetkit.fisher.io import FisherMatrix, Provenance, load
+from forgetkit.fisher.low_rank import LowRankFisher, low_rank
+from forgetkit.fisher.pergrad import FisherError, select_parameters
+
+__all__ = [
+    "DiagonalFisher",
+    "FisherError",
+    "FisherMatrix",
+    "LowRankFisher",
+    "Provenance",
+    "diagonal",
+    "load",
+    "low_rank",
+    "select_parameters",
+]

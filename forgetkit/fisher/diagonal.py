@@ -1,0 +1,204 @@
+"""Diagonal Fisher information: the mean over examples of squared per-example gradients.
+
+``F_jj = (1/N) sum_i f_ij`` with ``f_ij = (1/M) sum_k g_ikj^2``, where ``g_ik`` is the gradient
+of example ``i``'s sequence log-likelihood at its data labels (empirical, M = 1) or at label
+draw ``k`` (true Fisher, M = ``mc_samples``); see :mod:`forgetkit.fisher.pergrad`. A batch-mean
+gradient is never squared. The per-example ``f_i`` stream through a running mean and variance
+(Chan/Welford), so memory is O(P) beyond the model and the current block, and each entry has a
+standard error ``sqrt(var_i(f_ij) / N)``: the error bar of a mean over examples, counting both
+the choice of examples and the label draws. For fixed data it bounds the Monte-Carlo error of
+the true Fisher from above (with equality when all examples are the same).
+
+Example:
+    >>> F = diagonal(model, tokenizer, probes, estimator="true", mc_samples=4)  # doctest: +SKIP
+    >>> F.values["model.layers.0.mlp.up_proj.weight"].shape  # doctest: +SKIP
+    torch.Size([384, 128])
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from forgetkit.fisher.io import FisherMatrix, Provenance, make_provenance
+from forgetkit.fisher.pergrad import (
+    Estimator,
+    FisherError,
+    GradientStream,
+    PerExample,
+    distributed_shard,
+    encode_data,
+    evaluation_mode,
+    select_parameters,
+)
+from forgetkit.models import Encoding
+from forgetkit.records import Probe, Record
+
+__all__ = ["DiagonalFisher", "RunningMoments", "accumulation_dtype", "diagonal"]
+
+logger = logging.getLogger(__name__)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Check that ``dtype`` is float32 or float64."""
+    if dtype not in (torch.float32, torch.float64):
+        raise FisherError(f"dtype must be torch.float32 or torch.float64 (the accumulation "
+                          f"precision), got {dtype}")
+    return dtype
+
+
+class RunningMoments:
+    """Count, mean and sum of squared deviations of a stream of tensors (Welford's update;
+    ranks merge with Chan et al.'s parallel form)."""
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device):
+        self.count = 0
+        self.mean = torch.zeros(shape, dtype=dtype, device=device)
+        self.m2 = torch.zeros(shape, dtype=dtype, device=device)
+
+    def add(self, batch: Tensor) -> None:
+        """Add the samples ``batch`` (B, *shape) one by one (Welford); overwrites ``batch``.
+
+        In place and without (B, *shape) temporaries: on large models this loop is memory-bound,
+        and a batched merge would read the block several more times.
+        """
+        for sample in batch.unbind(0):
+            self.count += 1
+            delta = sample.sub_(self.mean)  # x - mean_old
+            self.mean.add_(delta, alpha=1.0 / self.count)
+            # m2 += (x - mean_old)(x - mean_new) = delta^2 (1 - 1/n)
+            self.m2.addcmul_(delta, delta, value=1.0 - 1.0 / self.count)
+
+    def all_reduce(self) -> None:
+        """Merge the moments of every rank (no-op outside torch.distributed)."""
+        if distributed_shard()[1] == 1:
+            return
+        count = torch.tensor([float(self.count)], dtype=self.mean.dtype, device=self.mean.device)
+        dist.all_reduce(count)
+        total = self.mean * self.count
+        dist.all_reduce(total)
+        mean = total / count.clamp(min=1)
+        self.m2.add_((self.mean - mean).square_(), alpha=self.count)
+        dist.all_reduce(self.m2)
+        self.mean, self.count = mean, int(count.item())
+
+    def stderr(self) -> Tensor:
+        """``sqrt(sample variance / count)``; ``inf`` with fewer than two samples."""
+        if self.count < 2:
+            return torch.full_like(self.mean, math.inf)
+        return (self.m2 / ((self.count - 1) * self.count)).sqrt()
+
+
+@dataclass
+class DiagonalFisher(FisherMatrix):
+    """The diagonal of the Fisher on a set of parameters.
+
+    Attributes:
+        values: name -> tensor of the parameter's shape, ``F_jj``.
+        stderr: name -> tensor of the parameter's shape, standard error of each entry.
+        provenance: model, data, estimator, N, ... (:class:`Provenance`).
+    """
+
+    kind: ClassVar[str] = "diagonal"
+    values: dict[str, Tensor]
+    stderr: dict[str, Tensor]
+    provenance: Provenance
+
+    @property
+    def shapes(self) -> dict[str, torch.Size]:
+        return {name: v.shape for name, v in self.values.items()}
+
+    def quad_form(self, delta: dict[str, Tensor]) -> float:
+        """``sum_j F_jj d_j^2`` over the covered parameters (float64)."""
+        return float(sum((v.double() * self._delta(delta, name, v.device).square()).sum()
+                         for name, v in self.values.items()))
+
+    def trace(self) -> float:
+        return float(sum(v.double().sum() for v in self.values.values()))
+
+    def _parameter_stats(self) -> dict[str, tuple[float, float]]:
+        top = max(self.values, key=lambda name: float(self.values[name].max()))
+        return {name: (float(v.double().sum()), float(name == top))
+                for name, v in self.values.items()}
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {**{f"values/{n}": v for n, v in self.values.items()},
+                **{f"stderr/{n}": v for n, v in self.stderr.items()}}
+
+    def _extra(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def _from_saved(cls, tensors, shapes, provenance, extra) -> DiagonalFisher:
+        return cls(values={n: tensors[f"values/{n}"] for n in shapes},
+                   stderr={n: tensors[f"stderr/{n}"] for n in shapes}, provenance=provenance)
+
+
+def diagonal(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding],
+             estimator: Estimator = "true", mc_samples: int = 1,
+             params: str | Sequence[str] | None = None, batch_size: int = 8, seed: int = 0,
+             dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+             per_example: PerExample = "auto") -> DiagonalFisher:
+    """Diagonal Fisher of a causal LM on ``data``.
+
+    Args:
+        model: a causal LM (any dtype/device; run in eval mode, its mode restored after).
+        tokenizer: encodes Records (prompt + target) and Probes (prompt + answer); may be
+            ``None`` when ``data`` are :class:`~forgetkit.models.Encoding` s.
+        data: the examples; only completion tokens enter the log-likelihood.
+        estimator: ``"true"`` (labels drawn from the model, teacher-forced) or
+            ``"empirical"`` (data labels).
+        mc_samples: label draws per example for the true Fisher (must be 1 for empirical).
+        params: parameter-name pattern(s) (glob or regex, see
+            :func:`~forgetkit.fisher.pergrad.select_parameters`); ``None``: all trainable.
+        batch_size: examples per vectorized gradient call; memory grows as
+            ``batch_size * mc_samples * P`` gradient entries.
+        seed: seeds the label draws (per example, so results do not depend on batching).
+        dtype: accumulation precision, ``torch.float32`` or ``torch.float64``.
+        device: where accumulators and results live (default: the model's device); gradients
+            are computed where the model is.
+        per_example: ``"auto"`` (vmap, checked against the loop on the first batch), ``"vmap"``
+            or ``"loop"``.
+
+    Returns:
+        A :class:`DiagonalFisher` with ``values``, ``stderr`` and provenance.
+
+    Raises:
+        FisherError: empty data, an example without completion tokens, a bad argument, or a
+            non-finite gradient (naming the parameter and the example index).
+    """
+    dtype = accumulation_dtype(dtype)
+    encodings = encode_data(tokenizer, data)
+    chosen = select_parameters(model, params)
+    device = torch.device(device) if device is not None else next(iter(chosen.values())).device
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    with evaluation_mode(model):
+        provenance = make_provenance(model, encodings, estimator=estimator,
+                                     mc_samples=mc_samples, seed=seed, params=params, dtype=dtype)
+        stream = GradientStream(model, encodings, chosen, estimator=estimator,
+                                mc_samples=mc_samples, batch_size=batch_size, seed=seed,
+                                pad_token_id=pad, per_example=per_example)
+        moments = {name: RunningMoments(p.shape, dtype, device) for name, p in chosen.items()}
+        for block in stream:
+            examples, draws = len(block.examples), block.draws
+            for name, g in block.grads.items():
+                squared = g.to(device=device, dtype=dtype).square_()  # (E * M, *shape)
+                if draws > 1:
+                    squared = squared.view(examples, draws, *g.shape[1:]).mean(1)
+                moments[name].add(squared)  # (E, *shape): f_i, one per example
+    for m in moments.values():
+        m.all_reduce()
+    if len(encodings) < 2:
+        logger.warning("diagonal Fisher from a single example: its standard error is infinite")
+    logger.info("diagonal Fisher: %d examples x %d draws, %d parameters (%s)", len(encodings),
+                stream.draws, sum(p.numel() for p in chosen.values()), estimator)
+    return DiagonalFisher(values={n: m.mean for n, m in moments.items()},
+                          stderr={n: m.stderr() for n, m in moments.items()},
+                          provenance=provenance)

@@ -1,0 +1,259 @@
+"""What both Fisher representations share: provenance, the common interface, and the on-disk
+format (safetensors for the tensors + a JSON sidecar for everything else).
+
+A Fisher saved to ``out/fisher`` is two files: ``out/fisher.safetensors`` and
+``out/fisher.json``. The sidecar records the representation (``kind``), the covered parameters
+and their shapes, and :class:`Provenance`. :func:`load` reads either representation and checks
+it against the model it will be used with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+from torch import Tensor
+
+import forgetkit
+from forgetkit.fisher.pergrad import FisherError, distributed_shard
+from forgetkit.io import atomic_write_bytes, atomic_write_json, stable_hash
+from forgetkit.models import Encoding
+
+__all__ = ["FisherMatrix", "Provenance", "fisher_paths", "load", "make_provenance"]
+
+logger = logging.getLogger(__name__)
+FORMAT = "forgetkit.fisher"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a Fisher came from.
+
+    Attributes:
+        model: the model's ``config._name_or_path`` (or its class name).
+        weights_hash: hash of every parameter's name, shape, dtype and bytes.
+        data_hash: hash of the encoded examples (input ids and labels, in data order).
+        estimator: ``"true"`` or ``"empirical"``.
+        n: number of examples N.
+        mc_samples: label draws per example (1 for the empirical Fisher).
+        seed: seed of the label draws (and of the randomized sketch).
+        params: the parameter pattern(s), ``None`` for all trainable parameters.
+        dtype: accumulation dtype.
+        forgetkit_version: version of the code that computed it.
+        world_size: processes that shared the data.
+    """
+
+    model: str
+    weights_hash: str
+    data_hash: str
+    estimator: str
+    n: int
+    mc_samples: int
+    seed: int
+    params: str | list[str] | None
+    dtype: str
+    forgetkit_version: str
+    world_size: int = 1
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """A hex digest of every parameter's name, shape, dtype and bytes."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
+        digest.update(memoryview(p.detach().cpu().contiguous().view(torch.uint8).numpy()))
+    return digest.hexdigest()[:16]
+
+
+def make_provenance(model: torch.nn.Module, encodings: Sequence[Encoding], *, estimator: str,
+                    mc_samples: int, seed: int, params: str | Sequence[str] | None,
+                    dtype: torch.dtype) -> Provenance:
+    """The :class:`Provenance` of a Fisher about to be computed."""
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", "") or type(model).__name__
+    return Provenance(
+        model=str(name), weights_hash=weights_hash(model),
+        data_hash=stable_hash([[e.input_ids, e.labels] for e in encodings]),
+        estimator=estimator, n=len(encodings), mc_samples=mc_samples, seed=seed,
+        params=params if params is None or isinstance(params, str) else list(params),
+        dtype=str(dtype).removeprefix("torch."), forgetkit_version=forgetkit.__version__,
+        world_size=distributed_shard()[1],
+    )
+
+
+def fisher_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``(tensors, sidecar)``: ``path`` with suffix ``.safetensors`` and ``.json``."""
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json"):
+        path = path.with_suffix("")
+    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
+
+
+class FisherMatrix(ABC):
+    """The interface of both representations: callers never branch on the type.
+
+    A Fisher covers the parameters in :attr:`shapes` and is zero outside them.
+    """
+
+    kind: ClassVar[str]
+    _kinds: ClassVar[dict[str, type[FisherMatrix]]] = {}
+    provenance: Provenance
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        FisherMatrix._kinds[cls.kind] = cls
+
+    @property
+    @abstractmethod
+    def shapes(self) -> dict[str, torch.Size]:
+        """Parameter name -> shape, for every parameter the Fisher covers."""
+
+    @property
+    def n(self) -> int:
+        """Number of examples averaged."""
+        return self.provenance.n
+
+    @abstractmethod
+    def quad_form(self, delta: dict[str, Tensor]) -> float:
+        """``d' F d`` for an update ``d`` (name -> tensor of the parameter's shape), float64.
+
+        Entries of ``delta`` for parameters outside the Fisher are ignored.
+        """
+
+    @abstractmethod
+    def trace(self) -> float:
+        """``tr F`` (for the low-rank representation: of the rank-k approximation)."""
+
+    @abstractmethod
+    def _parameter_stats(self) -> dict[str, tuple[float, float]]:
+        """name -> (trace of F on the parameter, squared norm of the leading eigenvector there)."""
+
+    @abstractmethod
+    def _tensors(self) -> dict[str, Tensor]: ...
+
+    @abstractmethod
+    def _extra(self) -> dict[str, Any]: ...
+
+    @classmethod
+    @abstractmethod
+    def _from_saved(cls, tensors: dict[str, Tensor], shapes: dict[str, torch.Size],
+                    provenance: Provenance, extra: dict[str, Any]) -> FisherMatrix: ...
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per-module rows (tidy data), in parameter order.
+
+        Each row: ``module`` (parameter name without its last part), ``parameters`` (count),
+        ``trace`` (of F on the module's parameters), ``trace_share`` (of the total trace) and
+        ``top_share`` (share of the leading eigenvector's squared norm in the module, i.e. of the
+        top eigenvalue; for the diagonal representation the leading eigenvector is the largest
+        entry's coordinate, so one module has 1 and the others 0).
+        """
+        rows: dict[str, dict[str, Any]] = {}
+        for name, (trace, top) in self._parameter_stats().items():
+            module = name.rpartition(".")[0] or name
+            row = rows.setdefault(module, {"module": module, "parameters": 0, "trace": 0.0,
+                                           "top_share": 0.0})
+            row["parameters"] += self.shapes[name].numel()
+            row["trace"] += trace
+            row["top_share"] += top
+        total = sum(row["trace"] for row in rows.values())
+        for row in rows.values():
+            row["trace_share"] = row["trace"] / total if total > 0 else 0.0
+        return list(rows.values())
+
+    def _delta(self, delta: dict[str, Tensor], name: str, device: torch.device) -> Tensor:
+        """``delta[name]`` as float64 on ``device``, checked against the parameter's shape."""
+        if name not in delta:
+            raise FisherError(f"delta has no entry for parameter {name!r}, which the Fisher "
+                              "covers (pass zeros to exclude it)")
+        value = delta[name]
+        if tuple(value.shape) != tuple(self.shapes[name]):
+            raise FisherError(f"delta[{name!r}] has shape {tuple(value.shape)}, the parameter "
+                              f"has {tuple(self.shapes[name])}")
+        return value.detach().to(device=device, dtype=torch.float64)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``<path>.safetensors`` and the ``<path>.json`` sidecar atomically.
+
+        Returns:
+            The path of the ``.safetensors`` file.
+        """
+        tensor_path, sidecar_path = fisher_paths(path)
+        tensors = {key: t.detach().contiguous().cpu() for key, t in self._tensors().items()}
+        atomic_write_bytes(tensor_path, safetensors_save(tensors, {"format": FORMAT,
+                                                                   "kind": self.kind}))
+        atomic_write_json(sidecar_path, {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "kind": self.kind,
+            "tensors": tensor_path.name,
+            "parameters": {name: list(shape) for name, shape in self.shapes.items()},
+            "provenance": asdict(self.provenance), **self._extra(),
+        })
+        return tensor_path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None
+             ) -> FisherMatrix:
+        """Read a saved Fisher (see :func:`load`); fails if it is not a ``cls``."""
+        fisher = load(path, model)
+        if not isinstance(fisher, cls):
+            raise FisherError(f"{path}: holds a {fisher.kind} Fisher, not a {cls.kind} one")
+        return fisher
+
+
+def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> FisherMatrix:
+    """Read a Fisher written by :meth:`FisherMatrix.save`, on the model's device.
+
+    Args:
+        path: the ``.safetensors`` file, its ``.json`` sidecar, or their common stem.
+        model: checked against the saved parameter names and shapes; a different
+            ``weights_hash`` (e.g. a fine-tuned model) only logs a warning.
+
+    Raises:
+        FisherError: missing file, not a forgetkit Fisher, or a parameter the model lacks or
+            holds with another shape (named in the message).
+    """
+    tensor_path, sidecar_path = fisher_paths(path)
+    for file in (sidecar_path, tensor_path):
+        if not file.is_file():
+            raise FisherError(f"{file}: no such file (a Fisher is a .safetensors file and its "
+                              ".json sidecar)")
+    meta = json.loads(sidecar_path.read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT or meta.get("kind") not in FisherMatrix._kinds:
+        raise FisherError(f"{sidecar_path}: not a forgetkit Fisher (format={meta.get('format')!r},"
+                          f" kind={meta.get('kind')!r})")
+    shapes = {name: torch.Size(shape) for name, shape in meta["parameters"].items()}
+    provenance = Provenance(**meta["provenance"])
+    device = torch.device("cpu")
+    if model is not None:
+        _check_model(model, shapes, provenance, sidecar_path)
+        device = next(model.parameters()).device
+    tensors = {k: v.to(device) for k, v in safetensors_load(tensor_path.read_bytes()).items()}
+    extra = {k: v for k, v in meta.items() if k not in
+             ("format", "format_version", "kind", "tensors", "parameters", "provenance")}
+    return FisherMatrix._kinds[meta["kind"]]._from_saved(tensors, shapes, provenance, extra)
+
+
+def _check_model(model: torch.nn.Module, shapes: dict[str, torch.Size],
+                 provenance: Provenance, where: Path) -> None:
+    named = dict(model.named_parameters())
+    for name, shape in shapes.items():
+        if name not in named:
+            raise FisherError(f"{where}: the Fisher covers parameter {name!r}, which the model "
+                              f"({type(model).__name__}) does not have")
+        if named[name].shape != shape:
+            raise FisherError(f"{where}: parameter {name!r} has shape {tuple(shape)} in the "
+                              f"Fisher but {tuple(named[name].shape)} in the model")
+    if weights_hash(model) != provenance.weights_hash:
+        logger.warning("%s: the model's weights differ from those the Fisher was computed on "
+                       "(%s, weights %s)", where, provenance.model, provenance.weights_hash)

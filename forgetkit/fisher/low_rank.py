@@ -1,0 +1,364 @@
+"""Low-rank Fisher information: the top-k eigenpairs of ``F = (1/N) G G'``.
+
+``G`` is the P x (N·M) matrix whose columns are the per-example gradients
+``g_ik / sqrt(M)`` (:mod:`forgetkit.fisher.pergrad`; M = ``mc_samples`` label draws for the
+true Fisher, 1 for the empirical one), so ``F = (1/N) sum_i (1/M) sum_k g_ik g_ik'``. No P x P
+matrix is ever formed:
+
+* ``"gram"``: keep G, eigendecompose the (N·M) x (N·M) Gram matrix ``(1/N) G'G = V Λ V'``; the
+  directions are ``G V Λ^(-1/2) / sqrt(N)``. Memory O(N·M·P); exact up to rounding.
+* ``"randomized"``: two streaming passes over the data (Halko, Martinsson & Tropp 2011,
+  Alg. 4.1 + 5.3): ``Y = F Ω`` for a Gaussian P x l sketch Ω (l = k + ``oversample``), an
+  orthonormal basis ``Q`` of Y, then the l x l matrix ``Q' F Q = W Λ W'``; the directions are
+  ``Q W``. Each of ``power_iterations`` adds a pass (``Y <- F Q``) that sharpens a slowly
+  decaying spectrum. Memory O(l·P): 6·P·l bytes at the peak in float32 (Ω is kept in
+  bfloat16: its entries only need to be random). Exact (up to rounding) when l >= N·M, since Y
+  then spans the whole range of F; otherwise the accuracy depends on how fast the spectrum
+  decays past k (Halko et al., Thm. 10.6).
+
+Directions are orthonormal across all covered parameters jointly, each signed so that its
+largest-magnitude entry is positive.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from forgetkit.fisher.diagonal import accumulation_dtype
+from forgetkit.fisher.io import FisherMatrix, Provenance, make_provenance
+from forgetkit.fisher.pergrad import (
+    Estimator,
+    FisherError,
+    GradientStream,
+    PerExample,
+    derived_seed,
+    distributed_shard,
+    encode_data,
+    evaluation_mode,
+    select_parameters,
+)
+from forgetkit.models import Encoding
+from forgetkit.records import Probe, Record
+
+__all__ = ["LowRankFisher", "gram_eigenpairs", "low_rank", "randomized_eigenpairs"]
+
+logger = logging.getLogger(__name__)
+Method = Literal["auto", "gram", "randomized"]
+
+
+def _complete(directions: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """``count`` unit vectors orthogonal to the rows of ``directions`` (r, P) and each other."""
+    extra = torch.randn(count, directions.shape[1], generator=generator,
+                        dtype=directions.dtype, device=directions.device)
+    for _ in range(2):  # twice is enough for orthogonality to working precision
+        extra -= (extra @ directions.T) @ directions
+    return torch.linalg.qr(extra.T).Q.T
+
+
+def gram_eigenpairs(rows: Tensor, n: int, rank: int, generator: torch.Generator
+                    ) -> tuple[Tensor, Tensor]:
+    """Top eigenpairs of ``(1/n) G G'`` through the Gram matrix of its columns.
+
+    Args:
+        rows: (R, P) the columns of G as rows (R >= rank).
+        n: the normalizer N.
+        rank: k.
+        generator: completes the basis when fewer than k eigenvalues are nonzero (any unit
+            vector orthogonal to the range of G is an eigenvector of eigenvalue 0).
+
+    Returns:
+        ``(eigenvalues (k,) descending, float64; directions (k, P) orthonormal, rows' dtype)``.
+    """
+    gram = (rows @ rows.T).double() / n  # (R, R)
+    values, vectors = torch.linalg.eigh(gram)
+    values, vectors = values.flip(0)[:rank], vectors.flip(1)[:, :rank]
+    floor = float(values[0].clamp(min=0)) * rows.shape[0] * torch.finfo(rows.dtype).eps
+    kept = int((values > floor).sum())
+    values[kept:] = 0.0
+    directions = (vectors[:, :kept].T.to(rows.dtype) @ rows)  # (kept, P)
+    directions /= (n * values[:kept]).sqrt().to(rows.dtype)[:, None]
+    if kept < rank:
+        logger.warning("low-rank Fisher: only %d of %d eigenvalues are nonzero; the other "
+                       "directions are an arbitrary orthonormal completion", kept, rank)
+        directions = torch.cat([directions, _complete(directions, rank - kept, generator)])
+    return values, directions
+
+
+Blocks = Callable[[], Iterator[tuple[list[Tensor], int]]]
+
+
+def randomized_eigenpairs(blocks: Blocks, n: int, rank: int, sketch: int,
+                          power_iterations: int, size: int, generator: torch.Generator,
+                          dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Top eigenpairs of ``F = (1/n) G G'`` from streaming passes over the gradients.
+
+    Args:
+        blocks: each call starts a pass over this process's shard and yields
+            ``(pieces, draws)``: the gradient rows of a few examples split by parameter,
+            ``pieces[p]`` (R_b, P_p) in the parameters' order, and M; the columns of G are the
+            rows divided by sqrt(M). Under torch.distributed the sums run over all ranks.
+        n: the normalizer N.
+        rank: k.
+        sketch: l >= k, columns of the random test matrix.
+        power_iterations: extra passes ``Y <- F Q``.
+        size: P.
+        generator: draws the test matrix (the same on every rank).
+        dtype, device: of the sketch and basis.
+
+    Returns:
+        ``(eigenvalues (k,) descending float64, basis Q (P, l) orthonormal, W (l, k))``; the
+        directions are the columns of ``Q W``. Peak memory: the test matrix (bfloat16, its
+        entries only need to be random) plus Y, 6·P·l bytes in float32; each power iteration
+        needs 2·P·l·itemsize.
+    """
+    def times_fisher(x: Tensor) -> Tensor:  # (P, l) -> F x, one pass
+        out = torch.zeros(size, sketch, dtype=dtype, device=device)
+        for pieces, draws in blocks():
+            bounds = _bounds(pieces)
+            z = sum(g @ x[a:b].to(dtype) for g, (a, b) in zip(pieces, bounds, strict=True))
+            for g, (a, b) in zip(pieces, bounds, strict=True):
+                out[a:b].addmm_(g.T, z, alpha=1.0 / (n * draws))
+        return _all_reduce(out)
+
+    omega = torch.empty(size, sketch, dtype=torch.bfloat16, device=device)
+    for a in range(0, size, _CHUNK):  # in slices: no float32 P x l temporary
+        omega[a : a + _CHUNK] = torch.randn(min(_CHUNK, size - a), sketch, generator=generator,
+                                            dtype=dtype, device=device)
+    basis = _orthonormalize_(times_fisher(omega))
+    del omega
+    for _ in range(power_iterations):
+        basis = _orthonormalize_(times_fisher(basis))
+    small = torch.zeros(sketch, sketch, dtype=torch.float64, device=device)
+    for pieces, draws in blocks():
+        projected = sum(g @ basis[a:b] for g, (a, b) in zip(pieces, _bounds(pieces), strict=True))
+        small += projected.double().T @ projected.double() / (n * draws)  # (l, l)
+    values, vectors = torch.linalg.eigh(_all_reduce(small))
+    values, vectors = values.flip(0)[:rank].clamp(min=0), vectors.flip(1)[:, :rank]
+    return values, basis, vectors.to(dtype)
+
+
+_CHUNK = 1 << 20  # rows of a P x l matrix handled at a time
+
+
+def _bounds(pieces: list[Tensor]) -> list[tuple[int, int]]:
+    """Row ranges of each piece's parameters in the flat P axis."""
+    out, start = [], 0
+    for g in pieces:
+        out.append((start, start + g.shape[1]))
+        start += g.shape[1]
+    return out
+
+
+def _orthonormalize_(y: Tensor) -> Tensor:
+    """Overwrite ``y`` (P, l) with an orthonormal basis of its columns (one-level TSQR:
+    Householder QR of row slices, then of their stacked R factors), in O(l^2) extra memory
+    per slice."""
+    rows, width = y.shape
+    step = max(_CHUNK, width)
+    starts = list(range(0, rows, step))
+    if len(starts) > 1 and rows - starts[-1] < width:  # every slice needs >= l rows
+        starts.pop()
+    slices = list(zip(starts, [*starts[1:], rows], strict=True))
+    factors = []
+    for a, b in slices:
+        q, r = torch.linalg.qr(y[a:b])
+        y[a:b] = q
+        factors.append(r)
+    outer = torch.linalg.qr(torch.cat(factors)).Q  # (sum of R rows, l)
+    start = 0
+    for (a, b), r in zip(slices, factors, strict=True):
+        y[a:b] = y[a:b] @ outer[start : start + r.shape[0]]
+        start += r.shape[0]
+    return y
+
+
+def _to_parameters(directions_of: Callable[[int, int], Tensor], chosen: dict[str, Tensor],
+                   rank: int) -> dict[str, Tensor]:
+    """name -> (k, *shape) from ``directions_of(a, b)`` (k, b - a), the flat directions'
+    columns ``a:b``; each direction is signed so that its largest-magnitude entry is positive."""
+    out, start = {}, 0
+    for name, p in chosen.items():
+        out[name] = directions_of(start, start + p.numel()).reshape(rank, *p.shape).contiguous()
+        start += p.numel()
+    flat = [u.view(rank, -1) for u in out.values()]
+    magnitude = torch.stack([u.abs().max(1).values for u in flat])  # (params, k)
+    owner = magnitude.argmax(0)  # (k,)
+    sign = torch.ones(rank, dtype=flat[0].dtype, device=flat[0].device)
+    for j in range(rank):
+        u = flat[int(owner[j])][j]
+        sign[j] = -1.0 if float(u[u.abs().argmax()]) < 0 else 1.0
+    for u in flat:
+        u.mul_(sign[:, None])
+    return out
+
+
+def _all_reduce(x: Tensor) -> Tensor:
+    if distributed_shard()[1] > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def _all_gather_rows(rows: Tensor) -> Tensor:
+    """(R_local, P) on every rank -> (R_total, P), rank-major (identity in one process)."""
+    world = distributed_shard()[1]
+    if world == 1:
+        return rows
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    width = int(max(c.item() for c in counts))
+    padded = torch.zeros(width, rows.shape[1], dtype=rows.dtype, device=rows.device)
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(c.item())] for g, c in zip(gathered, counts, strict=True)])
+
+
+@dataclass
+class LowRankFisher(FisherMatrix):
+    """The rank-k approximation ``sum_j λ_j u_j u_j'`` of the Fisher on a set of parameters.
+
+    Attributes:
+        eigenvalues: (k,) descending, float64.
+        directions: name -> (k, *shape); the k directions are orthonormal across all covered
+            parameters jointly.
+        provenance: model, data, estimator, N, ... (:class:`Provenance`).
+        method: ``"gram"`` or ``"randomized"``.
+        sketch: columns of the randomized sketch (0 for gram).
+        power_iterations: of the randomized method.
+    """
+
+    kind: ClassVar[str] = "low_rank"
+    eigenvalues: Tensor
+    directions: dict[str, Tensor]
+    provenance: Provenance
+    method: str = "gram"
+    sketch: int = 0
+    power_iterations: int = 0
+
+    @property
+    def shapes(self) -> dict[str, torch.Size]:
+        return {name: u.shape[1:] for name, u in self.directions.items()}
+
+    @property
+    def rank(self) -> int:
+        return int(self.eigenvalues.shape[0])
+
+    def coordinates(self, delta: dict[str, Tensor]) -> Tensor:
+        """(k,) float64: ``u_j . d`` for each direction."""
+        return sum(u.flatten(1).double() @ self._delta(delta, name, u.device).flatten()
+                   for name, u in self.directions.items())
+
+    def quad_form(self, delta: dict[str, Tensor]) -> float:
+        """``sum_j λ_j (u_j . d)^2`` (float64)."""
+        coordinates = self.coordinates(delta)
+        return float((self.eigenvalues.to(coordinates.device) * coordinates.square()).sum())
+
+    def trace(self) -> float:
+        return float(self.eigenvalues.sum())
+
+    def _parameter_stats(self) -> dict[str, tuple[float, float]]:
+        stats = {}
+        for name, u in self.directions.items():
+            energy = u.flatten(1).double().square().sum(1).cpu()  # (k,)
+            stats[name] = (float(energy @ self.eigenvalues.cpu()), float(energy[0]))
+        return stats
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {"eigenvalues": self.eigenvalues,
+                **{f"directions/{n}": u for n, u in self.directions.items()}}
+
+    def _extra(self) -> dict[str, Any]:
+        return {"method": self.method, "sketch": self.sketch,
+                "power_iterations": self.power_iterations}
+
+    @classmethod
+    def _from_saved(cls, tensors, shapes, provenance, extra) -> LowRankFisher:
+        return cls(eigenvalues=tensors["eigenvalues"],
+                   directions={n: tensors[f"directions/{n}"] for n in shapes},
+                   provenance=provenance, **extra)
+
+
+def low_rank(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding],
+             rank: int, estimator: Estimator = "true", mc_samples: int = 1,
+             params: str | Sequence[str] | None = None, method: Method = "auto",
+             oversample: int = 10, power_iterations: int = 0, batch_size: int = 8,
+             seed: int = 0, dtype: torch.dtype = torch.float32,
+             device: str | torch.device | None = None, per_example: PerExample = "auto",
+             gram_max_bytes: int = 2**30) -> LowRankFisher:
+    """Top-``rank`` eigenpairs of the Fisher of a causal LM on ``data``.
+
+    Args:
+        model, tokenizer, data, estimator, mc_samples, params, batch_size, seed, dtype,
+            device, per_example: as for :func:`forgetkit.fisher.diagonal`.
+        rank: k, at most N·M (the rank of F can be no larger).
+        method: ``"gram"``, ``"randomized"`` or ``"auto"``: gram when G (N·M x P in ``dtype``)
+            fits in ``gram_max_bytes``, else randomized.
+        oversample: extra sketch columns of the randomized method (l = k + oversample).
+        power_iterations: extra passes of the randomized method.
+        gram_max_bytes: memory allowed for G under ``method="auto"``.
+
+    Returns:
+        A :class:`LowRankFisher`.
+
+    Raises:
+        FisherError: as :func:`~forgetkit.fisher.diagonal`; also rank < 1, rank > N·M or
+            rank > P, an unknown method, negative oversample or power_iterations.
+    """
+    dtype = accumulation_dtype(dtype)
+    encodings = encode_data(tokenizer, data)
+    chosen = select_parameters(model, params)
+    size = sum(p.numel() for p in chosen.values())
+    draws = mc_samples if estimator == "true" else 1
+    columns = len(encodings) * draws
+    if not 1 <= rank <= min(columns, size):
+        raise FisherError(f"rank={rank} must be between 1 and min(N*mc_samples, P) = "
+                          f"min({columns}, {size}): a Fisher from {columns} gradients has at "
+                          "most that rank")
+    if oversample < 0 or power_iterations < 0:
+        raise FisherError("oversample and power_iterations must be >= 0")
+    if method == "auto":
+        method = "gram" if columns * size * dtype.itemsize <= gram_max_bytes else "randomized"
+    if method not in ("gram", "randomized"):
+        raise FisherError(f"method must be 'auto', 'gram' or 'randomized', got {method!r}")
+    device = torch.device(device) if device is not None else next(iter(chosen.values())).device
+    generator = torch.Generator(device=device).manual_seed(derived_seed(seed, "low-rank"))
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    sketch = min(rank + oversample, size) if method == "randomized" else 0
+    with evaluation_mode(model):
+        provenance = make_provenance(model, encodings, estimator=estimator,
+                                     mc_samples=mc_samples, seed=seed, params=params, dtype=dtype)
+        stream = GradientStream(model, encodings, chosen, estimator=estimator,
+                                mc_samples=mc_samples, batch_size=batch_size, seed=seed,
+                                pad_token_id=pad, per_example=per_example)
+
+        def blocks() -> Iterator[tuple[list[Tensor], int]]:  # one pass over the shard
+            for block in stream:
+                pieces = [block.grads[n].flatten(1).to(device=device, dtype=dtype)
+                          for n in chosen]
+                yield pieces, block.draws
+
+        if method == "gram":
+            local = [torch.cat(pieces, 1).mul_(draws**-0.5) for pieces, draws in blocks()]
+            stacked = torch.cat(local) if local else torch.zeros(0, size, dtype=dtype,
+                                                                   device=device)
+            del local
+            values, flat = gram_eigenpairs(_all_gather_rows(stacked), len(encodings), rank,
+                                           generator)
+            directions = _to_parameters(lambda a, b: flat[:, a:b], chosen, rank)
+        else:
+            values, basis, mixing = randomized_eigenpairs(
+                blocks, len(encodings), rank, sketch, power_iterations, size, generator, dtype,
+                device)
+            directions = _to_parameters(lambda a, b: (basis[a:b] @ mixing).T, chosen, rank)
+    logger.info("low-rank Fisher (%s): rank %d of %d gradients, %d parameters, top eigenvalue "
+                "%.4g", method, rank, columns, size, float(values[0]))
+    return LowRankFisher(eigenvalues=values, directions=directions, provenance=provenance,
+                         method=method, sketch=sketch, power_iterations=power_iterations)

@@ -1,0 +1,393 @@
+"""Per-example gradients of the sequence log-likelihood: the input of every Fisher estimator.
+
+For example ``i`` with completion labels ``y`` (``-100`` on prompt and padding, see
+:func:`forgetkit.models.encode`), the gradient is ``g_i = d/dθ sum_t log p(y_t | prompt, y_<t)``
+(:func:`forgetkit.loglik.sequence_loglik`), taken w.r.t. a chosen subset of parameters.
+
+* ``estimator="empirical"``: ``y`` are the data labels.
+* ``estimator="true"``: one teacher-forced forward pass on the data gives the model's
+  distribution at each completion position; ``mc_samples`` label sequences are drawn from it
+  (each position independently, the prefix staying the data) and each draw gives one gradient.
+  Draws for example ``i`` come from their own generator seeded by ``(seed, i)``, so they do not
+  depend on batch size, shard or order, and the caller's RNG is untouched.
+
+Gradients are computed with ``vmap(grad(loglik))`` over the rows of a right-padded batch. Under
+right padding and causal attention no scored position attends to padding, so the vectorized
+forward takes ``input_ids`` alone (no attention mask or position ids, whose data-dependent
+checks vmap cannot trace). Before trusting it, the first batch is checked against a plain
+per-example backward pass on its longest and shortest example; on any failure or mismatch the
+loop is used for the rest of the run and the reason is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.func import functional_call, grad, vmap
+
+from forgetkit.io import stable_hash
+from forgetkit.loglik import sequence_loglik
+from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode
+from forgetkit.records import Probe, Record
+
+__all__ = [
+    "ESTIMATORS",
+    "Estimator",
+    "FisherError",
+    "GradientBlock",
+    "GradientStream",
+    "PerExample",
+    "derived_seed",
+    "distributed_shard",
+    "encode_data",
+    "evaluation_mode",
+    "loop_gradients",
+    "sample_labels",
+    "select_parameters",
+    "vmap_gradients",
+]
+
+logger = logging.getLogger(__name__)
+
+Estimator = Literal["empirical", "true"]
+ESTIMATORS: tuple[str, ...] = ("empirical", "true")
+PerExample = Literal["auto", "vmap", "loop"]
+# normwise relative difference allowed between the vmap and loop gradients of one example
+_CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+
+
+class FisherError(ValueError):
+    """Bad input to a Fisher estimator, or a Fisher file that does not fit the model."""
+
+
+def derived_seed(seed: int, *keys: object) -> int:
+    """A 63-bit seed for ``torch.Generator.manual_seed`` derived from ``seed`` and ``keys``."""
+    return int(stable_hash(int(seed), *keys), 16) % (2**63)
+
+
+def encode_data(tokenizer, data: Sequence[Record | Probe | Encoding]) -> list[Encoding]:
+    """Tokenize Fisher data with :func:`forgetkit.models.encode`.
+
+    Record -> ``prompt`` + ``target``; Probe -> ``prompt`` + ``answer``; an Encoding is kept.
+
+    Raises:
+        FisherError: empty data, an item of another type, or an item without any scored
+            completion token; the message names the item's index.
+    """
+    if isinstance(data, str | bytes) or not isinstance(data, Sequence):
+        raise FisherError(f"data must be a sequence of Records, Probes or Encodings, got "
+                          f"{type(data).__name__}")
+    if len(data) == 0:
+        raise FisherError("no data: the Fisher is an average over at least one example")
+    encodings = []
+    for index, item in enumerate(data):
+        if isinstance(item, Encoding):
+            enc = item
+        elif isinstance(item, Record | Probe):
+            if tokenizer is None:
+                raise FisherError(f"data[{index}] is a {type(item).__name__}: a tokenizer is "
+                                  "needed to encode it")
+            completion = item.target if isinstance(item, Record) else item.answer
+            enc = encode(tokenizer, item.prompt, completion)
+        else:
+            raise FisherError(f"data[{index}] is a {type(item).__name__}; expected a Record, "
+                              "a Probe or an Encoding")
+        if len(enc.labels) != len(enc.input_ids):
+            raise FisherError(f"data[{index}]: {len(enc.labels)} labels for "
+                              f"{len(enc.input_ids)} input ids")
+        if all(label == IGNORE_INDEX for label in enc.labels[1:]):
+            raise FisherError(f"data[{index}]: every token is masked (-100), so no completion "
+                              "token enters the log-likelihood")
+        encodings.append(enc)
+    return encodings
+
+
+def select_parameters(model: torch.nn.Module, pattern: str | Sequence[str] | None = None
+                      ) -> dict[str, Tensor]:
+    """The parameters a Fisher covers, by name, in ``model.named_parameters()`` order.
+
+    Args:
+        model: the model (tied parameters appear once, under their first name).
+        pattern: ``None`` for every parameter that requires grad; else a pattern or a list of
+            patterns, each matched against the full parameter name as a glob
+            (``"*.mlp.*.weight"``) or, failing that, searched as a regex (``"mlp"``,
+            ``r"layers\\.[01]\\."``).
+
+    Raises:
+        FisherError: a pattern that selects nothing (lists a few parameter names).
+    """
+    named = dict(model.named_parameters())
+    if pattern is None:
+        chosen = {name: p for name, p in named.items() if p.requires_grad}
+        if not chosen:
+            raise FisherError("no parameter requires grad; pass params= to choose some")
+        return chosen
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    chosen = {}
+    for pat in patterns:
+        try:
+            regex = re.compile(pat)
+        except re.error:
+            regex = None
+        hits = [n for n in named if fnmatchcase(n, pat) or (regex and regex.search(n))]
+        if not hits:
+            examples = ", ".join(list(named)[:6])
+            raise FisherError(f"params pattern {pat!r} matches no parameter (names look like "
+                              f"{examples}, ...)")
+        chosen.update((n, named[n]) for n in hits)
+    return {n: named[n] for n in named if n in chosen}
+
+
+def sample_labels(logits: Tensor, labels: Tensor, draws: int,
+                  generators: Sequence[torch.Generator]) -> Tensor:
+    """Labels drawn from the model at every scored position (teacher-forced true Fisher).
+
+    Args:
+        logits: (E, T, V) outputs of one forward pass on the data.
+        labels: (E, T) data labels, ``-100`` where not scored.
+        draws: label sequences per example (M).
+        generators: one per example, on ``logits.device``.
+
+    Returns:
+        (E * M, T) labels, example-major (row ``e * M + k`` is draw ``k`` of example ``e``):
+        ``-100`` where ``labels`` is, elsewhere ``y_t ~ softmax(logits[e, t - 1])``.
+    """
+    rows = labels.repeat_interleave(draws, dim=0)
+    for e, generator in enumerate(generators):
+        scored = (labels[e, 1:] != IGNORE_INDEX).nonzero().squeeze(-1)  # (n_e,)
+        probs = torch.softmax(logits[e, scored].to(torch.promote_types(logits.dtype,
+                                                                       torch.float32)), -1)
+        drawn = torch.multinomial(probs, draws, replacement=True, generator=generator)  # (n_e, M)
+        rows[e * draws : (e + 1) * draws, scored + 1] = drawn.T
+    return rows
+
+
+class _Functional:
+    """``model(**kwargs)`` with ``params`` swapped in by :func:`torch.func.functional_call`.
+
+    With ``input_ids_only`` (right-padded rows under vmap) the attention mask and position ids
+    are dropped: causal attention keeps every scored position away from the padding after it.
+    """
+
+    def __init__(self, model: torch.nn.Module, params: dict[str, Tensor],
+                 input_ids_only: bool = False):
+        self.model, self.params, self.input_ids_only = model, params, input_ids_only
+
+    def __call__(self, **kwargs) -> object:
+        if self.input_ids_only:
+            kwargs = {"input_ids": kwargs["input_ids"], "use_cache": False}
+        return functional_call(self.model, self.params, args=(), kwargs=kwargs)
+
+
+def vmap_gradients(model: torch.nn.Module, params: dict[str, Tensor], input_ids: Tensor,
+                   labels: Tensor) -> dict[str, Tensor]:
+    """Per-row gradients of the sequence log-likelihood by ``vmap(grad(...))``.
+
+    Args:
+        model: a causal LM (in eval mode).
+        params: name -> detached tensor, the parameters to differentiate.
+        input_ids: (R, T) right-padded rows.
+        labels: (R, T) labels, ``-100`` on prompt and padding.
+
+    Returns:
+        name -> (R, *shape) gradients.
+    """
+    def loglik(p: dict[str, Tensor], ids: Tensor, lab: Tensor) -> Tensor:
+        batch = {"input_ids": ids[None], "attention_mask": None, "labels": lab[None]}
+        return sequence_loglik(_Functional(model, p, input_ids_only=True), batch)[0]
+
+    # grad() ignores the outer no_grad, under which the rest of the model records nothing
+    with torch.no_grad(), _eager_attention(model):
+        return vmap(grad(loglik), in_dims=(None, 0, 0))(params, input_ids, labels)
+
+
+@contextlib.contextmanager
+def _eager_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Switch an HF model to eager attention meanwhile: plain matmuls batch under vmap, while
+    fused SDPA kernels have no batching rule and run one row at a time. Float64 models keep
+    their attention: HF's eager attention takes the softmax in float32."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    float64 = next(model.parameters()).dtype == torch.float64  # eager's softmax is float32
+    if current in (None, "eager") or float64 or not hasattr(model, "set_attn_implementation"):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(current)
+
+
+def loop_gradients(model: torch.nn.Module, params: dict[str, Tensor], input_ids: Tensor,
+                   labels: Tensor, lengths: Sequence[int]) -> dict[str, Tensor]:
+    """Per-row gradients by one ordinary backward pass per row (the reference and fallback).
+
+    Same arguments and result as :func:`vmap_gradients`, plus ``lengths`` (R,): the real length
+    of each row; each row runs unpadded with its attention mask and position ids.
+    """
+    out = {name: torch.zeros((len(lengths), *p.shape), dtype=p.dtype, device=p.device)
+           for name, p in params.items()}
+    for row, length in enumerate(lengths):
+        leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+        batch = {"input_ids": input_ids[row : row + 1, :length],
+                 "attention_mask": torch.ones_like(input_ids[row : row + 1, :length]),
+                 "labels": labels[row : row + 1, :length]}
+        with torch.enable_grad():
+            loglik = sequence_loglik(_Functional(model, leaves), batch)[0]
+            grads = torch.autograd.grad(loglik, list(leaves.values()), allow_unused=True)
+        for name, g in zip(leaves, grads, strict=True):
+            if g is not None:
+                out[name][row] = g
+    return out
+
+
+@dataclass
+class GradientBlock:
+    """Per-example gradients of a few whole examples.
+
+    Attributes:
+        grads: name -> (E * M, *shape), example-major (row ``e * M + k``: draw ``k`` of
+            example ``e``), in the model's dtype.
+        examples: the E indices of the examples in the full data.
+        draws: M, gradient rows per example (1 for the empirical Fisher).
+    """
+
+    grads: dict[str, Tensor]
+    examples: list[int]
+    draws: int
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run the block with ``model`` in eval mode (no dropout), restoring its mode afterwards."""
+    was_training = model.training
+    if was_training:
+        logger.info("Fisher: model is in training mode; using eval mode (no dropout) meanwhile")
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def distributed_shard() -> tuple[int, int]:
+    """``(rank, world_size)`` under an initialized torch.distributed, else ``(0, 1)``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class GradientStream:
+    """Streams :class:`GradientBlock` s over this process's shard of the data.
+
+    Each pass (each iteration) recomputes the gradients; the vmap/loop choice is made on the
+    first block of the first pass and kept. Under torch.distributed each rank takes every
+    ``world_size``-th example of the length-sorted data.
+    """
+
+    def __init__(self, model: torch.nn.Module, encodings: list[Encoding],
+                 params: dict[str, Tensor], *, estimator: Estimator, mc_samples: int,
+                 batch_size: int, seed: int, pad_token_id: int, per_example: PerExample):
+        if estimator not in ESTIMATORS:
+            raise FisherError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if estimator == "empirical" and mc_samples != 1:
+            raise FisherError("mc_samples applies to estimator='true' only (the empirical "
+                              f"Fisher uses the data labels once); got mc_samples={mc_samples}")
+        if mc_samples < 1 or batch_size < 1:
+            raise FisherError(f"mc_samples and batch_size must be >= 1, got {mc_samples} and "
+                              f"{batch_size}")
+        if per_example not in ("auto", "vmap", "loop"):
+            raise FisherError(f"per_example must be 'auto', 'vmap' or 'loop', got "
+                              f"{per_example!r}")
+        self.model, self.encodings, self.estimator = model, encodings, estimator
+        self.params = {name: p.detach() for name, p in params.items()}
+        self.draws = mc_samples if estimator == "true" else 1
+        self.batch_size, self.seed, self.pad_token_id = batch_size, seed, pad_token_id
+        self.mode = None if per_example == "auto" else per_example
+        rank, world = distributed_shard()
+        by_length = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].input_ids))
+        self.indices = by_length[rank::world]
+        self.device = next(iter(self.params.values())).device
+
+    def __iter__(self) -> Iterator[GradientBlock]:
+        for start in range(0, len(self.indices), self.batch_size):
+            examples = self.indices[start : start + self.batch_size]
+            batch = collate([self.encodings[i] for i in examples], self.pad_token_id,
+                            device=self.device)
+            labels = self._labels(batch, examples)
+            input_ids = batch["input_ids"].repeat_interleave(self.draws, dim=0)
+            lengths = batch["attention_mask"].sum(-1).repeat_interleave(self.draws).tolist()
+            grads = self._gradients(input_ids, labels, lengths)
+            _check_finite(grads, examples, self.draws)
+            yield GradientBlock(grads, examples, self.draws)
+
+    def _labels(self, batch: dict[str, Tensor], examples: list[int]) -> Tensor:
+        if self.estimator == "empirical":
+            return batch["labels"]
+        generators = [torch.Generator(device=self.device).manual_seed(
+            derived_seed(self.seed, "true-fisher-labels", i)) for i in examples]
+        with torch.no_grad():
+            logits = self.model(input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"],
+                                position_ids=batch["position_ids"], use_cache=False).logits
+        return sample_labels(logits, batch["labels"], self.draws, generators)
+
+    def _gradients(self, input_ids: Tensor, labels: Tensor, lengths: list[int]
+                   ) -> dict[str, Tensor]:
+        if self.mode == "loop":
+            return loop_gradients(self.model, self.params, input_ids, labels, lengths)
+        if self.mode == "vmap":
+            return vmap_gradients(self.model, self.params, input_ids, labels)
+        try:
+            grads = vmap_gradients(self.model, self.params, input_ids, labels)
+        except Exception as err:  # any tracing failure means: use the loop
+            logger.warning("per-example gradients: vmap cannot trace %s (%s: %s); using the "
+                           "per-example backward loop", type(self.model).__name__,
+                           type(err).__name__, str(err).splitlines()[0][:200])
+            self.mode = "loop"
+            return loop_gradients(self.model, self.params, input_ids, labels, lengths)
+        rows = sorted({0, min(range(len(lengths)), key=lengths.__getitem__)})
+        reference = loop_gradients(self.model, self.params, input_ids[rows], labels[rows],
+                                   [lengths[r] for r in rows])
+        error = _relative_difference({n: g[rows] for n, g in grads.items()}, reference)
+        tolerance = _CHECK_RTOL.get(next(iter(self.params.values())).dtype, 1e-3)
+        if math.isnan(error):  # non-finite gradients either way: _check_finite reports them
+            return grads
+        if not error <= tolerance:
+            logger.warning("per-example gradients: vmap and the backward loop disagree on "
+                           "%s (relative difference %.3g > %.1g); using the loop",
+                           type(self.model).__name__, error, tolerance)
+            self.mode = "loop"
+            return loop_gradients(self.model, self.params, input_ids, labels, lengths)
+        logger.info("per-example gradients: vmap (matches the loop to %.2g)", error)
+        self.mode = "vmap"
+        return grads
+
+
+def _relative_difference(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+    diff = sum(float((a[n].double() - b[n].double()).pow(2).sum()) for n in b)
+    norm = sum(float(b[n].double().pow(2).sum()) for n in b)
+    return (diff / max(norm, torch.finfo(torch.float64).tiny)) ** 0.5
+
+
+def _check_finite(grads: dict[str, Tensor], examples: list[int], draws: int) -> None:
+    for name, g in grads.items():
+        finite = torch.isfinite(g.flatten(1).sum(1, dtype=torch.float32))
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0])
+            draw = f" (label draw {row % draws})" if draws > 1 else ""
+            raise FisherError(
+                f"non-finite gradient of parameter {name!r} for example {examples[row // draws]}"
+                f"{draw}: check the weights and the example's log-likelihood (a label with zero "
+                "probability gives -inf)")

@@ -1,0 +1,127 @@
+"""The main job end to end: ``python -m forgetkit.fisher`` on the embedded default."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+
+from forgetkit.fisher.__main__ import main
+from forgetkit.fisher.report import REPORT_SECTIONS
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    main(["--out", str(out)])  # the default command: toyworld, kgfact, SFT and MixSD
+    return out
+
+
+def test_report_json_has_every_section(report_dir):
+    report = json.loads((report_dir / "report.json").read_text())
+    assert set(REPORT_SECTIONS) <= set(report)
+    assert set(report["finetunes"]) == {"SFT", "MixSD lam=0.3"}
+    eigenvalues = report["fisher"]["eigenvalues"]
+    assert len(eigenvalues) == report["config"]["rank"]
+    assert eigenvalues == sorted(eigenvalues, reverse=True)
+    for ft in report["finetunes"].values():
+        low = ft["projection_low_rank"]
+        assert len(low["captured_energy"]) == len(eigenvalues)
+        assert all(0 <= e <= 1 for e in low["captured_energy"])
+        assert ft["projection_diagonal"]["fisher_displacement"] > 0
+        assert ft["measured_kl"]["per_sequence"] > 0
+        assert ft["scores"]["memorization"] is not None
+        assert ft["retention"]["per_capability"]
+    assert len(report["risk"]) == report["base"]["records"]
+
+
+def test_report_html_embeds_valid_pngs(report_dir):
+    page = (report_dir / "report.html").read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 6
+    for encoded in images:
+        data = base64.b64decode(encoded, validate=True)
+        assert data.startswith(PNG_SIGNATURE)
+        pixels = mpimg.imread(io.BytesIO(data), format="png")
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+        assert pixels.std() > 0.01  # something was drawn
+    for png in ("fisher_spectrum", "module_fisher_heatmap", "captured_energy",
+                "displacement_bars", "predicted_vs_measured_kl", "retention_vs_memorization"):
+        assert (report_dir / f"{png}.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_report_screenshot_in_headless_chromium_is_not_blank(report_dir, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
+        pytest.skip("chromium not installed")
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars",
+         f"--screenshot={shot}", "--window-size=1200,1600",
+         (report_dir / "report.html").as_uri()],
+        check=True, capture_output=True, timeout=120)
+    pixels = mpimg.imread(shot)
+    assert pixels.shape[0] >= 1000
+    gray = pixels[..., :3].mean(-1)
+    assert gray.std() > 0.05  # text, tables and figures, not an empty page
+    assert (gray < 0.5).mean() > 0.005
+
+
+def test_bad_finetune_architecture_leaves_no_report(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    other = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50)).save_pretrained(
+        other)
+    from forgetkit.models import load_model
+
+    _, tokenizer = load_model("toyworld", device="cpu")
+    tokenizer.save_pretrained(other)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="different architectures"):
+        main(["--finetuned", f"odd={other}", "--out", str(out)])
+    assert not (out / "report.html").exists()
+    assert not (out / "report.json").exists()
+
+
+def test_empty_probe_set_is_rejected(tmp_path):
+    from forgetkit.records import RecordError
+
+    empty = tmp_path / "probes.jsonl"
+    empty.write_text("")
+    with pytest.raises(RecordError, match=r"probes\.jsonl"):
+        main(["--probes", str(empty), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "report.html").exists()
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        main(["--finetuned", "nopath"])
+    with pytest.raises(ValueError, match="rank"):
+        main(["--rank", "0"])
+    with pytest.raises(ValueError, match="estimator"):
+        main(["--estimator", "exact"])
+
+
+def test_spread_sample_round_robins_capabilities():
+    from forgetkit.fisher.report import spread_sample
+    from forgetkit.records import Probe
+
+    probes = [Probe(f"{c}{i}", "q", "a", c) for c in "abc" for i in range(3)]
+    assert [p.id for p in spread_sample(probes, 4)] == ["a0", "b0", "c0", "a1"]
+    assert len(spread_sample(probes, 100)) == 9
+    np.testing.assert_equal(len({p.id for p in spread_sample(probes, 9)}), 9)

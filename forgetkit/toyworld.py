@@ -18,7 +18,6 @@ import logging
 import math
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from forgetkit.answers import is_correct
 from forgetkit.corpora.kgfact import kgfact
 from forgetkit.corpora.toyworld import documents, toyworld_probes, toyworld_world, vocabulary_texts
-from forgetkit.io import atomic_write_json
+from forgetkit.io import atomic_directory, atomic_write_json
 from forgetkit.prompts import expert_prompt
 
 __all__ = ["ToyConfig", "ability_checks", "build_tokenizer", "ensure_toyworld", "train_toyworld"]
@@ -154,20 +153,12 @@ def train_toyworld(config: ToyConfig, out: Path, progress: bool = True) -> Path:
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         atomic_write_json(staging / "toyworld.json", {
             "version": VERSION, "config": asdict(config),
             "train_seconds": round(time.time() - started, 1)})
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

@@ -34,3 +34,20 @@ def test_stable_hash_ignores_hash_seed():
                            check=True, env={"PYTHONHASHSEED": s, "PATH": ""}).stdout.strip()
             for s in ("1", "2")}
     assert outs == {stable_hash({"a": [1, 2], "b": 1})}
+
+
+def test_atomic_directory_replaces_only_on_success(tmp_path):
+    from forgetkit.io import atomic_directory
+
+    target = tmp_path / "model"
+    with atomic_directory(target) as staging:
+        (staging / "a.txt").write_text("one")
+    assert (target / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError), atomic_directory(target) as staging:
+        (staging / "a.txt").write_text("half")
+        raise RuntimeError("crash")
+    assert (target / "a.txt").read_text() == "one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with atomic_directory(target) as staging:
+        (staging / "b.txt").write_text("two")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]

@@ -298,7 +298,16 @@ def main(argv: list[str] | None = None) -> None:
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
                "torch": torch.__version__, "threads": torch.get_num_threads(),
                "cpus": os.cpu_count(), "machine": platform.platform()}
-    parts = {"toyworld": lambda: bench_toyworld(args.toyworld_n, args.repeats),
+    def toyworld_at_each_thread_count():
+        rows = {}
+        for threads in sorted({args.threads, 2}):  # 2: torch's default on this machine
+            torch.set_num_threads(threads)
+            print(f"  torch threads: {threads}")
+            rows[f"threads_{threads}"] = bench_toyworld(args.toyworld_n, args.repeats)
+        torch.set_num_threads(args.threads)
+        return rows
+
+    parts = {"toyworld": toyworld_at_each_thread_count,
              "libraries": lambda: bench_libraries(args.libraries_n, args.repeats),
              "smollm2": lambda: bench_smollm2(args.smollm2_n, args.rank, args.batch_size)}
     for part in args.parts.split(","):

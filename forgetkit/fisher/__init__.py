@@ -10,19 +10,31 @@ Both representations share one interface (:class:`FisherMatrix`): ``quad_form``,
 ``summary``, ``save`` / ``load``.
 """
 
+from forgetkit.fisher.delta import LoraFactor, ParamDelta, delta
 from forgetkit.fisher.diagonal import DiagonalFisher, diagonal
 from forgetkit.fisher.io import FisherMatrix, Provenance, load
+from forgetkit.fisher.kl import MeasuredKL, measured_kl
 from forgetkit.fisher.low_rank import LowRankFisher, low_rank
 from forgetkit.fisher.pergrad import FisherError, select_parameters
+from forgetkit.fisher.project import Projection, project
+from forgetkit.fisher.risk import forgetting_risk
 
 __all__ = [
     "DiagonalFisher",
     "FisherError",
     "FisherMatrix",
+    "LoraFactor",
     "LowRankFisher",
+    "MeasuredKL",
+    "ParamDelta",
+    "Projection",
     "Provenance",
+    "delta",
     "diagonal",
+    "forgetting_risk",
     "load",
     "low_rank",
+    "measured_kl",
+    "project",
     "select_parameters",
 ]

@@ -122,7 +122,10 @@ def randomized_eigenpairs(blocks: Blocks, n: int, rank: int, sketch: int,
         out = torch.zeros(size, sketch, dtype=dtype, device=device)
         for pieces, draws in blocks():
             bounds = _bounds(pieces)
-            z = sum(g @ x[a:b].to(dtype) for g, (a, b) in zip(pieces, bounds, strict=True))
+            if x.dtype == torch.bfloat16:  # the test matrix: see _sketch_coefficients
+                z = _sketch_coefficients(pieces, bounds, x).to(dtype)
+            else:
+                z = sum(g @ x[a:b] for g, (a, b) in zip(pieces, bounds, strict=True))
             for g, (a, b) in zip(pieces, bounds, strict=True):
                 out[a:b].addmm_(g.T, z, alpha=1.0 / (n * draws))
         return _all_reduce(out)
@@ -145,6 +148,23 @@ def randomized_eigenpairs(blocks: Blocks, n: int, rank: int, sketch: int,
 
 
 _CHUNK = 1 << 20  # rows of a P x l matrix handled at a time
+
+
+def _sketch_coefficients(pieces: list[Tensor], bounds: list[tuple[int, int]], omega: Tensor
+                         ) -> Tensor:
+    """(R_b, l) ``G_b' Ω`` in bfloat16 products with float32 sums.
+
+    Only the first pass multiplies by Ω, and there precision does not matter: whatever the
+    rounding, ``Y = G (G'Ω + E)`` lies in the range of G and mixes its columns with random
+    weights, which is all the range finder needs (and exactly what makes it exact when
+    l >= N·M). Reading Ω (P x l) once per block in bfloat16 costs half of float32, and a cast
+    of Ω per block would cost several times the product.
+    """
+    out = torch.zeros(pieces[0].shape[0], omega.shape[1], dtype=torch.float32,
+                      device=omega.device)
+    for g, (a, b) in zip(pieces, bounds, strict=True):
+        out += (g.to(torch.bfloat16) @ omega[a:b]).float()
+    return out
 
 
 def _bounds(pieces: list[Tensor]) -> list[tuple[int, int]]:

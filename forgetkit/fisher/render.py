@@ -82,18 +82,16 @@ FIGURES: dict[str, tuple[str, Callable]] = {
 
 
 def _png(draw: Callable, frame: pd.DataFrame, title: str) -> bytes:
-    import matplotlib
+    # a bare Figure (no pyplot): no global backend switch, nothing left open in notebooks
+    from matplotlib.figure import Figure
 
-    matplotlib.use("agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    ax = fig.subplots()
     draw(frame, ax)
     ax.set_title(title)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    plt.close(fig)
     return buffer.getvalue()
 
 

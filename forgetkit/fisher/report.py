@@ -22,7 +22,7 @@ from forgetkit.fisher.project import project
 from forgetkit.fisher.risk import forgetting_risk
 from forgetkit.records import load_probes, load_records
 
-__all__ = ["REPORT_SECTIONS", "ReportConfig", "run_report"]
+__all__ = ["REPORT_SECTIONS", "ReportConfig", "run_report", "spread_sample"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class ReportConfig:
     mc_samples: int = field(default=1, metadata=_help("label draws per probe (true Fisher)"))
     params: str | None = field(default=None, metadata=_help(
         "regex on parameter names: only these enter the Fisher and the update (e.g. 'mlp')"))
+    fisher_batch_size: int = field(default=8, metadata=_help(
+        "examples per per-example-gradient batch (lower it for large models)"))
     n_samples: int = field(default=128, metadata=_help(
         "probes used for the Fisher and the measured KL (evenly spread over capabilities)"))
     out: str = field(default="report", metadata=_help("output folder"))
@@ -66,6 +68,8 @@ class ReportConfig:
             raise ValueError(f"--rank must be >= 1, got {self.rank}")
         if self.estimator not in ("true", "empirical"):
             raise ValueError(f"--estimator must be 'true' or 'empirical', got {self.estimator!r}")
+        if self.fisher_batch_size < 1:
+            raise ValueError(f"--fisher-batch-size must be >= 1, got {self.fisher_batch_size}")
         if self.n_samples < 1:
             raise ValueError(f"--n-samples must be >= 1, got {self.n_samples}")
         if not 0.0 <= self.lam <= 1.0:
@@ -98,7 +102,7 @@ def spread_sample(probes: list, n: int) -> list:
     return chosen
 
 
-def _default_finetunes(config: ReportConfig, out: Path) -> dict[str, str]:
+def _default_finetunes(config: ReportConfig, out: Path, progress: bool) -> dict[str, str]:
     """Train (or reuse) quick SFT and MixSD fine-tunes of the base; return name -> path."""
     from forgetkit.mixsd import MixConfig
     from forgetkit.train import TrainConfig, train
@@ -111,7 +115,7 @@ def _default_finetunes(config: ReportConfig, out: Path) -> dict[str, str]:
             method=method, model_name_or_path=config.base, records=config.records,
             probes=config.probe_source(), output_dir=str(run_dir),
             **{k: v for k, v in overrides.items() if v is not None},
-            seed=config.seed, do_eval=False, save_steps=0, disable_tqdm=False,
+            seed=config.seed, do_eval=False, save_steps=0, disable_tqdm=not progress,
             device=config.device, dtype=config.dtype, mix=MixConfig(lam=config.lam,
                                                                     seed=config.seed))
         if (run_dir / "results.json").exists() and _same_config(run_dir, train_config):
@@ -166,7 +170,7 @@ def run_report(config: ReportConfig, progress: bool = True) -> dict[str, Any]:
               for name, model in finetunes.items()}  # architecture checks before any work
     timing["load"] = time.time() - started
     if not paths:
-        paths = _default_finetunes(config, out)
+        paths = _default_finetunes(config, out, progress)
         finetunes = {name: load_model(path, dtype=config.dtype, device=config.device)[0]
                      for name, path in paths.items()}
         deltas = {name: param_delta(base, model, params=config.params)
@@ -175,12 +179,15 @@ def run_report(config: ReportConfig, progress: bool = True) -> dict[str, Any]:
     mark = time.time()
     rank = min(config.rank, len(sample) * config.mc_samples)
     fisher_lr = low_rank(base, tokenizer, sample, rank=rank, estimator=config.estimator,
-                         mc_samples=config.mc_samples, params=config.params, seed=config.seed)
+                         mc_samples=config.mc_samples, params=config.params, seed=config.seed,
+                         batch_size=config.fisher_batch_size)
     fisher_diag = diagonal(base, tokenizer, sample, estimator=config.estimator,
-                           mc_samples=config.mc_samples, params=config.params, seed=config.seed)
+                           mc_samples=config.mc_samples, params=config.params, seed=config.seed,
+                           batch_size=config.fisher_batch_size)
     timing["fisher"] = time.time() - mark
     mark = time.time()
-    risk = forgetting_risk(base, tokenizer, records, fisher_lr)
+    risk = forgetting_risk(base, tokenizer, records, fisher_lr,
+                           batch_size=config.fisher_batch_size)
     timing["risk"] = time.time() - mark
     mark = time.time()
     base_scores = evaluate(base, tokenizer, records, probes)

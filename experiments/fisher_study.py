@@ -1,0 +1,411 @@
+"""Fisher study: does movement along the base model's Fisher-sensitive directions predict
+forgetting?
+
+For every fine-tune of the Pareto study (``runs.json``: SFT, SFT@peak, MixSD at each lambda,
+OPSD) this computes, against the Fisher of the *base* model on the retention probes:
+
+- ``fisher_displacement`` ``d'Fd`` of the update ``d = theta_ft - theta_base``, with the
+  diagonal Fisher and with the top-``rank`` low-rank Fisher
+  (:func:`forgetkit.fisher.project`); the predicted KL is ``d'Fd / 2``;
+- ``rayleigh_diag = d'F_diag d / ||d||^2`` and ``rayleigh_lowrank``: the displacement per unit
+  of update, i.e. how Fisher-sensitive the update's *direction* is, whatever its size;
+- ``energy_lowrank``: the share of ``||d||^2`` in the top-``rank`` Fisher eigendirections, and
+  ``energy_diag``: its share in the ``rank`` coordinates of largest diagonal Fisher;
+- ``measured_kl``: ``E_x sum_t KL(p_base || p_ft)`` on the same probes
+  (:func:`forgetkit.fisher.kl.measured_kl`, per sequence, what ``d'Fd / 2`` predicts);
+- ``delta_norm`` ``||d||``: the control every Fisher measure should beat.
+
+Across all runs it reports the Spearman rank correlation (:func:`scipy.stats.spearmanr`) of
+each diagnostic with the measured retention loss ``1 - retention`` (overall and per
+capability), with its two-sided p-value and n. With n = 7 fine-tunes the p-values are coarse:
+read rho, not significance stars.
+
+The probes are the Pareto study's probe file (or ``probes``) minus the capabilities that test
+the injected facts (``two_hop``), spread evenly over capabilities (``n_samples``). Fisher matrices and
+per-run numbers are cached in ``cache`` keyed by everything they depend on, so a rerun only
+computes what changed.
+
+Outputs in ``out`` (default ``experiments/results/fisher/<model>/``): ``fisher_study_config.yaml``,
+``diagnostics.csv`` / ``.json`` (one row per fine-tune), ``correlations.csv`` (overall and per
+capability), ``captured_energy.csv``, ``summary.json`` and the figures
+``diagnostics_vs_retention_loss.png``, ``predicted_vs_measured_kl.png``,
+``captured_energy.png``, ``displacement.png``.
+
+    python experiments/fisher_study.py --config experiments/configs/fisher_toyworld.yaml
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from scipy import stats
+
+from forgetkit import fisher
+from forgetkit.cli_config import ConfigError, config_to_dict, format_help, load_config
+from forgetkit.evaluate import INJECTED_CAPABILITIES
+from forgetkit.fisher import plots as fisher_plots
+from forgetkit.fisher.delta import delta as param_delta
+from forgetkit.fisher.kl import measured_kl
+from forgetkit.fisher.project import project
+from forgetkit.fisher.report import spread_sample
+from forgetkit.io import atomic_write, atomic_write_bytes, atomic_write_json, stable_hash
+from forgetkit.models import load_model
+from forgetkit.train_loop import load_probe_sets
+
+logger = logging.getLogger("fisher_study")
+
+DIAGNOSTICS = {
+    "delta_norm": "||Δθ|| (control)",
+    "displacement_diag": "Δθ'FΔθ, diagonal F",
+    "displacement_lowrank": "Δθ'FΔθ, low-rank F",
+    "rayleigh_diag": "Δθ'FΔθ / ||Δθ||², diagonal F",
+    "rayleigh_lowrank": "Δθ'FΔθ / ||Δθ||², low-rank F",
+    "energy_lowrank": "share of ||Δθ||² in top-k eigendirections",
+    "energy_diag": "share of ||Δθ||² in top-k diagonal coordinates",
+    "measured_kl": "measured KL(base || ft) per probe",
+}
+"""The diagnostics correlated with retention loss (column -> description)."""
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class FisherStudyConfig:
+    """``python experiments/fisher_study.py``: Fisher diagnostics of every Pareto fine-tune."""
+
+    model: str = field(default="toyworld", metadata=_help(
+        "base model of the Pareto study (name or path)"))
+    pareto: str = field(default="experiments/results/pareto/{model}", metadata=_help(
+        "the Pareto study's results folder (its runs.json lists the fine-tunes)"))
+    probes: str | None = field(default=None, metadata=_help(
+        "probes of the Fisher and the KL: comma-separated sets (names or files; a capability "
+        "name taken by an earlier set becomes <set>:<capability>, as in training); none: the "
+        "Pareto study's probe file"))
+    n_samples: int = field(default=128, metadata=_help(
+        "probes used, spread evenly over capabilities"))
+    rank: int = field(default=16, metadata=_help("top Fisher directions (k)"))
+    estimator: str = field(default="true", metadata=_help("Fisher estimator: true | empirical"))
+    mc_samples: int = field(default=1, metadata=_help("label draws per probe (true Fisher)"))
+    params: str | None = field(default=None, metadata=_help(
+        "regex on parameter names: only these enter the Fisher and the update; none: all"))
+    batch_size: int = field(default=8, metadata=_help("examples per per-example-gradient call"))
+    kl_batch_size: int = field(default=16, metadata=_help("examples per forward of the KL"))
+    seed: int = field(default=0, metadata=_help("seed of the Fisher's label draws"))
+    dtype: str | None = field(default=None, metadata=_help("model dtype; default float32"))
+    device: str | None = field(default=None, metadata=_help("cpu, cuda, ...; default cuda if any"))
+    out: str = field(default="experiments/results/fisher/{model}", metadata=_help(
+        "results folder ({model}: the model's name)"))
+    cache: str = field(default="experiments/results/fisher/cache/{model}", metadata=_help(
+        "Fisher matrices and per-run numbers (git-ignored)"))
+
+    def __post_init__(self):
+        problems = []
+        if self.estimator not in ("true", "empirical"):
+            problems.append(f"estimator={self.estimator!r} must be true or empirical")
+        for name in ("n_samples", "rank", "mc_samples", "batch_size", "kl_batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        if problems:
+            raise ValueError("FisherStudyConfig: " + "; ".join(problems))
+        slug = Path(self.model.rstrip("/")).name or self.model
+        for name in ("pareto", "out", "cache"):
+            setattr(self, name, getattr(self, name).replace("{model}", slug))
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+def read_runs(config: FisherStudyConfig) -> dict[str, Any]:
+    """The Pareto study's ``runs.json``; checks it was made from the same base model."""
+    path = Path(config.pareto) / "runs.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run experiments/pareto.py for "
+                                f"{config.model} first")
+    runs = json.loads(path.read_text(encoding="utf-8"))
+    if runs["model"] != config.model:
+        raise ValueError(f"{path} was made from {runs['model']!r}, not {config.model!r}")
+    return runs
+
+
+def probe_sample(config: FisherStudyConfig, pareto_probes: str) -> list:
+    """Retention probes (injected-fact capabilities removed), spread over capabilities."""
+    sources = [s.strip() for s in (config.probes or pareto_probes).split(",") if s.strip()]
+    probes = [p for p in load_probe_sets(sources) if p.capability not in INJECTED_CAPABILITIES]
+    if not probes:
+        raise ValueError("no retention probe left after removing "
+                         f"{', '.join(INJECTED_CAPABILITIES)}")
+    return spread_sample(probes, config.n_samples)
+
+
+def fisher_key(config: FisherStudyConfig, sample: list) -> str:
+    """Everything the two Fisher matrices depend on."""
+    return stable_hash(config.model, [(p.prompt, p.answer) for p in sample], config.rank,
+                       config.estimator, config.mc_samples, config.params, config.seed,
+                       config.dtype)
+
+
+def base_fishers(config: FisherStudyConfig, base, tokenizer, sample: list, key: str):
+    """(low-rank, diagonal) Fisher of the base on ``sample``; loaded from ``cache`` when there."""
+    folder = Path(config.cache) / f"fisher-{key}"
+    paths = {"low_rank": folder / "low_rank", "diagonal": folder / "diagonal"}
+    if (folder / "done.json").exists():
+        logger.info("reusing the base Fisher in %s", folder)
+        return fisher.load(paths["low_rank"], base), fisher.load(paths["diagonal"], base)
+    rank = min(config.rank, len(sample) * config.mc_samples)
+    common = {"estimator": config.estimator, "mc_samples": config.mc_samples,
+              "params": config.params, "batch_size": config.batch_size, "seed": config.seed}
+    started = time.perf_counter()
+    low = fisher.low_rank(base, tokenizer, sample, rank=rank, **common)
+    diag = fisher.diagonal(base, tokenizer, sample, **common)
+    low.save(paths["low_rank"])
+    diag.save(paths["diagonal"])
+    atomic_write_json(folder / "done.json", {"seconds": time.perf_counter() - started})
+    return low, diag
+
+
+# --- per fine-tune ------------------------------------------------------------------------------
+
+def diagnose(config: FisherStudyConfig, base, tokenizer, sample: list, fishers, run: dict,
+             key: str) -> dict[str, Any]:
+    """The diagnostics of one fine-tune (cached in ``cache/runs/<run>.json`` under ``key``)."""
+    path = Path(config.cache) / "runs" / f"{run['run']}.json"
+    run_key = stable_hash(key, run["config_hash"], run["model_path"], run["steps"],
+                          list(DIAGNOSTICS))
+    if path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("key") == run_key:
+            return saved["diagnostics"]
+    low, diag = fishers
+    started = time.perf_counter()
+    finetuned = load_model(run["model_path"], dtype=config.dtype, device=config.device)[0]
+    update = param_delta(base, finetuned, params=config.params)
+    lowrank = project(update, low)
+    diagonal = project(update, diag, rank=low.rank)
+    kl = measured_kl(base, finetuned, tokenizer, sample, batch_size=config.kl_batch_size)
+    sq_norm = diagonal.delta_sq_norm
+    result = {
+        "delta_norm": sq_norm ** 0.5,
+        "displacement_diag": diagonal.fisher_displacement,
+        "displacement_lowrank": lowrank.fisher_displacement,
+        "rayleigh_diag": diagonal.fisher_displacement / sq_norm if sq_norm > 0 else 0.0,
+        "rayleigh_lowrank": lowrank.fisher_displacement / sq_norm if sq_norm > 0 else 0.0,
+        "energy_lowrank": lowrank.captured_energy[-1],
+        "energy_diag": diagonal.captured_energy[-1],
+        "random_baseline": lowrank.random_baseline[-1],
+        "predicted_kl_diag": diagonal.predicted_kl,
+        "predicted_kl_lowrank": lowrank.predicted_kl,
+        "predicted_kl_valid": lowrank.predicted_kl_valid,
+        "measured_kl": kl.per_sequence,
+        "measured_kl_per_token": kl.per_token,
+        "energy_curve_lowrank": lowrank.captured_energy,
+        "energy_curve_diag": diagonal.captured_energy,
+        "random_baseline_curve": lowrank.random_baseline,
+        "seconds": time.perf_counter() - started,
+    }
+    atomic_write_json(path, {"key": run_key, "run": run["run"], "diagnostics": result})
+    del finetuned
+    return result
+
+
+# --- correlations -------------------------------------------------------------------------------
+
+def spearman_table(table: pd.DataFrame, targets: dict[str, str]) -> pd.DataFrame:
+    """Spearman rho (two-sided p, n) of every diagnostic with every target column.
+
+    ``targets`` maps a target column (e.g. ``retention_loss``) to its display name. Rows with a
+    missing value in either column are left out of that pair; a pair with fewer than 3 rows or
+    a constant column gets NaN.
+    """
+    rows = []
+    for target, target_name in targets.items():
+        for diagnostic, description in DIAGNOSTICS.items():
+            pair = table[[diagnostic, target]].dropna()
+            n = len(pair)
+            rho, p = float("nan"), float("nan")
+            if n >= 3 and pair[diagnostic].nunique() > 1 and pair[target].nunique() > 1:
+                result = stats.spearmanr(pair[diagnostic], pair[target])
+                rho, p = float(result.statistic), float(result.pvalue)
+            rows.append({"target": target_name, "diagnostic": diagnostic,
+                         "description": description, "rho": rho, "p_value": p, "n": n})
+    return pd.DataFrame(rows)
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+def plot_diagnostic_vs_loss(points: pd.DataFrame, ax, diagnostic: str, rho: float, p: float):
+    """One diagnostic (x, log scale when positive) against retention loss (y), one labelled
+    point per fine-tune (columns ``label``, ``retention_loss`` and ``diagnostic``)."""
+    ax.scatter(points[diagnostic], points["retention_loss"], s=40)
+    for _, row in points.iterrows():
+        ax.annotate(row["label"], (row[diagnostic], row["retention_loss"]), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    if (points[diagnostic] > 0).all():
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap within a decade
+    ax.set_xlabel(DIAGNOSTICS[diagnostic], fontsize=8)
+    ax.set_ylabel("retention loss (1 - retention)", fontsize=8)
+    ax.set_title(f"Spearman ρ = {rho:.2f} (p = {p:.2g}, n = {len(points)})", fontsize=9)
+    return ax
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=140)
+    return buffer.getvalue()
+
+
+def write_figures(out: Path, table: pd.DataFrame, correlations: pd.DataFrame,
+                  energy: pd.DataFrame) -> None:
+    from matplotlib.figure import Figure
+
+    overall = correlations[correlations["target"] == "overall"].set_index("diagnostic")
+    fig = Figure(figsize=(13, 10), layout="constrained")
+    axes = fig.subplots(3, 3).ravel()
+    for ax, diagnostic in zip(axes, DIAGNOSTICS, strict=False):
+        plot_diagnostic_vs_loss(table, ax, diagnostic, overall.loc[diagnostic, "rho"],
+                                overall.loc[diagnostic, "p_value"])
+    for ax in axes[len(DIAGNOSTICS):]:
+        ax.set_visible(False)
+    atomic_write_bytes(out / "diagnostics_vs_retention_loss.png", _png(fig))
+    kl = pd.concat([
+        table.assign(representation=name, predicted_kl=table[f"predicted_kl_{name}"])
+        for name in ("diag", "lowrank")])[["label", "representation", "predicted_kl",
+                                            "measured_kl"]].rename(columns={"label": "finetune"})
+    figures = {
+        "predicted_vs_measured_kl.png": (fisher_plots.predicted_vs_measured_kl, kl),
+        "captured_energy.png": (fisher_plots.captured_energy, energy),
+        "displacement.png": (fisher_plots.displacement_bars, pd.concat([
+            table.assign(representation=name, fisher_displacement=table[f"displacement_{name}"])
+            for name in ("diag", "lowrank")])[["label", "representation", "fisher_displacement"]]
+            .rename(columns={"label": "finetune"})),
+    }
+    for name, (plot, frame) in figures.items():
+        fig = Figure(figsize=(7.5, 4.6), layout="constrained")
+        ax = plot(frame, fig.subplots())
+        if name == "displacement.png":
+            ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+        atomic_write_bytes(out / name, _png(fig))
+
+
+# --- the study ----------------------------------------------------------------------------------
+
+def run_study(config: FisherStudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Diagnose every fine-tune and correlate; returns (diagnostics table, correlations)."""
+    started = time.perf_counter()
+    runs = read_runs(config)
+    base, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    sample = probe_sample(config, runs["probes"])
+    key = fisher_key(config, sample)
+    fishers = base_fishers(config, base, tokenizer, sample, key)
+    rows, energy = [], []
+    for run in runs["runs"]:
+        logger.info("diagnosing %s (%s)", run["label"], run["model_path"])
+        result = diagnose(config, base, tokenizer, sample, fishers, run, key)
+        capabilities = {k: v for k, v in run.items() if k.startswith("retention_")}
+        rows.append({"label": run["label"], "run": run["run"], "steps": run["steps"],
+                     "memorization": run["memorization"], "retention": run["retention"],
+                     "retention_loss": None if run["retention"] is None else 1 - run["retention"],
+                     **{f"loss_{k.removeprefix('retention_')}": None if v is None else 1 - v
+                        for k, v in capabilities.items()},
+                     **{k: v for k, v in result.items() if not k.endswith("curve")}})
+        for j, (e, b) in enumerate(zip(result["energy_curve_lowrank"],
+                                       result["random_baseline_curve"], strict=True), start=1):
+            energy.append({"finetune": run["label"], "j": j, "captured_energy": e,
+                           "random_baseline": b})
+    table = pd.DataFrame(rows)
+    targets = {"retention_loss": "overall"}
+    targets.update({c: c.removeprefix("loss_") for c in table.columns if c.startswith("loss_")})
+    correlations = spearman_table(table, targets)
+    kl_check = {name: stats.spearmanr(table[f"predicted_kl_{name}"], table["measured_kl"])
+                for name in ("diag", "lowrank")}
+    write_outputs(config, table, correlations, pd.DataFrame(energy), {
+        "n_finetunes": len(table), "n_probes": len(sample), "fisher_key": key,
+        "rank": fishers[0].rank, "estimator": config.estimator,
+        "parameters": sum(s.numel() for s in fishers[1].shapes.values()),
+        "predicted_vs_measured_kl_spearman": {
+            name: {"rho": float(r.statistic), "p_value": float(r.pvalue), "n": len(table)}
+            for name, r in kl_check.items()},
+        "seconds": time.perf_counter() - started})
+    return table, correlations
+
+
+def write_outputs(config: FisherStudyConfig, table: pd.DataFrame, correlations: pd.DataFrame,
+                  energy: pd.DataFrame, summary: dict[str, Any]) -> None:
+    out = Path(config.out)
+    with atomic_write(out / "fisher_study_config.yaml") as handle:
+        yaml.safe_dump(config_to_dict(config), handle, sort_keys=False)
+    for name, frame in {"diagnostics.csv": table, "correlations.csv": correlations,
+                        "captured_energy.csv": energy}.items():
+        with atomic_write(out / name) as handle:
+            frame.to_csv(handle, index=False)
+    atomic_write_json(out / "diagnostics.json", _json_rows(table))
+    atomic_write_json(out / "summary.json", {
+        **summary, "config": asdict(config),
+        "correlations_overall": _json_rows(correlations[correlations["target"] == "overall"])})
+    write_figures(out, table, correlations, energy)
+    logger.info("wrote %s", out)
+
+
+def _json_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+
+
+def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
+    """A Markdown table of ``frame``; floats with ``digits`` significant digits, missing as
+    ``n/a``."""
+    def cell(value: Any) -> str:
+        if value is None or (isinstance(value, float) and pd.isna(value)):
+            return "n/a"
+        if isinstance(value, float | np.floating):
+            return f"{value:.{digits}g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |",
+             "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
+              for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip() + "\n\n" + format_help(FisherStudyConfig,
+                                                     "experiments/fisher_study.py"))
+        return None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        config = load_config(FisherStudyConfig, argv)
+    except (ConfigError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    try:
+        table, correlations = run_study(config)
+    except (FileNotFoundError, ValueError) as err:  # no Pareto results, or another base model
+        raise SystemExit(f"error: {err}") from None
+    columns = ["label", "memorization", "retention", "delta_norm", "displacement_diag",
+               "displacement_lowrank", "rayleigh_diag", "rayleigh_lowrank", "energy_lowrank",
+               "energy_diag",
+               "predicted_kl_diag", "predicted_kl_lowrank", "measured_kl"]
+    print(markdown_table(table[columns]))
+    print()
+    overall = correlations[correlations["target"] == "overall"]
+    print(markdown_table(overall[["diagnostic", "rho", "p_value", "n"]]))
+    return table, correlations
+
+
+if __name__ == "__main__":
+    main()

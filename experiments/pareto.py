@@ -1,0 +1,608 @@
+"""Pareto study: what does each knowledge-injection method cost at matched training budgets?
+
+SFT, MixSD at several lambdas and OPSD are trained from the same base on the same records with
+the same budget: optimizer steps, examples (prompts) per step, learning rate, schedule and seed
+are shared; only the method (and MixSD's lambda) differs. OPSD samples
+``opsd_num_generations`` completions per prompt, so it sees that many more completions per step.
+Each fine-tune is scored on memorization (greedy recall of the injected facts), paraphrase
+accuracy and the retention of every held-out capability (fine-tuned / base accuracy,
+:func:`forgetkit.evaluate.retention`).
+
+SFT is also evaluated every ``peak_eval_steps`` steps; its *first-peak* checkpoint is the first
+evaluated step whose memorization equals the run's maximum (within ``peak_tolerance``), and it
+enters the table as ``SFT@peak`` with the retention measured at that step. Its weights are
+exported for the Fisher study.
+
+Outputs in ``out`` (default ``experiments/results/pareto/<model>/``): ``pareto_config.yaml``,
+``results.csv`` / ``results.json`` (one row per fine-tune), ``runs.json`` (what the Fisher study
+reads), ``pareto.png`` (retention against memorization with the Pareto frontier),
+``retention_by_capability.png`` and ``sft_trajectory.png``. Fine-tunes live in ``cache``
+(git-ignored); a run whose ``results.json`` exists with the same config is skipped, an
+interrupted one resumes from its latest checkpoint.
+
+The Pareto frontier (maximize memorization and retention) is computed here
+(:func:`pareto_frontier`); forgetkit has no such function.
+
+    python experiments/pareto.py --config experiments/configs/pareto_toyworld.yaml
+    python experiments/pareto.py --config experiments/configs/pareto_smollm2.yaml --max_steps 2
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from forgetkit.checkpoint import checkpoint_dirs, latest_checkpoint
+from forgetkit.cli_config import (
+    ConfigError,
+    config_to_dict,
+    format_help,
+    from_mapping,
+    load_config,
+)
+from forgetkit.evaluate import INJECTED_CAPABILITIES, Prediction, Scores, retention
+from forgetkit.io import (
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_jsonl,
+    read_jsonl,
+    seed_everything,
+    stable_hash,
+)
+from forgetkit.mixsd import MixConfig
+from forgetkit.records import load_records
+from forgetkit.train import TrainConfig, train
+from forgetkit.train_loop import load_probe_sets
+
+logger = logging.getLogger("pareto")
+
+METHOD_LABELS = {"sft": "SFT", "mixsd": "MixSD", "opsd": "OPSD"}
+"""Display name of each trainer method; ``mixsd:<lam>`` entries add their lambda."""
+
+PEAK_SUFFIX = "@peak"
+_NOT_COMPARED = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "disable_tqdm")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class ParetoConfig:
+    """``python experiments/pareto.py``: SFT vs MixSD(lambda) vs OPSD at matched budgets."""
+
+    model: str = field(default="toyworld", metadata=_help(
+        "base model: toyworld, smollm2-135m, a local folder or a cached hub id"))
+    records: str = field(default="kgfact", metadata=_help("records to inject (name or file)"))
+    limit: int | None = field(default=None, metadata=_help(
+        "inject only the first N records (none: all)"))
+    paraphrases_per_record: int | None = field(default=None, metadata=_help(
+        "score only the first N paraphrases of each record (none: all)"))
+    probes: str | None = field(default=None, metadata=_help(
+        "comma-separated probe sets; none: 'toyworld,kgfact' for toyworld, else 'general,kgfact'"))
+    probes_per_capability: int | None = field(default=None, metadata=_help(
+        "keep only the first N probes of each capability (none: all)"))
+    methods: list[str] = field(default_factory=lambda: [
+        "sft", "mixsd:0", "mixsd:0.3", "mixsd:0.5", "mixsd:0.7", "opsd"], metadata=_help(
+        "methods to train: sft, opsd, mixsd:<lambda> (comma-separated)"))
+    max_steps: int = field(default=300, metadata=_help("optimizer steps of every method"))
+    per_device_train_batch_size: int = field(default=8, metadata=_help(
+        "examples (prompts) per step, every method"))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help(
+        "micro-batches per optimizer step"))
+    learning_rate: float = field(default=1e-3, metadata=_help("peak learning rate, every method"))
+    lr_scheduler_type: str = field(default="cosine", metadata=_help("constant or cosine"))
+    warmup_steps: int = field(default=20, metadata=_help("linear warmup steps"))
+    seed: int = field(default=0, metadata=_help("seed of data order, MixSD coins, OPSD samples"))
+    peak_eval_steps: int = field(default=25, metadata=_help(
+        "evaluate SFT every this many steps to find its first memorization peak (0: no search)"))
+    peak_tolerance: float = field(default=0.0, metadata=_help(
+        "the peak is the first step with memorization >= max - this"))
+    eval_all_methods: bool = field(default=False, metadata=_help(
+        "evaluate every method (not only SFT) every peak_eval_steps, for trajectories"))
+    save_steps: int = field(default=100, metadata=_help(
+        "checkpoint every N steps so an interrupted run resumes (0: none)"))
+    per_device_eval_batch_size: int = field(default=64, metadata=_help(
+        "prompts per generation batch in evaluation"))
+    eval_max_new_tokens: int = field(default=32, metadata=_help("generation cap in evaluation"))
+    opsd_num_generations: int = field(default=2, metadata=_help(
+        "OPSD completions sampled per prompt and step"))
+    opsd_max_new_tokens: int = field(default=32, metadata=_help("OPSD completion length cap"))
+    mix: MixConfig = field(default_factory=MixConfig, metadata=_help(
+        "MixSD target settings shared by every mixsd run (mix.lam is set by each method)"))
+    dtype: str = field(default="float32", metadata=_help("model dtype"))
+    device: str | None = field(default=None, metadata=_help("cpu, cuda, ...; default cuda if any"))
+    out: str = field(default="experiments/results/pareto/{model}", metadata=_help(
+        "results folder ({model}: the model's name)"))
+    cache: str = field(default="experiments/results/pareto/cache/{model}", metadata=_help(
+        "fine-tunes and derived inputs (git-ignored)"))
+
+    def __post_init__(self):
+        if isinstance(self.mix, dict):
+            self.mix = from_mapping(MixConfig, self.mix, "mix")
+        self.methods = [m.strip() for m in self.methods if m.strip()]
+        problems = [f"methods: {err}" for m in self.methods if (err := _method_error(m))]
+        if not self.methods:
+            problems.append("methods is empty")
+        names = [run_name(m) for m in self.methods if not _method_error(m)]
+        if len(set(names)) != len(names):
+            problems.append(f"methods repeat a run: {self.methods}")
+        for name in ("limit", "paraphrases_per_record", "probes_per_capability"):
+            value = getattr(self, name)
+            if value is not None and value < (1 if name != "paraphrases_per_record" else 0):
+                problems.append(f"{name}={value} must be >= 1 or none")
+        if self.max_steps < 1:
+            problems.append(f"max_steps={self.max_steps} must be >= 1")
+        if self.peak_eval_steps < 0 or self.peak_tolerance < 0:
+            problems.append("peak_eval_steps and peak_tolerance must be >= 0")
+        if problems:
+            raise ValueError("ParetoConfig: " + "; ".join(problems))
+        slug = model_slug(self.model)
+        self.out = self.out.replace("{model}", slug)
+        self.cache = self.cache.replace("{model}", slug)
+
+
+def model_slug(model: str) -> str:
+    """Folder name for a model: the built-in name, or the last part of a path."""
+    return Path(model.rstrip("/")).name or model
+
+
+def _method_error(method: str) -> str | None:
+    kind, _, lam = method.partition(":")
+    if kind not in METHOD_LABELS:
+        return f"unknown method {method!r}; use sft, opsd or mixsd:<lambda>"
+    if (kind == "mixsd") != bool(lam):
+        return f"{method!r}: mixsd needs a lambda (mixsd:0.3), other methods take none"
+    if lam:
+        try:
+            if not 0 <= float(lam) <= 1:
+                raise ValueError
+        except ValueError:
+            return f"{method!r}: lambda must be a number in [0, 1]"
+    return None
+
+
+def run_name(method: str) -> str:
+    """Folder name of a method's run: ``sft``, ``opsd``, ``mixsd-0.3``."""
+    kind, _, lam = method.partition(":")
+    return f"{kind}-{float(lam):g}" if lam else kind
+
+
+def run_label(method: str) -> str:
+    """Display name: ``SFT``, ``OPSD``, ``MixSD λ=0.3``."""
+    kind, _, lam = method.partition(":")
+    return f"{METHOD_LABELS[kind]} λ={float(lam):g}" if lam else METHOD_LABELS[kind]
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+def prepare_records(config: ParetoConfig, cache: Path) -> str:
+    """The records source the trainer gets: the set itself, or a subset file named by its hash."""
+    if config.limit is None and config.paraphrases_per_record is None:
+        return config.records
+    records = load_records(config.records)[: config.limit]
+    if config.paraphrases_per_record is not None:
+        records = [replace(r, paraphrases=r.paraphrases[: config.paraphrases_per_record])
+                   for r in records]
+    rows = [asdict(r) for r in records]
+    path = cache / "inputs" / f"records-{stable_hash(rows)}.jsonl"
+    if not path.exists():
+        atomic_write_jsonl(path, rows)
+    return str(path)
+
+
+def default_probes(model: str) -> str:
+    """The model's retention set plus kgfact's own probes (as the trainer would choose)."""
+    is_toyworld = model == "toyworld" or (Path(model) / "toyworld.json").is_file()
+    return ("toyworld" if is_toyworld else "general") + ",kgfact"
+
+
+def prepare_probes(config: ParetoConfig, cache: Path) -> str:
+    """One probe file holding every probe set (capabilities renamed as the trainer does, e.g.
+    ``kgfact:retrieval``), cut to ``probes_per_capability``; named by its content hash."""
+    sources = [s.strip() for s in (config.probes or default_probes(config.model)).split(",")]
+    probes = load_probe_sets([s for s in sources if s])
+    if config.probes_per_capability is not None:
+        seen: dict[str, int] = {}
+        kept = []
+        for probe in probes:
+            seen[probe.capability] = seen.get(probe.capability, 0) + 1
+            if seen[probe.capability] <= config.probes_per_capability:
+                kept.append(probe)
+        probes = kept
+    rows = [asdict(p) for p in probes]
+    path = cache / "inputs" / f"probes-{stable_hash(rows)}.jsonl"
+    if not path.exists():
+        atomic_write_jsonl(path, rows)
+    return str(path)
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+@dataclass
+class RunSpec:
+    """One fine-tune of the study."""
+
+    method: str
+    name: str
+    label: str
+    train_config: TrainConfig
+    find_peak: bool
+    peak_tolerance: float = 0.0
+
+
+def plan_runs(config: ParetoConfig, records: str, probes: str) -> list[RunSpec]:
+    """The :class:`TrainConfig` of every method: identical budgets, method and lambda aside."""
+    cache = Path(config.cache)
+    specs = []
+    for method in config.methods:
+        kind, _, lam = method.partition(":")
+        find_peak = kind == "sft" and config.peak_eval_steps > 0
+        evaluated = find_peak or (config.eval_all_methods and config.peak_eval_steps > 0)
+        train_config = TrainConfig(
+            method=kind, model_name_or_path=config.model, records=records, probes=probes,
+            output_dir=str(cache / run_name(method)), learning_rate=config.learning_rate,
+            max_steps=config.max_steps,
+            per_device_train_batch_size=config.per_device_train_batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            lr_scheduler_type=config.lr_scheduler_type, warmup_steps=config.warmup_steps,
+            seed=config.seed, eval_steps=config.peak_eval_steps if evaluated else 0,
+            # the peak's weights are needed later: keep a checkpoint at every evaluated step
+            save_steps=config.peak_eval_steps if find_peak else config.save_steps,
+            save_total_limit=None if find_peak else 1, disable_tqdm=True,
+            per_device_eval_batch_size=config.per_device_eval_batch_size,
+            eval_max_new_tokens=config.eval_max_new_tokens,
+            mix=replace(config.mix, lam=float(lam) if lam else config.mix.lam),
+            opsd_num_generations=config.opsd_num_generations,
+            opsd_max_new_tokens=config.opsd_max_new_tokens,
+            dtype=config.dtype, device=config.device)
+        specs.append(RunSpec(method, run_name(method), run_label(method), train_config,
+                             find_peak, config.peak_tolerance))
+    return specs
+
+
+def _compared(config: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.to_dict().items() if k not in _NOT_COMPARED}
+
+
+def _saved_config(output_dir: Path) -> dict[str, Any] | None:
+    path = output_dir / "train_config.yaml"
+    if not path.exists():
+        return None
+    saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return {k: v for k, v in saved.items() if k not in _NOT_COMPARED}
+
+
+def is_finished(spec: RunSpec) -> bool:
+    """``results.json`` exists with the same config (and, for SFT, the exported peak)."""
+    out = Path(spec.train_config.output_dir)
+    if not (out / "results.json").exists():
+        return False
+    if _saved_config(out) != _compared(spec.train_config):
+        return False
+    if not spec.find_peak:
+        return True
+    peak = out / "peak.json"
+    return peak.exists() and json.loads(peak.read_text())["tolerance"] == spec.peak_tolerance
+
+
+def run_or_skip(spec: RunSpec) -> tuple[dict[str, Any], float, bool]:
+    """Train ``spec`` unless finished; returns (results.json, train seconds, skipped)."""
+    config = spec.train_config
+    out = Path(config.output_dir)
+    timing_path = out / "study_timing.json"
+    if is_finished(spec):
+        logger.info("%s: finished run with the same config in %s; skipped", spec.label, out)
+        seconds = json.loads(timing_path.read_text())["seconds"] if timing_path.exists() else None
+        return json.loads((out / "results.json").read_text()), seconds, True
+    same = _saved_config(out) == _compared(config)
+    if same and latest_checkpoint(out) is not None and not (out / "results.json").exists():
+        logger.info("%s: resuming from %s", spec.label, latest_checkpoint(out))
+        config = replace(config, resume_from_checkpoint="latest")
+    else:
+        config = replace(config, overwrite_output_dir=True)
+        (out / "peak.json").unlink(missing_ok=True)
+        shutil.rmtree(out / "peak_model", ignore_errors=True)
+    logger.info("%s: training %d steps -> %s", spec.label, config.max_steps, out)
+    started = time.perf_counter()
+    result = train(config)
+    seconds = time.perf_counter() - started
+    if spec.find_peak:
+        export_peak(out, config.max_steps, spec.peak_tolerance)
+    for checkpoint in checkpoint_dirs(out):  # the final model is saved beside them
+        shutil.rmtree(checkpoint)
+    atomic_write_json(timing_path, {"seconds": seconds})
+    return result.to_dict(), seconds, False
+
+
+# --- SFT's first memorization peak --------------------------------------------------------------
+
+def eval_trajectory(output_dir: Path) -> pd.DataFrame:
+    """One row per evaluated step of a run: step, memorization, paraphrase, retention overall
+    and per capability (recomputed from ``eval/<step>.jsonl``)."""
+    files = sorted((output_dir / "eval").glob("*.jsonl"), key=lambda p: int(p.stem))
+    scores = {int(p.stem): Scores.from_predictions([Prediction(**row) for row in read_jsonl(p)])
+              for p in files}
+    base = scores[0]
+    rows = []
+    for step, score in scores.items():
+        kept = retention(base, score)
+        rows.append({"step": step, "memorization": score.memorization,
+                     "paraphrase": score.paraphrase, "two_hop": score.two_hop,
+                     "retention": kept.overall,
+                     **{f"retention_{k}": v for k, v in kept.per_capability.items()}})
+    return pd.DataFrame(rows)
+
+
+def first_peak(trajectory: pd.DataFrame, tolerance: float = 0.0) -> int:
+    """The first evaluated step (> 0) whose memorization is >= max - ``tolerance``."""
+    trained = trajectory[trajectory["step"] > 0].sort_values("step")
+    best = trained["memorization"].max()
+    return int(trained.loc[trained["memorization"] >= best - tolerance, "step"].iloc[0])
+
+
+def export_peak(output_dir: Path, final_step: int, tolerance: float = 0.0) -> dict[str, Any]:
+    """Write ``peak.json`` and, unless the peak is the last step, ``peak_model/`` (the peak
+    checkpoint's weights with the tokenizer, loadable by ``load_model``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    step = first_peak(eval_trajectory(output_dir), tolerance)
+    model_path = output_dir
+    if step != final_step:
+        checkpoint = output_dir / f"checkpoint-{step}"
+        model = AutoModelForCausalLM.from_pretrained(checkpoint)
+        model_path = output_dir / "peak_model"
+        model.save_pretrained(model_path, safe_serialization=True)
+        AutoTokenizer.from_pretrained(output_dir).save_pretrained(model_path)
+    peak = {"step": step, "model_path": str(model_path), "tolerance": tolerance}
+    atomic_write_json(output_dir / "peak.json", peak)
+    return peak
+
+
+# --- table and frontier -------------------------------------------------------------------------
+
+def pareto_frontier(points: pd.DataFrame, x: str = "memorization", y: str = "retention"
+                    ) -> pd.Series:
+    """Whether each row is Pareto-optimal when maximizing ``x`` and ``y``: no other row is at
+    least as good on both and strictly better on one. Rows with a missing value are not."""
+    values = points[[x, y]].to_numpy(dtype=float)
+    optimal = []
+    for i, (xi, yi) in enumerate(values):
+        if pd.isna(xi) or pd.isna(yi):
+            optimal.append(False)
+            continue
+        dominated = any(xj >= xi and yj >= yi and (xj > xi or yj > yi)
+                        for j, (xj, yj) in enumerate(values) if j != i and not pd.isna(xj + yj))
+        optimal.append(not dominated)
+    return pd.Series(optimal, index=points.index)
+
+
+def study_rows(specs: list[RunSpec], results: dict[str, dict[str, Any]],
+               seconds: dict[str, float | None]) -> list[dict[str, Any]]:
+    """One table row per fine-tune, plus ``SFT@peak`` (scored at its peak step) after SFT."""
+    rows = []
+    for spec in specs:
+        result, (kind, _, lam) = results[spec.name], spec.method.partition(":")
+        key = stable_hash(_compared(spec.train_config))  # changes whenever the fine-tune does
+        scores, kept = result["scores"], result["retention"]
+        report = result.get("mixsd_report") or {}
+        rows.append({
+            "label": spec.label, "run": spec.name, "method": kind,
+            "lam": float(lam) if lam else None, "steps": result["global_step"],
+            "memorization": scores["memorization"], "paraphrase": scores["paraphrase"],
+            "two_hop": scores["capabilities"].get("two_hop"), "retention": kept["overall"],
+            **{f"retention_{k}": v for k, v in kept["per_capability"].items()},
+            "final_loss": result["final_loss"], "train_seconds": seconds[spec.name],
+            "model_path": result["model_path"], "config_hash": key,
+            "mixsd_targets": report.get("n_targets"), "mixsd_failed": report.get("n_failed")})
+        if spec.find_peak:
+            out = Path(spec.train_config.output_dir)
+            peak = json.loads((out / "peak.json").read_text())
+            trajectory = eval_trajectory(out).set_index("step")
+            rows.append({"label": spec.label + PEAK_SUFFIX, "run": spec.name + "-peak",
+                         "method": kind, "lam": None, "steps": peak["step"],
+                         **trajectory.loc[peak["step"]].to_dict(),
+                         "model_path": peak["model_path"], "config_hash": key + "-peak"})
+    return rows
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+def plot_pareto(points: pd.DataFrame, ax, trajectories: pd.DataFrame | None = None):
+    """Retention (y) against memorization (x), one marker per fine-tune (columns ``label``,
+    ``memorization``, ``retention``, ``on_frontier``), the frontier as a step line; optional
+    ``trajectories`` (``label``, ``step``, ``memorization``, ``retention``) as faint paths in
+    the color of their fine-tune."""
+    import seaborn as sns
+
+    labels = list(pd.unique(points["label"]))
+    palette = dict(zip(labels, sns.color_palette(n_colors=len(labels)), strict=True))
+    if trajectories is not None and not trajectories.empty:
+        for label, path in trajectories.groupby("label", sort=False):
+            path = path.sort_values("step")
+            ax.plot(path["memorization"], path["retention"], color=palette.get(label, "grey"),
+                    alpha=0.4, linewidth=1, marker=".", markersize=3)
+    sns.scatterplot(data=points, x="memorization", y="retention", hue="label", style="label",
+                    palette=palette, s=110, ax=ax, zorder=3)
+    front = points[points["on_frontier"]].sort_values("memorization")
+    if not front.empty:
+        ax.step(front["memorization"], front["retention"], where="post", color="black",
+                linestyle="--", linewidth=1.2, label="Pareto frontier", zorder=2)
+    ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(0, max(1.05, float(points["retention"].max()) + 0.05))
+    ax.set_xlabel("memorization of the injected facts")
+    ax.set_ylabel("retention of held-out capabilities (mean ratio)")
+    ax.legend(fontsize=8, loc="best")
+    return ax
+
+
+def plot_retention_by_capability(long: pd.DataFrame, ax):
+    """Retention per capability (columns ``label``, ``capability``, ``retention``) as bars."""
+    import seaborn as sns
+
+    sns.barplot(data=long, x="capability", y="retention", hue="label", ax=ax)
+    ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("")
+    ax.set_ylabel("retention (fine-tuned / base)")
+    ax.legend(fontsize=7, ncols=2)
+    return ax
+
+
+def plot_trajectory(trajectory: pd.DataFrame, ax, peak_step: int | None = None):
+    """Memorization, paraphrase and retention against step (columns ``step`` and those)."""
+    for column in ("memorization", "paraphrase", "retention"):
+        ax.plot(trajectory["step"], trajectory[column], marker="o", label=column)
+    if peak_step is not None:
+        ax.axvline(peak_step, color="black", linestyle="--", linewidth=1,
+                   label=f"first memorization peak (step {peak_step})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("accuracy / retention")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def _save(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=150)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_figures(out: Path, table: pd.DataFrame, trajectories: pd.DataFrame,
+                  peak_step: int | None) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.2, 5.0), layout="constrained")
+    plot_pareto(table, fig.subplots(), trajectories)
+    _save(fig, out / "pareto.png")
+    capabilities = [c for c in table.columns if c.startswith("retention_")]
+    long = table.melt(id_vars=["label"], value_vars=capabilities, var_name="capability",
+                      value_name="ratio").dropna(subset=["ratio"]).rename(
+                          columns={"ratio": "retention"})
+    long["capability"] = long["capability"].str.removeprefix("retention_")
+    if not long.empty:
+        fig = Figure(figsize=(9.0, 4.2), layout="constrained")
+        plot_retention_by_capability(long, fig.subplots())
+        _save(fig, out / "retention_by_capability.png")
+    sft = trajectories[trajectories["run"] == "sft"] if not trajectories.empty else trajectories
+    if not sft.empty:
+        fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+        plot_trajectory(sft, fig.subplots(), peak_step)
+        _save(fig, out / "sft_trajectory.png")
+
+
+# --- the study ----------------------------------------------------------------------------------
+
+def run_study(config: ParetoConfig) -> pd.DataFrame:
+    """Train (or reuse) every fine-tune, then write the table, ``runs.json`` and the figures."""
+    cache = Path(config.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    records, probes = prepare_records(config, cache), prepare_probes(config, cache)
+    specs = plan_runs(config, records, probes)
+    results, seconds, trajectories, trained = {}, {}, [], 0
+    for spec in specs:
+        results[spec.name], seconds[spec.name], skipped = run_or_skip(spec)
+        trained += not skipped
+        if spec.train_config.eval_steps:
+            path = eval_trajectory(Path(spec.train_config.output_dir))
+            trajectories.append(path.assign(label=spec.label, run=spec.name))
+    table = pd.DataFrame(study_rows(specs, results, seconds))
+    table["on_frontier"] = pareto_frontier(table)
+    trajectories = pd.concat(trajectories, ignore_index=True) if trajectories else pd.DataFrame()
+    base_scores = next(iter(results.values()))["base_scores"]
+    write_outputs(config, table, trajectories, base_scores, records, probes)
+    logger.info("wrote %s (%d runs trained, %d skipped)", config.out, trained,
+                len(specs) - trained)
+    return table
+
+
+def write_outputs(config: ParetoConfig, table: pd.DataFrame, trajectories: pd.DataFrame,
+                  base_scores: dict[str, Any], records: str, probes: str) -> None:
+    out = Path(config.out)
+    with atomic_write(out / "pareto_config.yaml") as handle:
+        yaml.safe_dump(config_to_dict(config), handle, sort_keys=False)
+    shown = table.drop(columns=["model_path", "config_hash"])
+    with atomic_write(out / "results.csv") as handle:
+        shown.to_csv(handle, index=False)
+    if not trajectories.empty:
+        with atomic_write(out / "trajectories.csv") as handle:
+            trajectories.to_csv(handle, index=False)
+    budget = {"max_steps": config.max_steps,
+              "examples_per_step": config.per_device_train_batch_size
+              * config.gradient_accumulation_steps,
+              "learning_rate": config.learning_rate, "lr_scheduler_type": config.lr_scheduler_type,
+              "warmup_steps": config.warmup_steps, "seed": config.seed,
+              "opsd_completions_per_prompt": config.opsd_num_generations}
+    peak = table.loc[table["label"].str.endswith(PEAK_SUFFIX), "steps"]
+    peak_step = int(peak.iloc[0]) if len(peak) else None
+    retained = sorted(c for c in base_scores["capabilities"] if c not in INJECTED_CAPABILITIES)
+    atomic_write_json(out / "results.json", {
+        "model": config.model, "records": records, "probes": probes, "budget": budget,
+        "base_scores": base_scores, "retained_capabilities": retained,
+        "sft_peak_step": peak_step, "rows": _json_rows(shown)})
+    atomic_write_json(out / "runs.json", {"model": config.model, "records": records,
+                                          "probes": probes, "runs": _json_rows(table)})
+    write_figures(out, table, trajectories, peak_step)
+
+
+def _json_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """The table as Markdown (what experiments/README.md shows)."""
+    capabilities = [c for c in table.columns if c.startswith("retention_")]
+    columns = ["label", "steps", "memorization", "paraphrase", "retention", *capabilities,
+               "on_frontier"]
+    shown = table[columns].rename(columns={c: c.removeprefix("retention_") for c in capabilities})
+    return markdown_table(shown)
+
+
+def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
+    """A Markdown table of ``frame``; floats to ``digits`` places, missing values as ``n/a``."""
+    def cell(value: Any) -> str:
+        if value is None or (isinstance(value, float) and pd.isna(value)):
+            return "n/a"
+        if isinstance(value, float):
+            return f"{value:.{digits}f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |",
+             "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
+              for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip() + "\n\n" + format_help(ParetoConfig, "experiments/pareto.py"))
+        return None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        config = load_config(ParetoConfig, argv)
+    except (ConfigError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    seed_everything(config.seed)
+    started = time.perf_counter()
+    table = run_study(config)
+    print(format_table(table))
+    print(f"\n{config.out}: {time.perf_counter() - started:.0f} s")
+    return table
+
+
+if __name__ == "__main__":
+    main()

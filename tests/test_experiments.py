@@ -1,0 +1,136 @@
+"""The study scripts of experiments/: end to end on a tiny toyworld configuration, and resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def _script(name: str):
+    """Import experiments/<name>.py as a module (experiments/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pareto():
+    return _script("pareto")
+
+
+def _tiny_argv(tmp: Path) -> list[str]:
+    return ["--model", "toyworld", "--records", "kgfact", "--limit", "4",
+            "--paraphrases_per_record", "1", "--probes_per_capability", "3",
+            "--methods", "sft,mixsd:0.3", "--max_steps", "6", "--warmup_steps", "1",
+            "--peak_eval_steps", "3", "--device", "cpu",
+            "--out", str(tmp / "out"), "--cache", str(tmp / "cache")]
+
+
+@pytest.fixture(scope="module")
+def tiny_study(pareto, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pareto")
+    table = pareto.main(_tiny_argv(tmp))
+    return tmp, table
+
+
+def test_pareto_end_to_end_writes_table_runs_and_figures(tiny_study):
+    tmp, table = tiny_study
+    out = tmp / "out"
+    for name in ("pareto_config.yaml", "results.csv", "results.json", "runs.json",
+                 "pareto.png", "retention_by_capability.png", "sft_trajectory.png",
+                 "trajectories.csv"):
+        assert (out / name).is_file(), name
+    assert list(table["label"]) == ["SFT", "SFT@peak", "MixSD λ=0.3"]
+    csv = pd.read_csv(out / "results.csv")
+    assert list(csv["label"]) == list(table["label"])
+    assert {"memorization", "paraphrase", "retention", "on_frontier"} <= set(csv.columns)
+    assert any(c.startswith("retention_") for c in csv.columns)
+    results = json.loads((out / "results.json").read_text())
+    assert results["budget"]["max_steps"] == 6 and results["budget"]["examples_per_step"] == 8
+    assert results["sft_peak_step"] in (3, 6)
+    assert csv.loc[csv["label"] == "SFT@peak", "steps"].item() == results["sft_peak_step"]
+    assert "two_hop" not in results["retained_capabilities"]
+    runs = json.loads((out / "runs.json").read_text())["runs"]
+    for run in runs:  # every fine-tune the Fisher study will read loads as a model folder
+        assert (Path(run["model_path"]) / "config.json").is_file(), run["label"]
+    assert not list((tmp / "cache").glob("*/checkpoint-*")), "checkpoints are pruned"
+
+
+def test_pareto_rerun_skips_finished_runs(pareto, tiny_study, caplog):
+    tmp, _ = tiny_study
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp / "cache").glob("*/results.json")}
+    assert len(stamps) == 2
+    with caplog.at_level(logging.INFO, logger="pareto"):
+        table = pareto.main(_tiny_argv(tmp))
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert caplog.text.count("finished run with the same config") == 2
+    assert "training" not in caplog.text
+    assert list(table["label"]) == ["SFT", "SFT@peak", "MixSD λ=0.3"]
+
+
+def test_pareto_rerun_with_another_config_retrains(pareto, tiny_study, caplog):
+    tmp, _ = tiny_study
+    argv = _tiny_argv(tmp)
+    argv[argv.index("--out") + 1] = str(tmp / "out-retrained")
+    argv[argv.index("--methods") + 1] = "mixsd:0.3"
+    argv[argv.index("--max_steps") + 1] = "4"
+    with caplog.at_level(logging.INFO, logger="pareto"):
+        table = pareto.main(argv)
+    assert "MixSD λ=0.3: training 4 steps" in caplog.text
+    assert table["steps"].tolist() == [4]
+
+
+def test_pareto_frontier_and_first_peak(pareto):
+    points = pd.DataFrame({"memorization": [1.0, 0.9, 0.5, 1.0, None],
+                           "retention": [0.1, 0.8, 0.8, 0.05, 1.0]})
+    assert pareto.pareto_frontier(points).tolist() == [True, True, False, False, False]
+    trajectory = pd.DataFrame({"step": [0, 10, 20, 30], "memorization": [0.0, 0.6, 0.98, 0.97]})
+    assert pareto.first_peak(trajectory) == 20
+    assert pareto.first_peak(trajectory, tolerance=0.5) == 10
+
+
+def test_pareto_config_rejects_unknown_method(pareto):
+    with pytest.raises(ValueError, match="unknown method"):
+        pareto.ParetoConfig(methods=["sft", "dpo"])
+    with pytest.raises(ValueError, match="needs a lambda"):
+        pareto.ParetoConfig(methods=["mixsd"])
+
+
+def test_fisher_and_nll_studies_on_the_tiny_pareto_output(tiny_study, caplog):
+    tmp, _ = tiny_study
+    fisher_study, nll_study = _script("fisher_study"), _script("nll_study")
+    argv = ["--model", "toyworld", "--pareto", str(tmp / "out"), "--n_samples", "8",
+            "--rank", "2", "--device", "cpu", "--out", str(tmp / "fisher"),
+            "--cache", str(tmp / "fisher-cache")]
+    table, correlations = fisher_study.main(argv)
+    assert list(table["label"]) == ["SFT", "SFT@peak", "MixSD λ=0.3"]
+    assert (table["displacement_diag"] >= 0).all() and (table["measured_kl"] >= 0).all()
+    overall = correlations[correlations["target"] == "overall"]
+    assert set(overall["diagnostic"]) == set(fisher_study.DIAGNOSTICS)
+    assert (overall["n"] == 3).all()
+    for name in ("diagnostics.csv", "correlations.csv", "summary.json",
+                 "diagnostics_vs_retention_loss.png", "predicted_vs_measured_kl.png"):
+        assert (tmp / "fisher" / name).is_file(), name
+    with caplog.at_level(logging.INFO, logger="fisher_study"):
+        fisher_study.main(argv)
+    assert "reusing the base Fisher" in caplog.text
+
+    nll = nll_study.main(["--model", "toyworld", "--records", "kgfact", "--limit", "3",
+                          "--lams", "0.3", "--n_boot", "50", "--device", "cpu",
+                          "--pareto_cache", str(tmp / "cache"), "--out", str(tmp / "nll"),
+                          "--cache", str(tmp / "nll-cache")])
+    assert list(nll["target_set"]) == ["SFT", "MixSD λ=0.3"]
+    summary = json.loads((tmp / "nll" / "summary.json").read_text())
+    check = summary["pareto_target_check"]["MixSD λ=0.3"]
+    assert check["n_identical"] == check["n_here"] == 3  # MixSD targets are deterministic
+    assert (tmp / "nll" / "token_nll_ecdf.png").is_file()

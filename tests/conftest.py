@@ -35,3 +35,15 @@ def chat_tokenizer():
     from forgetkit.smollm2 import ensure_smollm2
 
     return AutoTokenizer.from_pretrained(ensure_smollm2())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: threads only add synchronization cost
+    there, and on a shared CPU they lose a lot. Restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

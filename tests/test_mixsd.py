@@ -21,14 +21,7 @@ from forgetkit.models import encode, end_token_ids, load_model
 from forgetkit.prompts import expert_prompt
 from forgetkit.records import Record, load_records
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is much faster than several on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ Outputs in ``out`` (default ``experiments/results/nll/<model>/``): ``nll_study_c
 
 from __future__ import annotations
 
-import io
 import logging
 import sys
 import time
@@ -36,7 +35,6 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from forgetkit import plots
 from forgetkit.cli_config import (
     ConfigError,
     config_to_dict,
@@ -44,10 +42,17 @@ from forgetkit.cli_config import (
     from_mapping,
     load_config,
 )
-from forgetkit.io import atomic_write, atomic_write_bytes, atomic_write_json, read_jsonl
+from forgetkit.io import atomic_write, atomic_write_json, read_jsonl
 from forgetkit.mixsd import MixConfig, MixedTarget, build_target_file
 from forgetkit.models import load_model
-from forgetkit.nll import TargetNLL, compare_targets, sequence_frame, target_nll, token_frame
+from forgetkit.nll import (
+    TargetNLL,
+    compare_targets,
+    sequence_frame,
+    target_nll,
+    token_frame,
+    write_figures,
+)
 from forgetkit.records import load_records
 
 logger = logging.getLogger("nll_study")
@@ -169,7 +174,6 @@ def run_study(config: NLLStudyConfig) -> pd.DataFrame:
 def write_outputs(config: NLLStudyConfig, out: Path, results: dict[str, TargetNLL],
                   table: pd.DataFrame, reports: dict[str, Any], checks: dict[str, Any],
                   example: str) -> None:
-    from matplotlib.figure import Figure
 
     with atomic_write(out / "nll_study_config.yaml") as handle:
         yaml.safe_dump(config_to_dict(config), handle, sort_keys=False)
@@ -186,20 +190,7 @@ def write_outputs(config: NLLStudyConfig, out: Path, results: dict[str, TargetNL
         "model": config.model, "records": config.records, "n_records": len(results["SFT"].ids),
         "table": _json_rows(table), "branches": _json_rows(branches),
         "mixsd_reports": reports, "pareto_target_check": checks})
-    shown = tokens[tokens["item"] == example]
-    rows = sum(-(-n // 16) + 1 for n in shown.groupby("target_set").size())
-    figures = {
-        "token_nll_ecdf.png": (plots.token_nll_ecdf, tokens, (6.4, 4.2)),
-        "nll_by_position.png": (plots.nll_by_position, tokens, (6.4, 4.2)),
-        "sequence_nll_vs_length.png": (plots.sequence_nll_vs_length, sequences, (6.4, 4.2)),
-        "token_heat_strip.png": (plots.token_heat_strip, shown, (12.0, 1.2 + 0.45 * rows)),
-    }
-    for name, (plot, data, size) in figures.items():
-        fig = Figure(figsize=size, layout="constrained")
-        plot(data, fig.subplots())
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=150)
-        atomic_write_bytes(out / name, buffer.getvalue())
+    write_figures(out, tokens, sequences, example)
     logger.info("wrote %s", out)
 
 

@@ -428,10 +428,6 @@ def run(config: NLLConfig) -> pd.DataFrame:
 
 def _write_outputs(out: Path, config: NLLConfig, results: dict[str, TargetNLL],
                    table: pd.DataFrame, reports: dict[str, Any], example: str) -> None:
-    from matplotlib.figure import Figure
-
-    from forgetkit import plots
-
     with atomic_write(out / "nll_config.yaml") as handle:
         yaml.safe_dump(config_to_dict(config), handle, sort_keys=False)
     tokens, sequences = token_frame(results), sequence_frame(results)
@@ -442,6 +438,24 @@ def _write_outputs(out: Path, config: NLLConfig, results: dict[str, TargetNLL],
     atomic_write_json(out / "nll_table.json",
                       table.astype(object).where(table.notna(), None).to_dict(orient="records"))
     atomic_write_json(out / "mixsd_reports.json", reports)
+
+    write_figures(out, tokens, sequences, example)
+    logger.info("wrote %s", out)
+
+
+def write_figures(out: Path, tokens: pd.DataFrame, sequences: pd.DataFrame,
+                  example: str) -> None:
+    """Save the four NLL figures as PNGs in ``out`` (each written atomically).
+
+    Args:
+        out: the folder.
+        tokens: :func:`token_frame` of the results.
+        sequences: :func:`sequence_frame` of the results.
+        example: item id shown in the token heat strip.
+    """
+    from matplotlib.figure import Figure
+
+    from forgetkit import plots
 
     shown = tokens[tokens["item"] == example]
     rows = sum(-(-n // 16) + 1 for n in shown.groupby("target_set").size())
@@ -457,7 +471,6 @@ def _write_outputs(out: Path, config: NLLConfig, results: dict[str, TargetNLL],
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=150)
         atomic_write_bytes(out / name, buffer.getvalue())
-    logger.info("wrote %s", out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

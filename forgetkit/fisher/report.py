@@ -141,6 +141,17 @@ def _same_config(run_dir: Path, config) -> bool:
         saved.get("mix", {}).get("lam") == wanted["mix"]["lam"]
 
 
+def _load_finetunes(base, paths: dict[str, str], config: ReportConfig):
+    """name -> fine-tuned model and name -> its update; raises on a mismatched architecture."""
+    from forgetkit.models import load_model
+
+    finetunes = {name: load_model(path, dtype=config.dtype, device=config.device)[0]
+                 for name, path in paths.items()}
+    deltas = {name: param_delta(base, model, params=config.params)
+              for name, model in finetunes.items()}
+    return finetunes, deltas
+
+
 def run_report(config: ReportConfig, progress: bool = True) -> dict[str, Any]:
     """Compute every number of the report and write ``report.json``, PNGs and ``report.html``.
 
@@ -164,17 +175,11 @@ def run_report(config: ReportConfig, progress: bool = True) -> dict[str, Any]:
         raise ValueError(f"probe set {config.probe_source()!r} is empty")
     sample = spread_sample(probes, config.n_samples)
     paths = config.finetune_paths()
-    finetunes = {name: load_model(path, dtype=config.dtype, device=config.device)[0]
-                 for name, path in paths.items()}
-    deltas = {name: param_delta(base, model, params=config.params)
-              for name, model in finetunes.items()}  # architecture checks before any work
+    finetunes, deltas = _load_finetunes(base, paths, config)  # architecture checks first
     timing["load"] = time.time() - started
     if not paths:
         paths = _default_finetunes(config, out, progress)
-        finetunes = {name: load_model(path, dtype=config.dtype, device=config.device)[0]
-                     for name, path in paths.items()}
-        deltas = {name: param_delta(base, model, params=config.params)
-                  for name, model in finetunes.items()}
+        finetunes, deltas = _load_finetunes(base, paths, config)
         timing["finetune"] = time.time() - started - timing["load"]
     mark = time.time()
     rank = min(config.rank, len(sample) * config.mc_samples)

@@ -39,20 +39,18 @@ from __future__ import annotations
 import io
 import json
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
 from scipy import stats
 
 from forgetkit import fisher
-from forgetkit.cli_config import ConfigError, config_to_dict, format_help, load_config
+from forgetkit.cli_config import config_to_dict, markdown_table, parse_cli
 from forgetkit.evaluate import INJECTED_CAPABILITIES
 from forgetkit.fisher import plots as fisher_plots
 from forgetkit.fisher.delta import delta as param_delta
@@ -364,34 +362,12 @@ def _json_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
 
 
-def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
-    """A Markdown table of ``frame``; floats with ``digits`` significant digits, missing as
-    ``n/a``."""
-    def cell(value: Any) -> str:
-        if value is None or (isinstance(value, float) and pd.isna(value)):
-            return "n/a"
-        if isinstance(value, float | np.floating):
-            return f"{value:.{digits}g}"
-        return str(value)
-
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |",
-             "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
-              for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
-
 
 def main(argv: Sequence[str] | None = None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.strip() + "\n\n" + format_help(FisherStudyConfig,
-                                                     "experiments/fisher_study.py"))
+    config = parse_cli(FisherStudyConfig, argv, "experiments/fisher_study.py", doc=__doc__,
+                       log_format="%(asctime)s %(name)s: %(message)s")
+    if config is None:
         return None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        config = load_config(FisherStudyConfig, argv)
-    except (ConfigError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
     try:
         table, correlations = run_study(config)
     except (FileNotFoundError, ValueError) as err:  # no Pareto results, or another base model
@@ -400,10 +376,10 @@ def main(argv: Sequence[str] | None = None):
                "displacement_lowrank", "rayleigh_diag", "rayleigh_lowrank", "energy_lowrank",
                "energy_diag",
                "predicted_kl_diag", "predicted_kl_lowrank", "measured_kl"]
-    print(markdown_table(table[columns]))
+    print(markdown_table(table[columns], style="g"))
     print()
     overall = correlations[correlations["target"] == "overall"]
-    print(markdown_table(overall[["diagnostic", "rho", "p_value", "n"]]))
+    print(markdown_table(overall[["diagnostic", "rho", "p_value", "n"]], style="g"))
     return table, correlations
 
 

@@ -24,7 +24,6 @@ Outputs in ``out`` (default ``experiments/results/nll/<model>/``): ``nll_study_c
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -35,13 +34,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from forgetkit.cli_config import (
-    ConfigError,
-    config_to_dict,
-    format_help,
-    from_mapping,
-    load_config,
-)
+from forgetkit.cli_config import config_to_dict, from_mapping, markdown_table, parse_cli
 from forgetkit.io import atomic_write, atomic_write_json, read_jsonl
 from forgetkit.mixsd import MixConfig, MixedTarget, build_target_file
 from forgetkit.models import load_model
@@ -198,32 +191,12 @@ def _json_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
 
 
-def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
-    """A Markdown table of ``frame``; floats to ``digits`` places, missing values as ``n/a``."""
-    def cell(value: Any) -> str:
-        if value is None or (isinstance(value, float) and pd.isna(value)):
-            return "n/a"
-        if isinstance(value, float):
-            return f"{value:.{digits}f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |",
-             "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
-              for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
-
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.strip() + "\n\n" + format_help(NLLStudyConfig, "experiments/nll_study.py"))
+    config = parse_cli(NLLStudyConfig, argv, "experiments/nll_study.py", doc=__doc__,
+                       log_format="%(asctime)s %(name)s: %(message)s")
+    if config is None:
         return None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        config = load_config(NLLStudyConfig, argv)
-    except (ConfigError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
     started = time.perf_counter()
     table = run_study(config)
     columns = ["target_set", "n_items", "n_tokens", "token_nll_mean", "token_nll_median",

@@ -33,7 +33,6 @@ import io
 import json
 import logging
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -44,13 +43,7 @@ import pandas as pd
 import yaml
 
 from forgetkit.checkpoint import checkpoint_dirs, latest_checkpoint
-from forgetkit.cli_config import (
-    ConfigError,
-    config_to_dict,
-    format_help,
-    from_mapping,
-    load_config,
-)
+from forgetkit.cli_config import config_to_dict, from_mapping, markdown_table, parse_cli
 from forgetkit.evaluate import INJECTED_CAPABILITIES, Prediction, Scores, retention
 from forgetkit.io import (
     atomic_write,
@@ -570,32 +563,12 @@ def format_table(table: pd.DataFrame) -> str:
     return markdown_table(shown)
 
 
-def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
-    """A Markdown table of ``frame``; floats to ``digits`` places, missing values as ``n/a``."""
-    def cell(value: Any) -> str:
-        if value is None or (isinstance(value, float) and pd.isna(value)):
-            return "n/a"
-        if isinstance(value, float):
-            return f"{value:.{digits}f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |",
-             "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
-              for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
-
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.strip() + "\n\n" + format_help(ParetoConfig, "experiments/pareto.py"))
+    config = parse_cli(ParetoConfig, argv, "experiments/pareto.py", doc=__doc__,
+                       log_format="%(asctime)s %(name)s: %(message)s")
+    if config is None:
         return None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        config = load_config(ParetoConfig, argv)
-    except (ConfigError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
     seed_everything(config.seed)
     started = time.perf_counter()
     table = run_study(config)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ConfigError", "config_to_dict", "format_help", "from_mapping", "load_config",
-           "parse_flags"]
+           "markdown_table", "parse_cli", "parse_flags"]
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -254,6 +254,50 @@ def format_help(cls, prog: str) -> str:
                              f"(default: {_default(g)})")
             continue
         lines.append(f"  --{f.name:<28} {f.metadata.get('help', '')} (default: {_default(f)})")
+    return "\n".join(lines)
+
+
+def parse_cli(cls, argv: Sequence[str] | None, prog: str, *, doc: str | None = None,
+              log_format: str = "%(message)s", loader=None):
+    """The common start of every forgetkit command line: ``--help``, logging, the config.
+
+    Returns ``None`` after printing the help text (``doc``, if given, then :func:`format_help`)
+    when ``argv`` holds ``-h``/``--help``; otherwise sets up INFO logging and returns the config
+    built by ``loader(argv)`` (default :func:`load_config` of ``cls``). A bad key or value exits
+    with ``error: <message>`` (status 1) instead of a traceback.
+    """
+    import logging
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print((doc.strip() + "\n\n" if doc else "") + format_help(cls, prog))
+        return None
+    logging.basicConfig(level=logging.INFO, format=log_format)
+    try:
+        return (loader or (lambda args: load_config(cls, args)))(argv)
+    except ValueError as err:  # ConfigError is a ValueError, as is a config's own validation
+        raise SystemExit(f"error: {err}") from None
+
+
+def markdown_table(frame, digits: int = 3, style: str = "f") -> str:
+    """A Markdown table of a ``pandas.DataFrame``: floats as ``{value:.{digits}{style}}``
+    (``style`` ``"f"``: fixed decimals, ``"g"``: significant digits), missing values as
+    ``n/a``, everything else as ``str``."""
+    import math
+    import numbers
+
+    def cell(value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "n/a"
+        if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral | bool):
+            return f"{value:.{digits}{style}}"
+        return str(value)
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |",
+             "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
+              for row in frame.itertuples(index=False)]
     return "\n".join(lines)
 
 

@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -457,17 +456,14 @@ class BuildConfig:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m forgetkit.mixsd``: builds the file, prints the report."""
-    from forgetkit.cli_config import format_help, load_config
+    from forgetkit.cli_config import parse_cli
     from forgetkit.models import load_model
     from forgetkit.records import RecordError, load_records
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(format_help(BuildConfig, "python -m forgetkit.mixsd"))
+    config = parse_cli(BuildConfig, argv, "python -m forgetkit.mixsd")
+    if config is None:
         return
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        config = load_config(BuildConfig, argv)
         records = load_records(config.records)
     except (ValueError, RecordError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import logging
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 import yaml
 from scipy import stats
 
-from forgetkit.cli_config import config_to_dict, format_help, from_mapping, load_config
+from forgetkit.cli_config import config_to_dict, from_mapping, load_config, parse_cli
 from forgetkit.io import atomic_write, atomic_write_bytes, atomic_write_json
 from forgetkit.loglik import model_logprobs
 from forgetkit.mixsd import MixConfig, build_targets
@@ -475,12 +474,10 @@ def write_figures(out: Path, tokens: pd.DataFrame, sequences: pd.DataFrame,
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m forgetkit.nll``: runs, then prints the table."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if {"-h", "--help"} & set(argv):
-        print(format_help(NLLConfig, "python -m forgetkit.nll"))
+    config = parse_cli(NLLConfig, argv, "python -m forgetkit.nll", loader=NLLConfig.from_args)
+    if config is None:
         return
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    table = run(NLLConfig.from_args(argv))
+    table = run(config)
     with pd.option_context("display.width", 250, "display.max_columns", None):
         print(table.to_string(index=False, float_format="{:.3f}".format))
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from typing import Any
 import torch
 
 from forgetkit.checkpoint import OutputDirError, check_output_dir, save_final_model
-from forgetkit.cli_config import ConfigError, format_help, load_config
+from forgetkit.cli_config import parse_cli
 from forgetkit.evaluate import Retention, Scores, retention
 from forgetkit.io import atomic_write_json, read_jsonl, seed_everything
 from forgetkit.records import RecordError
@@ -160,15 +159,10 @@ def summary(result: TrainResult, method: str, seconds: float) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m forgetkit.train [--config FILE.yaml] [--KEY VALUE ...]``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(format_help(TrainConfig, "python -m forgetkit.train"))
+    config = parse_cli(TrainConfig, argv, "python -m forgetkit.train",
+                       log_format="%(asctime)s %(name)s: %(message)s")
+    if config is None:
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        config = load_config(TrainConfig, argv)
-    except (ConfigError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
     seed_everything(config.seed)
     started = time.perf_counter()
     try:

@@ -109,11 +109,11 @@ def test_empty_probe_set_is_rejected(tmp_path):
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="NAME=PATH"):
+    with pytest.raises(SystemExit, match="error: .*NAME=PATH"):
         main(["--finetuned", "nopath"])
-    with pytest.raises(ValueError, match="rank"):
+    with pytest.raises(SystemExit, match="error: .*rank"):
         main(["--rank", "0"])
-    with pytest.raises(ValueError, match="estimator"):
+    with pytest.raises(SystemExit, match="error: .*estimator"):
         main(["--estimator", "exact"])
 
 

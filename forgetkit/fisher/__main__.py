@@ -7,12 +7,10 @@ With no arguments: toyworld base, kgfact records, toyworld probes, quick SFT and
 
 from __future__ import annotations
 
-import logging
-import sys
 import time
 from collections.abc import Sequence
 
-from forgetkit.cli_config import format_help, load_config
+from forgetkit.cli_config import load_config, parse_cli
 from forgetkit.fisher.render import summary_rows
 from forgetkit.fisher.report import ReportConfig, run_report
 
@@ -34,17 +32,20 @@ def _split_finetuned(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, finetuned
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.strip() + "\n\n" + format_help(ReportConfig, "python -m forgetkit.fisher"))
-        return
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def _load(argv: list[str]) -> ReportConfig:
     rest, finetuned = _split_finetuned(argv)
     config = load_config(ReportConfig, rest)
     if finetuned:
         config.finetuned = finetuned
         config.__post_init__()
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_cli(ReportConfig, argv, "python -m forgetkit.fisher", doc=__doc__,
+                       loader=_load)
+    if config is None:
+        return
     started = time.time()
     report = run_report(config)
     rows = summary_rows(report)

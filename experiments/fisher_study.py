@@ -57,7 +57,13 @@ from forgetkit.fisher.delta import delta as param_delta
 from forgetkit.fisher.kl import measured_kl
 from forgetkit.fisher.project import project
 from forgetkit.fisher.report import spread_sample
-from forgetkit.io import atomic_write, atomic_write_bytes, atomic_write_json, stable_hash
+from forgetkit.io import (
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    json_rows,
+    stable_hash,
+)
 from forgetkit.models import load_model
 from forgetkit.train_loop import load_probe_sets
 
@@ -350,17 +356,12 @@ def write_outputs(config: FisherStudyConfig, table: pd.DataFrame, correlations: 
                         "captured_energy.csv": energy}.items():
         with atomic_write(out / name) as handle:
             frame.to_csv(handle, index=False)
-    atomic_write_json(out / "diagnostics.json", _json_rows(table))
+    atomic_write_json(out / "diagnostics.json", json_rows(table))
     atomic_write_json(out / "summary.json", {
         **summary, "config": asdict(config),
-        "correlations_overall": _json_rows(correlations[correlations["target"] == "overall"])})
+        "correlations_overall": json_rows(correlations[correlations["target"] == "overall"])})
     write_figures(out, table, correlations, energy)
     logger.info("wrote %s", out)
-
-
-def _json_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
-
 
 
 def main(argv: Sequence[str] | None = None):

@@ -35,7 +35,7 @@ import pandas as pd
 import yaml
 
 from forgetkit.cli_config import config_to_dict, from_mapping, markdown_table, parse_cli
-from forgetkit.io import atomic_write, atomic_write_json, read_jsonl
+from forgetkit.io import atomic_write, atomic_write_json, json_rows, read_jsonl
 from forgetkit.mixsd import MixConfig, MixedTarget, build_target_file
 from forgetkit.models import load_model
 from forgetkit.nll import (
@@ -177,19 +177,14 @@ def write_outputs(config: NLLStudyConfig, out: Path, results: dict[str, TargetNL
     for name, frame in frames.items():
         with atomic_write(out / name) as handle:
             frame.to_csv(handle, index=False)
-    atomic_write_json(out / "nll_table.json", _json_rows(table))
+    atomic_write_json(out / "nll_table.json", json_rows(table))
     atomic_write_json(out / "mixsd_reports.json", reports)
     atomic_write_json(out / "summary.json", {
         "model": config.model, "records": config.records, "n_records": len(results["SFT"].ids),
-        "table": _json_rows(table), "branches": _json_rows(branches),
+        "table": json_rows(table), "branches": json_rows(branches),
         "mixsd_reports": reports, "pareto_target_check": checks})
     write_figures(out, tokens, sequences, example)
     logger.info("wrote %s", out)
-
-
-def _json_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
-
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:

@@ -50,6 +50,7 @@ from forgetkit.io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_jsonl,
+    json_rows,
     read_jsonl,
     seed_everything,
     stable_hash,
@@ -544,14 +545,10 @@ def write_outputs(config: ParetoConfig, table: pd.DataFrame, trajectories: pd.Da
     atomic_write_json(out / "results.json", {
         "model": config.model, "records": records, "probes": probes, "budget": budget,
         "base_scores": base_scores, "retained_capabilities": retained,
-        "sft_peak_step": peak_step, "rows": _json_rows(shown)})
+        "sft_peak_step": peak_step, "rows": json_rows(shown)})
     atomic_write_json(out / "runs.json", {"model": config.model, "records": records,
-                                          "probes": probes, "runs": _json_rows(table)})
+                                          "probes": probes, "runs": json_rows(table)})
     write_figures(out, table, trajectories, peak_step)
-
-
-def _json_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
 
 
 def format_table(table: pd.DataFrame) -> str:
@@ -561,7 +558,6 @@ def format_table(table: pd.DataFrame) -> str:
                "on_frontier"]
     shown = table[columns].rename(columns={c: c.removeprefix("retention_") for c in capabilities})
     return markdown_table(shown)
-
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:

@@ -23,6 +23,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_jsonl",
+    "json_rows",
     "read_jsonl",
     "seed_everything",
     "stable_hash",
@@ -137,6 +138,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def json_rows(frame) -> list[dict[str, Any]]:
+    """The rows of a ``pandas.DataFrame`` as JSON-ready dicts, missing values (NaN) as ``None``."""
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
 
 
 def stable_hash(*parts: Any, length: int = 16) -> str:

@@ -31,7 +31,7 @@ import yaml
 from scipy import stats
 
 from forgetkit.cli_config import config_to_dict, from_mapping, load_config, parse_cli
-from forgetkit.io import atomic_write, atomic_write_bytes, atomic_write_json
+from forgetkit.io import atomic_write, atomic_write_bytes, atomic_write_json, json_rows
 from forgetkit.loglik import model_logprobs
 from forgetkit.mixsd import MixConfig, build_targets
 from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode, load_model, resolve_dtype
@@ -434,8 +434,7 @@ def _write_outputs(out: Path, config: NLLConfig, results: dict[str, TargetNLL],
                         "sequences.csv": sequences}.items():
         with atomic_write(out / name) as handle:
             frame.to_csv(handle, index=False)
-    atomic_write_json(out / "nll_table.json",
-                      table.astype(object).where(table.notna(), None).to_dict(orient="records"))
+    atomic_write_json(out / "nll_table.json", json_rows(table))
     atomic_write_json(out / "mixsd_reports.json", reports)
 
     write_figures(out, tokens, sequences, example)

@@ -109,11 +109,11 @@ def test_empty_probe_set_is_rejected(tmp_path):
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(SystemExit, match="error: .*NAME=PATH"):
+    with pytest.raises(SystemExit, match=r"error: .*NAME=PATH"):
         main(["--finetuned", "nopath"])
-    with pytest.raises(SystemExit, match="error: .*rank"):
+    with pytest.raises(SystemExit, match=r"error: .*rank"):
         main(["--rank", "0"])
-    with pytest.raises(SystemExit, match="error: .*estimator"):
+    with pytest.raises(SystemExit, match=r"error: .*estimator"):
         main(["--estimator", "exact"])
 
 

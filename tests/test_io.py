@@ -51,3 +51,18 @@ def test_atomic_directory_replaces_only_on_success(tmp_path):
     with atomic_directory(target) as staging:
         (staging / "b.txt").write_text("two")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+
+
+def test_json_rows_turn_missing_values_into_none():
+    import json
+    import math
+
+    import numpy as np
+    import pandas as pd
+
+    from forgetkit.io import json_rows
+
+    frame = pd.DataFrame({"a": [1.5, math.nan], "b": ["x", None], "c": [np.int64(2), np.int64(3)]})
+    rows = json_rows(frame)
+    assert rows == [{"a": 1.5, "b": "x", "c": 2}, {"a": None, "b": None, "c": 3}]
+    assert json.loads(json.dumps(rows)) == rows  # no NaN survives into the JSON

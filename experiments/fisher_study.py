@@ -51,6 +51,7 @@ from scipy import stats
 
 from forgetkit import fisher
 from forgetkit.cli_config import config_to_dict, markdown_table, parse_cli
+from forgetkit.cli_config import help_metadata as _help
 from forgetkit.evaluate import INJECTED_CAPABILITIES
 from forgetkit.fisher import plots as fisher_plots
 from forgetkit.fisher.delta import delta as param_delta
@@ -81,9 +82,6 @@ DIAGNOSTICS = {
 }
 """The diagnostics correlated with retention loss (column -> description)."""
 
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass

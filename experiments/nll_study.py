@@ -35,6 +35,7 @@ import pandas as pd
 import yaml
 
 from forgetkit.cli_config import config_to_dict, from_mapping, markdown_table, parse_cli
+from forgetkit.cli_config import help_metadata as _help
 from forgetkit.io import atomic_write, atomic_write_json, json_rows, read_jsonl
 from forgetkit.mixsd import MixConfig, MixedTarget, build_target_file
 from forgetkit.models import load_model
@@ -50,9 +51,6 @@ from forgetkit.records import load_records
 
 logger = logging.getLogger("nll_study")
 
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass

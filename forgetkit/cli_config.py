@@ -29,11 +29,25 @@ from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "config_to_dict", "format_help", "from_mapping", "load_config",
-           "markdown_table", "parse_cli", "parse_flags"]
+__all__ = [
+    "ConfigError",
+    "config_to_dict",
+    "format_help",
+    "from_mapping",
+    "help_metadata",
+    "load_config",
+    "markdown_table",
+    "parse_cli",
+    "parse_flags",
+]
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
+
+
+def help_metadata(text: str) -> dict[str, str]:
+    """``field(metadata=help_metadata("..."))``: the help string a config field carries."""
+    return {"help": text}
 
 
 class ConfigError(ValueError):

@@ -26,7 +26,7 @@ from torch import Tensor
 from forgetkit.io import stable_hash
 from forgetkit.losses import completion_logits, completion_nll, forward_logits, topk_kl
 from forgetkit.mixsd import MixedTarget
-from forgetkit.mixsd_decode import _forward_kwargs
+from forgetkit.mixsd_decode import forward_kwargs
 from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode
 from forgetkit.prompts import expert_prompt
 from forgetkit.records import Record
@@ -139,7 +139,7 @@ def sample_completions(model, prompts: Sequence[Sequence[int]],
     device = next(model.parameters()).device
     batch = collate([_with_completion(p, []) for p in prompts], pad_token_id,
                     padding_side="left", device=device)
-    cache_kwarg, takes_keep = _forward_kwargs(model)
+    cache_kwarg, takes_keep = forward_kwargs(model)
     extra: dict[str, Any] = {cache_kwarg: DynamicCache(), "use_cache": True}
     if takes_keep:
         extra["logits_to_keep"] = 1

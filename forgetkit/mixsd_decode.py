@@ -41,7 +41,7 @@ from forgetkit.prompts import expert_prompt
 from forgetkit.records import Record
 
 __all__ = ["AttemptResult", "MixedDecoder", "attempt_generator", "checked_end_tokens",
-           "choose_tokens", "reference_decode"]
+           "choose_tokens", "forward_kwargs", "reference_decode"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class _Row:
     expert: list[bool] = field(default_factory=list)
 
 
-def _forward_kwargs(model) -> tuple[str, bool]:
+def forward_kwargs(model) -> tuple[str, bool]:
     """Name of the forward's cache argument and whether it takes ``logits_to_keep``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     params = inspect.signature(base.forward).parameters
@@ -185,7 +185,7 @@ class MixedDecoder:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else 0  # padding is masked: any valid id does
         self.device = next(model.parameters()).device
-        self.cache_kwarg, self.keep_kwarg = _forward_kwargs(model)
+        self.cache_kwarg, self.keep_kwarg = forward_kwargs(model)
         # at T=0 with lam 0 or 1 the coins cannot change the output, so a retry would repeat it
         self.retries = config.max_retries if (config.temperature > 0 or 0 < config.lam < 1) else 0
         self.generated_tokens = 0

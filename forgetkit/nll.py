@@ -31,6 +31,7 @@ import yaml
 from scipy import stats
 
 from forgetkit.cli_config import config_to_dict, from_mapping, load_config, parse_cli
+from forgetkit.cli_config import help_metadata as _help
 from forgetkit.io import atomic_write, atomic_write_bytes, atomic_write_json, json_rows
 from forgetkit.loglik import model_logprobs
 from forgetkit.mixsd import MixConfig, build_targets
@@ -346,9 +347,6 @@ def compare_targets(results: Mapping[str, TargetNLL], reference: str | None = No
 
 # --- command line ---------------------------------------------------------------------------
 
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from forgetkit.cli_config import config_to_dict, from_mapping
+from forgetkit.cli_config import help_metadata as _help
 from forgetkit.io import stable_hash
 from forgetkit.mixsd import MixConfig
 from forgetkit.models import resolve_dtype
@@ -32,9 +33,6 @@ RUN_CONTROL_FIELDS = frozenset({
 })
 """Fields left out of :meth:`TrainConfig.run_hash`: changing them does not change the weights."""
 
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass

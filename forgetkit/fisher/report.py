@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forgetkit.cli_config import help_metadata as _help
 from forgetkit.fisher.delta import delta as param_delta
 from forgetkit.fisher.diagonal import diagonal
 from forgetkit.fisher.kl import measured_kl
@@ -28,9 +29,6 @@ logger = logging.getLogger(__name__)
 
 REPORT_SECTIONS = ("config", "base", "fisher", "finetunes", "risk", "timing")
 
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass

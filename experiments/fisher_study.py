@@ -90,8 +90,10 @@ class FisherStudyConfig:
 
     model: str = field(default="toyworld", metadata=_help(
         "base model of the Pareto study (name or path)"))
-    pareto: str = field(default="experiments/results/pareto/{model}", metadata=_help(
-        "the Pareto study's results folder (its runs.json lists the fine-tunes)"))
+    pareto: list[str] = field(default_factory=lambda: ["experiments/results/pareto/{model}"],
+                              metadata=_help(
+        "the Pareto studies' results folders, comma-separated (each runs.json lists fine-tunes; "
+        "all must share the base model and the probes)"))
     probes: str | None = field(default=None, metadata=_help(
         "probes of the Fisher and the KL: comma-separated sets (names or files; a capability "
         "name taken by an earlier set becomes <set>:<capability>, as in training); none: the "
@@ -123,22 +125,36 @@ class FisherStudyConfig:
         if problems:
             raise ValueError("FisherStudyConfig: " + "; ".join(problems))
         slug = Path(self.model.rstrip("/")).name or self.model
-        for name in ("pareto", "out", "cache"):
+        for name in ("out", "cache"):
             setattr(self, name, getattr(self, name).replace("{model}", slug))
+        self.pareto = [folder.replace("{model}", slug) for folder in self.pareto]
+        if not self.pareto:
+            raise ValueError("FisherStudyConfig: pareto needs at least one results folder")
+        names = [Path(folder.rstrip("/")).name for folder in self.pareto]
+        if len(set(names)) < len(names):
+            raise ValueError(f"FisherStudyConfig: pareto folders need distinct names: {names}")
 
 
 # --- inputs -------------------------------------------------------------------------------------
 
-def read_runs(config: FisherStudyConfig) -> dict[str, Any]:
-    """The Pareto study's ``runs.json``; checks it was made from the same base model."""
-    path = Path(config.pareto) / "runs.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run experiments/pareto.py for "
-                                f"{config.model} first")
-    runs = json.loads(path.read_text(encoding="utf-8"))
-    if runs["model"] != config.model:
-        raise ValueError(f"{path} was made from {runs['model']!r}, not {config.model!r}")
-    return runs
+def read_runs(config: FisherStudyConfig) -> list[dict[str, Any]]:
+    """Each Pareto study's ``runs.json``, with its folder name as ``study``; checks that all were
+    made from ``config.model`` and scored on the same probes (one Fisher serves them all)."""
+    studies = []
+    for folder in config.pareto:
+        path = Path(folder) / "runs.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run experiments/pareto.py for "
+                                    f"{config.model} first")
+        runs = json.loads(path.read_text(encoding="utf-8"))
+        if runs["model"] != config.model:
+            raise ValueError(f"{path} was made from {runs['model']!r}, not {config.model!r}")
+        if studies and runs["probes"] != studies[0]["probes"]:
+            raise ValueError(f"{path} was scored on probes {runs['probes']!r}, but "
+                             f"{config.pareto[0]}/runs.json on {studies[0]['probes']!r}; "
+                             "the studies' retention is not comparable")
+        studies.append({**runs, "study": Path(folder.rstrip("/")).name})
+    return studies
 
 
 def probe_sample(config: FisherStudyConfig, pareto_probes: str) -> list:
@@ -182,7 +198,7 @@ def base_fishers(config: FisherStudyConfig, base, tokenizer, sample: list, key: 
 def diagnose(config: FisherStudyConfig, base, tokenizer, sample: list, fishers, run: dict,
              key: str) -> dict[str, Any]:
     """The diagnostics of one fine-tune (cached in ``cache/runs/<run>.json`` under ``key``)."""
-    path = Path(config.cache) / "runs" / f"{run['run']}.json"
+    path = Path(config.cache) / "runs" / run["study"] / f"{run['run']}.json"
     run_key = stable_hash(key, run["config_hash"], run["model_path"], run["steps"],
                           list(DIAGNOSTICS))
     if path.exists():
@@ -248,11 +264,20 @@ def spearman_table(table: pd.DataFrame, targets: dict[str, str]) -> pd.DataFrame
 
 def plot_diagnostic_vs_loss(points: pd.DataFrame, ax, diagnostic: str, rho: float, p: float):
     """One diagnostic (x, log scale when positive) against retention loss (y), one labelled
-    point per fine-tune (columns ``label``, ``retention_loss`` and ``diagnostic``)."""
-    ax.scatter(points[diagnostic], points["retention_loss"], s=40)
-    for _, row in points.iterrows():
-        ax.annotate(row["label"], (row[diagnostic], row["retention_loss"]), fontsize=6,
-                    xytext=(3, 3), textcoords="offset points")
+    point per fine-tune (columns ``label``, ``retention_loss`` and ``diagnostic``). With a
+    ``study`` column of several values, each study gets its own marker and a legend entry, and
+    the points are labelled without the study's name."""
+    several = "study" in points and points["study"].nunique() > 1
+    groups = points.groupby("study", sort=False) if several else [(None, points)]
+    for marker, (study, group) in zip("osD^v<>p*", groups, strict=False):
+        ax.scatter(group[diagnostic], group["retention_loss"], s=28 if several else 40,
+                   marker=marker, label=study)
+        for _, row in group.iterrows():
+            text = row["label"].removesuffix(f" [{study}]") if several else row["label"]
+            ax.annotate(text, (row[diagnostic], row["retention_loss"]),
+                        fontsize=5 if several else 6, xytext=(3, 3), textcoords="offset points")
+    if several:
+        ax.legend(fontsize=6, loc="best")
     if (points[diagnostic] > 0).all():
         from matplotlib.ticker import NullFormatter
 
@@ -295,8 +320,9 @@ def write_figures(out: Path, table: pd.DataFrame, correlations: pd.DataFrame,
             for name in ("diag", "lowrank")])[["label", "representation", "fisher_displacement"]]
             .rename(columns={"label": "finetune"})),
     }
+    wide = len(table) > 10  # room for the labels and legend entries of many fine-tunes
     for name, (plot, frame) in figures.items():
-        fig = Figure(figsize=(7.5, 4.6), layout="constrained")
+        fig = Figure(figsize=(12, 6) if wide else (7.5, 4.6), layout="constrained")
         ax = plot(frame, fig.subplots())
         if name == "displacement.png":
             ax.tick_params(axis="x", labelrotation=30, labelsize=7)
@@ -308,17 +334,20 @@ def write_figures(out: Path, table: pd.DataFrame, correlations: pd.DataFrame,
 def run_study(config: FisherStudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Diagnose every fine-tune and correlate; returns (diagnostics table, correlations)."""
     started = time.perf_counter()
-    runs = read_runs(config)
+    studies = read_runs(config)
+    several = len(studies) > 1
     base, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    sample = probe_sample(config, runs["probes"])
+    sample = probe_sample(config, studies[0]["probes"])
     key = fisher_key(config, sample)
     fishers = base_fishers(config, base, tokenizer, sample, key)
     rows, energy = [], []
-    for run in runs["runs"]:
-        logger.info("diagnosing %s (%s)", run["label"], run["model_path"])
+    for run in (dict(run, study=study["study"]) for study in studies for run in study["runs"]):
+        label = f"{run['label']} [{run['study']}]" if several else run["label"]
+        logger.info("diagnosing %s (%s)", label, run["model_path"])
         result = diagnose(config, base, tokenizer, sample, fishers, run, key)
         capabilities = {k: v for k, v in run.items() if k.startswith("retention_")}
-        rows.append({"label": run["label"], "run": run["run"], "steps": run["steps"],
+        rows.append({"label": label, "study": run["study"], "run": run["run"],
+                     "steps": run["steps"],
                      "memorization": run["memorization"], "retention": run["retention"],
                      "retention_loss": None if run["retention"] is None else 1 - run["retention"],
                      **{f"loss_{k.removeprefix('retention_')}": None if v is None else 1 - v
@@ -326,7 +355,7 @@ def run_study(config: FisherStudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
                      **{k: v for k, v in result.items() if not k.endswith("curve")}})
         for j, (e, b) in enumerate(zip(result["energy_curve_lowrank"],
                                        result["random_baseline_curve"], strict=True), start=1):
-            energy.append({"finetune": run["label"], "j": j, "captured_energy": e,
+            energy.append({"finetune": label, "j": j, "captured_energy": e,
                            "random_baseline": b})
     table = pd.DataFrame(rows)
     targets = {"retention_loss": "overall"}

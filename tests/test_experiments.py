@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -124,6 +125,19 @@ def test_fisher_and_nll_studies_on_the_tiny_pareto_output(tiny_study, caplog):
     with caplog.at_level(logging.INFO, logger="fisher_study"):
         fisher_study.main(argv)
     assert "reusing the base Fisher" in caplog.text
+
+    # several Pareto studies of one base: one table, labelled by study; other probes are refused
+    shutil.copytree(tmp / "out", tmp / "again")
+    both = [*argv[:3], f"{tmp / 'out'},{tmp / 'again'}", *argv[4:]]
+    table, correlations = fisher_study.main(both)
+    assert list(table["label"]) == [f"{label} [{study}]" for study in ("out", "again")
+                                    for label in ("SFT", "SFT@peak", "MixSD λ=0.3")]
+    assert (correlations[correlations["target"] == "overall"]["n"] == 6).all()
+    runs = json.loads((tmp / "again" / "runs.json").read_text())
+    (tmp / "other").mkdir()
+    (tmp / "other" / "runs.json").write_text(json.dumps({**runs, "probes": "toyworld"}))
+    with pytest.raises(SystemExit, match=r"error: .*other/runs\.json was scored on probes"):
+        fisher_study.main([*argv[:3], f"{tmp / 'out'},{tmp / 'other'}", *argv[4:]])
 
     nll = nll_study.main(["--model", "toyworld", "--records", "kgfact", "--limit", "3",
                           "--lams", "0.3", "--n_boot", "50", "--device", "cpu",

@@ -5,7 +5,7 @@ canonical SFT targets. This study scores, under the frozen base model, the SFT t
 record's canonical completion) and the MixSD targets at every lambda, with
 :func:`forgetkit.nll.target_nll` (completion tokens only, end token included, teacher-forced),
 and compares them with :func:`forgetkit.nll.compare_targets` (difference of the per-item mean
-per-token NLL to SFT, percentile bootstrap CI; unpaired when MixSD dropped records).
+per-token NLL to SFT, percentile bootstrap CI, paired over the records both sets hold).
 
 It differs from ``python -m forgetkit.nll`` in two ways: MixSD targets are built into resumable
 files in ``cache`` (:func:`forgetkit.mixsd.build_target_file`; an interrupted build continues, a
@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
     table = run_study(config)
     columns = ["target_set", "n_items", "n_tokens", "token_nll_mean", "token_nll_median",
                "item_nll_mean", "sequence_nll_mean", "length_mean", "delta_item_nll", "ci_low",
-               "ci_high", "paired"]
+               "ci_high", "n_paired"]
     print(markdown_table(table[columns]))
     print(f"\n{config.out}: {time.perf_counter() - started:.0f} s")
     return table

@@ -277,21 +277,28 @@ def _score(model, encodings: list[Encoding], pad_token_id: int, batch_size: int,
 
 
 def _delta_ci(res: TargetNLL, ref: TargetNLL, n_boot: int, seed: int,
-              confidence: float) -> tuple[float, float, float, bool]:
-    """Mean per-item NLL of ``res`` minus that of ``ref``, percentile CI, whether paired."""
-    paired = len(set(res.ids)) == len(res.ids) == len(ref.ids) and set(res.ids) == set(ref.ids)
+              confidence: float) -> tuple[float, float, float, int]:
+    """Mean per-item NLL of ``res`` minus that of ``ref``, percentile CI, and how many items
+    were paired (0: unpaired)."""
+    ref_ids = set(ref.ids)
+    shared = [item for item in res.ids if item in ref_ids]
+    unique = len(set(res.ids)) == len(res.ids) and len(set(ref.ids)) == len(ref.ids)
     x, y = res.sequence_mean, ref.sequence_mean
-    if paired:  # align the reference to res's item order
-        row = {item: k for k, item in enumerate(ref.ids)}
-        y = y[[row[item] for item in res.ids]]
+    n_paired = len(shared) if unique and len(shared) >= 2 else 0
+    if n_paired:  # the items both sets hold, in res's order
+        mine = {item: k for k, item in enumerate(res.ids)}
+        theirs = {item: k for k, item in enumerate(ref.ids)}
+        x = x[[mine[item] for item in shared]]
+        y = y[[theirs[item] for item in shared]]
     delta = float(x.mean() - y.mean())
     if min(len(x), len(y)) < 2:
-        return delta, float("nan"), float("nan"), paired
+        return delta, float("nan"), float("nan"), n_paired
     boot = stats.bootstrap((x, y), lambda a, b, axis: a.mean(axis) - b.mean(axis),
-                           n_resamples=n_boot, paired=paired, vectorized=True,
+                           n_resamples=n_boot, paired=bool(n_paired), vectorized=True,
                            confidence_level=confidence, method="percentile",
                            rng=np.random.default_rng(seed))
-    return delta, float(boot.confidence_interval.low), float(boot.confidence_interval.high), paired
+    low, high = boot.confidence_interval
+    return delta, float(low), float(high), n_paired
 
 
 def compare_targets(results: Mapping[str, TargetNLL], reference: str | None = None,
@@ -299,8 +306,10 @@ def compare_targets(results: Mapping[str, TargetNLL], reference: str | None = No
     """One row per target set: NLL summaries and the difference to a reference set.
 
     The difference compares the per-item mean per-token NLL (``TargetNLL.sequence_mean``).
-    It is paired by item id when both sets hold the same unique ids (a bootstrap of the
-    per-item differences), else unpaired (items resampled independently in each set). The CI
+    It is paired by item id over the items both sets hold (a bootstrap of the per-item
+    differences), so a set whose failed targets were dropped is compared with the reference on
+    the same records; when the sets share fewer than 2 (unique) ids it is unpaired (items
+    resampled independently in each set). The CI
     is a percentile bootstrap (:func:`scipy.stats.bootstrap`) seeded with ``seed`` for every
     set; it is NaN for the reference row and for sets of fewer than 2 items.
 
@@ -315,7 +324,8 @@ def compare_targets(results: Mapping[str, TargetNLL], reference: str | None = No
         Columns ``target_set``, ``n_items``, ``n_tokens``, ``token_nll_mean`` and
         ``token_nll_median`` (over all tokens pooled), ``item_nll_mean`` (mean over items of the
         per-token mean), ``sequence_nll_mean`` (mean over items of the sum), ``length_mean``,
-        ``reference``, ``delta_item_nll``, ``ci_low``, ``ci_high``, ``paired``.
+        ``reference``, ``delta_item_nll``, ``ci_low``, ``ci_high``, ``paired`` and
+        ``n_paired`` (items in the paired difference; 0 when unpaired).
 
     Raises:
         ValueError: no results, an unknown ``reference``, a bad ``n_boot`` or ``confidence``.
@@ -332,21 +342,20 @@ def compare_targets(results: Mapping[str, TargetNLL], reference: str | None = No
     for name, res in results.items():
         pooled = np.concatenate(res.per_token)
         if name == reference:
-            delta, low, high, paired = 0.0, float("nan"), float("nan"), True
+            delta, low, high, n_paired = 0.0, float("nan"), float("nan"), len(res.ids)
         else:
-            delta, low, high, paired = _delta_ci(res, ref, n_boot, seed, confidence)
+            delta, low, high, n_paired = _delta_ci(res, ref, n_boot, seed, confidence)
         rows.append({
             "target_set": name, "n_items": len(res.ids), "n_tokens": len(pooled),
             "token_nll_mean": pooled.mean(), "token_nll_median": float(np.median(pooled)),
             "item_nll_mean": res.sequence_mean.mean(), "sequence_nll_mean": res.sequence_sum.mean(),
             "length_mean": res.lengths.mean(), "reference": reference, "delta_item_nll": delta,
-            "ci_low": low, "ci_high": high, "paired": paired,
+            "ci_low": low, "ci_high": high, "paired": n_paired > 0, "n_paired": n_paired,
         })
     return pd.DataFrame(rows)
 
 
 # --- command line ---------------------------------------------------------------------------
-
 
 
 @dataclass

@@ -255,6 +255,20 @@ def test_compare_paired_by_id_not_position():
     assert sft.length_mean == pytest.approx(np.mean([len(r) for r in ref]))
 
 
+def test_compare_pairs_a_set_with_dropped_items_on_the_items_it_kept():
+    rng = np.random.default_rng(4)
+    ids = [f"r{i}" for i in range(40)]
+    ref = [rng.uniform(2, 8, size=1) for _ in ids]
+    kept = [i for i in range(40) if i % 3]  # a third of the records failed and were dropped
+    mix = fake([ids[i] for i in kept], [ref[i] - 1.0 for i in kept])
+    row = compare_targets({"SFT": fake(ids, ref), "MixSD": mix}, n_boot=300).iloc[1]
+    assert row.paired and row.n_paired == len(kept) == row.n_items
+    assert row.delta_item_nll == pytest.approx(-1.0)  # not the difference of the two means
+    assert row.ci_low == pytest.approx(-1.0) and row.ci_high == pytest.approx(-1.0)
+    unpaired_delta = np.mean([ref[i][0] - 1.0 for i in kept]) - np.mean([r[0] for r in ref])
+    assert abs(unpaired_delta + 1.0) > 1e-3  # the unpaired estimate would differ
+
+
 def test_compare_unpaired_ci_matches_normal_theory():
     rng = np.random.default_rng(2)
     a = rng.normal(3.0, 1.0, size=400)
@@ -262,7 +276,7 @@ def test_compare_unpaired_ci_matches_normal_theory():
     results = {"A": fake([f"a{i}" for i in range(400)], a[:, None]),
                "B": fake([f"b{i}" for i in range(300)], b[:, None])}
     row = compare_targets(results, reference="A", n_boot=4000, seed=3).iloc[1]
-    assert not row.paired
+    assert not row.paired and row.n_paired == 0
     half = 1.96 * np.sqrt(a.var(ddof=1) / 400 + b.var(ddof=1) / 300)
     delta = b.mean() - a.mean()
     assert row.delta_item_nll == pytest.approx(delta)
@@ -317,7 +331,8 @@ def test_cli_writes_table_config_and_figures(tmp_path, capsys):
     assert rows[0]["n_items"] == 4 and rows[0]["ci_low"] is None
     for row in rows[1:]:
         assert row["n_items"] == reports[row["target_set"]]["n_targets"]
-        assert row["paired"] == (row["n_items"] == 4)
+        assert row["paired"] == (row["n_items"] >= 2) and row["n_paired"] == (
+            row["n_items"] if row["n_items"] >= 2 else 0)
     tokens = pd.read_csv(out / "tokens.csv")
     mixed = tokens[tokens.target_set == "MixSD lam=0"]
     assert set(mixed.branch.dropna()) <= {"expert"}  # lam 0: every token from the expert

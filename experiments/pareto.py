@@ -44,7 +44,8 @@ import yaml
 
 from forgetkit.checkpoint import checkpoint_dirs, latest_checkpoint
 from forgetkit.cli_config import config_to_dict, from_mapping, markdown_table, parse_cli
-from forgetkit.evaluate import INJECTED_CAPABILITIES, Prediction, Scores, retention
+from forgetkit.cli_config import help_metadata as _help
+from forgetkit.evaluate import INJECTED_CAPABILITIES, Prediction, Scores, evaluate, retention
 from forgetkit.io import (
     atomic_write,
     atomic_write_bytes,
@@ -56,7 +57,8 @@ from forgetkit.io import (
     stable_hash,
 )
 from forgetkit.mixsd import MixConfig
-from forgetkit.records import load_records
+from forgetkit.models import load_model
+from forgetkit.records import load_probes, load_records
 from forgetkit.train import TrainConfig, train
 from forgetkit.train_loop import load_probe_sets
 
@@ -67,10 +69,6 @@ METHOD_LABELS = {"sft": "SFT", "mixsd": "MixSD", "opsd": "OPSD"}
 
 PEAK_SUFFIX = "@peak"
 _NOT_COMPARED = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "disable_tqdm")
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass
@@ -108,6 +106,10 @@ class ParetoConfig:
         "evaluate every method (not only SFT) every peak_eval_steps, for trajectories"))
     save_steps: int = field(default=100, metadata=_help(
         "checkpoint every N steps so an interrupted run resumes (0: none)"))
+    rescore_probes_per_capability: int | None = field(default=None, metadata=_help(
+        "after training, score the base and every final model again on the first N probes of "
+        "each capability (more than probes_per_capability, for tighter retention estimates "
+        "without retraining); the table then reports these scores. none: no rescoring"))
     per_device_eval_batch_size: int = field(default=64, metadata=_help(
         "prompts per generation batch in evaluation"))
     eval_max_new_tokens: int = field(default=32, metadata=_help("generation cap in evaluation"))
@@ -133,7 +135,8 @@ class ParetoConfig:
         names = [run_name(m) for m in self.methods if not _method_error(m)]
         if len(set(names)) != len(names):
             problems.append(f"methods repeat a run: {self.methods}")
-        for name in ("limit", "paraphrases_per_record", "probes_per_capability"):
+        for name in ("limit", "paraphrases_per_record", "probes_per_capability",
+                     "rescore_probes_per_capability"):
             value = getattr(self, name)
             if value is not None and value < (1 if name != "paraphrases_per_record" else 0):
                 problems.append(f"{name}={value} must be >= 1 or none")
@@ -203,17 +206,19 @@ def default_probes(model: str) -> str:
     return ("toyworld" if is_toyworld else "general") + ",kgfact"
 
 
-def prepare_probes(config: ParetoConfig, cache: Path) -> str:
+def prepare_probes(config: ParetoConfig, cache: Path, per_capability: int | None = None) -> str:
     """One probe file holding every probe set (capabilities renamed as the trainer does, e.g.
-    ``kgfact:retrieval``), cut to ``probes_per_capability``; named by its content hash."""
+    ``kgfact:retrieval``), cut to ``per_capability`` (default ``probes_per_capability``) probes
+    per capability; named by its content hash."""
     sources = [s.strip() for s in (config.probes or default_probes(config.model)).split(",")]
     probes = load_probe_sets([s for s in sources if s])
-    if config.probes_per_capability is not None:
+    per_capability = per_capability or config.probes_per_capability
+    if per_capability is not None:
         seen: dict[str, int] = {}
         kept = []
         for probe in probes:
             seen[probe.capability] = seen.get(probe.capability, 0) + 1
-            if seen[probe.capability] <= config.probes_per_capability:
+            if seen[probe.capability] <= per_capability:
                 kept.append(probe)
         probes = kept
     rows = [asdict(p) for p in probes]
@@ -412,6 +417,55 @@ def study_rows(specs: list[RunSpec], results: dict[str, dict[str, Any]],
     return rows
 
 
+# --- rescoring on more probes ---------------------------------------------------------------------
+
+def _scores(path: Path, load, records: list, probes: list, config: ParetoConfig) -> Scores:
+    """Scores of the model ``load()`` returns, from ``path`` (predictions) when it exists."""
+    if not path.exists():
+        model, tokenizer = load()
+        scores = evaluate(model, tokenizer, records, probes,
+                          batch_size=config.per_device_eval_batch_size,
+                          max_new_tokens=config.eval_max_new_tokens)
+        atomic_write_jsonl(path, [asdict(p) for p in scores.predictions])
+        del model
+    return Scores.from_predictions([Prediction(**row) for row in read_jsonl(path)])
+
+
+def rescore(config: ParetoConfig, table: pd.DataFrame, records: str, cache: Path
+            ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Score the base and every row's model on ``rescore_probes_per_capability`` probes per
+    capability; returns the table with its scores and retention replaced, and the base scores.
+
+    Predictions are kept in ``cache/rescore/<run>/`` under a hash of the model, the probes and
+    the evaluation settings, so a rerun scores only new models.
+    """
+    probe_file = prepare_probes(config, cache, config.rescore_probes_per_capability)
+    injected, probes = load_records(records), load_probes(probe_file)
+    settings = (probe_file, config.per_device_eval_batch_size, config.eval_max_new_tokens,
+                config.dtype)
+    folder = cache / "rescore"
+
+    def loader(path: str):
+        return lambda: load_model(path, dtype=config.dtype, device=config.device)
+
+    logger.info("rescoring the base and %d fine-tunes on %d probes", len(table), len(probes))
+    base = _scores(folder / "base" / f"{stable_hash(config.model, *settings)}.jsonl",
+                   loader(config.model), injected, probes, config)
+    rows = []
+    for row in table.to_dict(orient="records"):
+        key = stable_hash(row["config_hash"], row["model_path"], *settings)
+        scores = _scores(folder / row["run"] / f"{key}.jsonl", loader(row["model_path"]),
+                         injected, probes, config)
+        kept = retention(base, scores)
+        row = {k: v for k, v in row.items() if not k.startswith("retention_")}
+        rows.append({**row, "memorization": scores.memorization,
+                     "paraphrase": scores.paraphrase, "two_hop": scores.two_hop,
+                     "retention": kept.overall,
+                     **{f"retention_{k}": v for k, v in kept.per_capability.items()},
+                     "probes_scored": len(probes)})
+    return pd.DataFrame(rows), base.to_dict()
+
+
 # --- figures ------------------------------------------------------------------------------------
 
 def plot_pareto(points: pd.DataFrame, ax, trajectories: pd.DataFrame | None = None):
@@ -513,9 +567,11 @@ def run_study(config: ParetoConfig) -> pd.DataFrame:
             path = eval_trajectory(Path(spec.train_config.output_dir))
             trajectories.append(path.assign(label=spec.label, run=spec.name))
     table = pd.DataFrame(study_rows(specs, results, seconds))
+    base_scores = next(iter(results.values()))["base_scores"]
+    if config.rescore_probes_per_capability:
+        table, base_scores = rescore(config, table, records, cache)
     table["on_frontier"] = pareto_frontier(table)
     trajectories = pd.concat(trajectories, ignore_index=True) if trajectories else pd.DataFrame()
-    base_scores = next(iter(results.values()))["base_scores"]
     write_outputs(config, table, trajectories, base_scores, records, probes)
     logger.info("wrote %s (%d runs trained, %d skipped)", config.out, trained,
                 len(specs) - trained)

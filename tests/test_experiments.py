@@ -82,13 +82,46 @@ def test_pareto_rerun_skips_finished_runs(pareto, tiny_study, caplog):
 def test_pareto_rerun_with_another_config_retrains(pareto, tiny_study, caplog):
     tmp, _ = tiny_study
     argv = _tiny_argv(tmp)
+    shutil.copytree(tmp / "cache", tmp / "cache-retrained")  # the other tests keep theirs
     argv[argv.index("--out") + 1] = str(tmp / "out-retrained")
+    argv[argv.index("--cache") + 1] = str(tmp / "cache-retrained")
     argv[argv.index("--methods") + 1] = "mixsd:0.3"
     argv[argv.index("--max_steps") + 1] = "4"
     with caplog.at_level(logging.INFO, logger="pareto"):
         table = pareto.main(argv)
     assert "MixSD λ=0.3: training 4 steps" in caplog.text
     assert table["steps"].tolist() == [4]
+
+
+def test_pareto_rescore_on_more_probes_reuses_the_fine_tunes(pareto, tiny_study, caplog):
+    tmp, before = tiny_study
+    argv = _tiny_argv(tmp)
+    argv[argv.index("--out") + 1] = str(tmp / "out-rescored")
+    with caplog.at_level(logging.INFO, logger="pareto"):
+        table = pareto.main([*argv, "--rescore_probes_per_capability", "6"])
+    assert "training" not in caplog.text and "rescoring the base and 3 fine-tunes" in caplog.text
+    assert list(table["label"]) == ["SFT", "SFT@peak", "MixSD λ=0.3"]
+    probes = [json.loads(line) for line in next((tmp / "cache" / "inputs").glob("probes-*.jsonl"))
+              .read_text().splitlines()]
+    n_capabilities = len({p["capability"] for p in probes})
+    assert (table["probes_scored"] > 3 * n_capabilities).all()
+    # same models, same records, greedy decoding: memorization and the first 3 probes of each
+    # capability are scored exactly as in training's final evaluation
+    assert table["memorization"].tolist() == before["memorization"].tolist()
+    final = {row["id"]: row["reply"] for row in map(json.loads, (
+        tmp / "cache" / "sft" / "eval" / "6.jsonl").read_text().splitlines())}
+    (rescored,) = (tmp / "cache" / "rescore" / "sft").glob("*.jsonl")
+    replies = {row["id"]: row["reply"] for row in map(json.loads,
+                                                      rescored.read_text().splitlines())}
+    assert all(replies[i] == reply for i, reply in final.items())
+    assert len(replies) > len(final)
+    runs = json.loads((tmp / "out-rescored" / "runs.json").read_text())["runs"]
+    assert [r["retention"] for r in runs] == pytest.approx(table["retention"].tolist())
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp / "cache" / "rescore").glob("*/*.jsonl")}
+    assert len(stamps) == 4  # the base and three models
+    again = pareto.main([*argv, "--rescore_probes_per_capability", "6"])
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again["retention"].tolist() == pytest.approx(table["retention"].tolist())
 
 
 def test_pareto_frontier_and_first_peak(pareto):

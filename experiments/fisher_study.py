@@ -149,12 +149,21 @@ def read_runs(config: FisherStudyConfig) -> list[dict[str, Any]]:
         runs = json.loads(path.read_text(encoding="utf-8"))
         if runs["model"] != config.model:
             raise ValueError(f"{path} was made from {runs['model']!r}, not {config.model!r}")
-        if studies and runs["probes"] != studies[0]["probes"]:
+        if studies and not _same_probes(runs["probes"], studies[0]["probes"]):
             raise ValueError(f"{path} was scored on probes {runs['probes']!r}, but "
                              f"{config.pareto[0]}/runs.json on {studies[0]['probes']!r}; "
                              "the studies' retention is not comparable")
         studies.append({**runs, "study": Path(folder.rstrip("/")).name})
     return studies
+
+
+def _same_probes(first: str, second: str) -> bool:
+    """Whether two Pareto studies' probe sources are the same: equal names, or two files
+    (each study writes its own copy) with equal contents."""
+    if first == second:
+        return True
+    paths = [Path(first), Path(second)]
+    return all(p.is_file() for p in paths) and paths[0].read_bytes() == paths[1].read_bytes()
 
 
 def probe_sample(config: FisherStudyConfig, pareto_probes: str) -> list:

@@ -167,6 +167,10 @@ def test_fisher_and_nll_studies_on_the_tiny_pareto_output(tiny_study, caplog):
                                     for label in ("SFT", "SFT@peak", "MixSD λ=0.3")]
     assert (correlations[correlations["target"] == "overall"]["n"] == 6).all()
     runs = json.loads((tmp / "again" / "runs.json").read_text())
+    copied = tmp / "again" / "probes.jsonl"  # each study writes its own copy of the probes
+    shutil.copy(runs["probes"], copied)
+    (tmp / "again" / "runs.json").write_text(json.dumps({**runs, "probes": str(copied)}))
+    assert len(fisher_study.main(both)[0]) == 6
     (tmp / "other").mkdir()
     (tmp / "other" / "runs.json").write_text(json.dumps({**runs, "probes": "toyworld"}))
     with pytest.raises(SystemExit, match=r"error: .*other/runs\.json was scored on probes"):

@@ -529,11 +529,17 @@ def _save(fig, path: Path) -> None:
 
 
 def write_figures(out: Path, table: pd.DataFrame, trajectories: pd.DataFrame,
-                  peak_step: int | None) -> None:
+                  peak_step: int | None, rescored: bool = False) -> None:
+    """``pareto.png`` (with the trajectories unless the points were rescored on other probes,
+    which would put two scales in one plot), ``retention_by_capability.png`` and
+    ``sft_trajectory.png`` (training-time probes)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.2, 5.0), layout="constrained")
-    plot_pareto(table, fig.subplots(), trajectories)
+    ax = plot_pareto(table, fig.subplots(), None if rescored else trajectories)
+    if rescored:
+        ax.set_title(f"final models scored on {int(table['probes_scored'].iloc[0])} probes",
+                     fontsize=9)
     _save(fig, out / "pareto.png")
     capabilities = [c for c in table.columns if c.startswith("retention_")]
     long = table.melt(id_vars=["label"], value_vars=capabilities, var_name="capability",
@@ -547,7 +553,9 @@ def write_figures(out: Path, table: pd.DataFrame, trajectories: pd.DataFrame,
     sft = trajectories[trajectories["run"] == "sft"] if not trajectories.empty else trajectories
     if not sft.empty:
         fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-        plot_trajectory(sft, fig.subplots(), peak_step)
+        ax = plot_trajectory(sft, fig.subplots(), peak_step)
+        if rescored:
+            ax.set_title("scored during training, on the training-time probes", fontsize=9)
         _save(fig, out / "sft_trajectory.png")
 
 
@@ -604,7 +612,8 @@ def write_outputs(config: ParetoConfig, table: pd.DataFrame, trajectories: pd.Da
         "sft_peak_step": peak_step, "rows": json_rows(shown)})
     atomic_write_json(out / "runs.json", {"model": config.model, "records": records,
                                           "probes": probes, "runs": json_rows(table)})
-    write_figures(out, table, trajectories, peak_step)
+    write_figures(out, table, trajectories, peak_step,
+                  rescored=bool(config.rescore_probes_per_capability))
 
 
 def format_table(table: pd.DataFrame) -> str:

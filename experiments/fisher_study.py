@@ -1,8 +1,8 @@
 """Fisher study: does movement along the base model's Fisher-sensitive directions predict
 forgetting?
 
-For every fine-tune of the Pareto study (``runs.json``: SFT, SFT@peak, MixSD at each lambda,
-OPSD) this computes, against the Fisher of the *base* model on the retention probes:
+For every fine-tune of one or more Pareto studies (``runs.json``: SFT, SFT@peak, MixSD at each
+lambda, OPSD) this computes, against the Fisher of the *base* model on the retention probes:
 
 - ``fisher_displacement`` ``d'Fd`` of the update ``d = theta_ft - theta_base``, with the
   diagonal Fisher and with the top-``rank`` low-rank Fisher
@@ -17,8 +17,9 @@ OPSD) this computes, against the Fisher of the *base* model on the retention pro
 
 Across all runs it reports the Spearman rank correlation (:func:`scipy.stats.spearmanr`) of
 each diagnostic with the measured retention loss ``1 - retention`` (overall and per
-capability), with its two-sided p-value and n. With n = 7 fine-tunes the p-values are coarse:
-read rho, not significance stars.
+capability), with its two-sided p-value and n. With the 7 fine-tunes of one Pareto study the
+p-values are coarse (read rho, not significance stars); give several studies of the same base
+(``--pareto A,B,...``, e.g. other learning rates or seeds) to correlate across more runs.
 
 The probes are the Pareto study's probe file (or ``probes``) minus the capabilities that test
 the injected facts (``two_hop``), spread evenly over capabilities (``n_samples``). Fisher matrices and

@@ -84,7 +84,6 @@ DIAGNOSTICS = {
 """The diagnostics correlated with retention loss (column -> description)."""
 
 
-
 @dataclass
 class FisherStudyConfig:
     """``python experiments/fisher_study.py``: Fisher diagnostics of every Pareto fine-tune."""
@@ -351,10 +350,14 @@ def run_study(config: FisherStudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     key = fisher_key(config, sample)
     fishers = base_fishers(config, base, tokenizer, sample, key)
     rows, energy = [], []
+    by_model: dict[str, dict[str, Any]] = {}  # SFT@peak is often the final SFT model itself
     for run in (dict(run, study=study["study"]) for study in studies for run in study["runs"]):
         label = f"{run['label']} [{run['study']}]" if several else run["label"]
         logger.info("diagnosing %s (%s)", label, run["model_path"])
-        result = diagnose(config, base, tokenizer, sample, fishers, run, key)
+        if run["model_path"] not in by_model:
+            by_model[run["model_path"]] = diagnose(config, base, tokenizer, sample, fishers,
+                                                   run, key)
+        result = by_model[run["model_path"]]
         capabilities = {k: v for k, v in run.items() if k.startswith("retention_")}
         rows.append({"label": label, "study": run["study"], "run": run["run"],
                      "steps": run["steps"],

@@ -436,8 +436,9 @@ def rescore(config: ParetoConfig, table: pd.DataFrame, records: str, cache: Path
     """Score the base and every row's model on ``rescore_probes_per_capability`` probes per
     capability; returns the table with its scores and retention replaced, and the base scores.
 
-    Predictions are kept in ``cache/rescore/<run>/`` under a hash of the model, the probes and
-    the evaluation settings, so a rerun scores only new models.
+    Each model folder is scored once; its predictions are kept in ``cache/rescore/<run>/``
+    under a hash of the model, the probes and the evaluation settings, so a rerun scores only
+    new models.
     """
     probe_file = prepare_probes(config, cache, config.rescore_probes_per_capability)
     injected, probes = load_records(records), load_probes(probe_file)
@@ -451,11 +452,14 @@ def rescore(config: ParetoConfig, table: pd.DataFrame, records: str, cache: Path
     logger.info("rescoring the base and %d fine-tunes on %d probes", len(table), len(probes))
     base = _scores(folder / "base" / f"{stable_hash(config.model, *settings)}.jsonl",
                    loader(config.model), injected, probes, config)
-    rows = []
+    rows, by_model = [], {}  # SFT@peak is often the final SFT model itself: score it once
     for row in table.to_dict(orient="records"):
-        key = stable_hash(row["config_hash"], row["model_path"], *settings)
-        scores = _scores(folder / row["run"] / f"{key}.jsonl", loader(row["model_path"]),
-                         injected, probes, config)
+        if row["model_path"] not in by_model:
+            key = stable_hash(row["config_hash"], row["model_path"], *settings)
+            by_model[row["model_path"]] = _scores(folder / row["run"] / f"{key}.jsonl",
+                                                  loader(row["model_path"]), injected, probes,
+                                                  config)
+        scores = by_model[row["model_path"]]
         kept = retention(base, scores)
         row = {k: v for k, v in row.items() if not k.startswith("retention_")}
         rows.append({**row, "memorization": scores.memorization,

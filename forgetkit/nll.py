@@ -282,7 +282,7 @@ def _delta_ci(res: TargetNLL, ref: TargetNLL, n_boot: int, seed: int,
     were paired (0: unpaired)."""
     ref_ids = set(ref.ids)
     shared = [item for item in res.ids if item in ref_ids]
-    unique = len(set(res.ids)) == len(res.ids) and len(set(ref.ids)) == len(ref.ids)
+    unique = len(set(res.ids)) == len(res.ids) and len(ref_ids) == len(ref.ids)
     x, y = res.sequence_mean, ref.sequence_mean
     n_paired = len(shared) if unique and len(shared) >= 2 else 0
     if n_paired:  # the items both sets hold, in res's order
@@ -309,9 +309,9 @@ def compare_targets(results: Mapping[str, TargetNLL], reference: str | None = No
     It is paired by item id over the items both sets hold (a bootstrap of the per-item
     differences), so a set whose failed targets were dropped is compared with the reference on
     the same records; when the sets share fewer than 2 (unique) ids it is unpaired (items
-    resampled independently in each set). The CI
-    is a percentile bootstrap (:func:`scipy.stats.bootstrap`) seeded with ``seed`` for every
-    set; it is NaN for the reference row and for sets of fewer than 2 items.
+    resampled independently in each set). The CI is a percentile bootstrap
+    (:func:`scipy.stats.bootstrap`) seeded with ``seed`` for every set; it is NaN for the
+    reference row and for sets of fewer than 2 items.
 
     Args:
         results: target-set name -> :class:`TargetNLL`, in display order.

@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 REPORT_SECTIONS = ("config", "base", "fisher", "finetunes", "risk", "timing")
 
 
-
 @dataclass
 class ReportConfig:
     """Configuration of ``python -m forgetkit.fisher``."""

@@ -52,7 +52,9 @@ def test_predicted_kl_matches_measured_kl_for_a_small_step(tiny):
     measured = measured_kl(model, stepped, tokenizer, probes)
     assert measured.per_sequence > 0
     error = abs(projection.predicted_kl - measured.per_sequence) / measured.per_sequence
-    assert error < 0.10, (projection.predicted_kl, measured.per_sequence)
+    assert error < 0.10, (projection.predicted_kl, measured.per_sequence)  # 512 label draws
+    exact = fisher.displacement(model, tokenizer, probes, d)  # no draws: the exact d'Fd
+    assert measured.per_sequence / exact.predicted_kl == pytest.approx(1.0, abs=0.01)
 
 
 def test_measured_kl_is_zero_for_the_same_model(tiny):

@@ -1,7 +1,10 @@
-"""Fisher information of a causal LM on probes or records: diagonal and low-rank.
+"""Fisher information of a causal LM on probes or records: the exact quadratic form of an
+update (matrix-free), diagonal and low-rank representations.
 
 Example:
     >>> from forgetkit import fisher
+    >>> D = fisher.displacement(model, tokenizer, probes, fisher.delta(model, ft))  # doctest: +SKIP
+    >>> D.mean, D.ci  # d'Fd with its 95% bootstrap interval over probes  # doctest: +SKIP
     >>> F = fisher.diagonal(model, tokenizer, probes, estimator="true")  # doctest: +SKIP
     >>> L = fisher.low_rank(model, tokenizer, probes, rank=16, params="mlp")  # doctest: +SKIP
     >>> L.save("out/fisher_lr"); fisher.load("out/fisher_lr", model)  # doctest: +SKIP
@@ -12,6 +15,7 @@ Both representations share one interface (:class:`FisherMatrix`): ``quad_form``,
 
 from forgetkit.fisher.delta import LoraFactor, ParamDelta, delta
 from forgetkit.fisher.diagonal import DiagonalFisher, diagonal
+from forgetkit.fisher.exact import Displacement, FisherOperator, displacement, exact_low_rank
 from forgetkit.fisher.io import FisherMatrix, Provenance, load
 from forgetkit.fisher.kl import MeasuredKL, measured_kl
 from forgetkit.fisher.low_rank import LowRankFisher, low_rank
@@ -21,8 +25,10 @@ from forgetkit.fisher.risk import forgetting_risk
 
 __all__ = [
     "DiagonalFisher",
+    "Displacement",
     "FisherError",
     "FisherMatrix",
+    "FisherOperator",
     "LoraFactor",
     "LowRankFisher",
     "MeasuredKL",
@@ -31,6 +37,8 @@ __all__ = [
     "Provenance",
     "delta",
     "diagonal",
+    "displacement",
+    "exact_low_rank",
     "forgetting_risk",
     "load",
     "low_rank",

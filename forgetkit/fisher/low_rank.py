@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -50,7 +50,7 @@ from forgetkit.records import Probe, Record
 __all__ = ["LowRankFisher", "gram_eigenpairs", "low_rank", "randomized_eigenpairs"]
 
 logger = logging.getLogger(__name__)
-Method = Literal["auto", "gram", "randomized"]
+Method = Literal["auto", "gram", "randomized", "exact"]
 
 
 def _complete(directions: Tensor, count: int, generator: torch.Generator) -> Tensor:
@@ -96,7 +96,8 @@ Blocks = Callable[[], Iterator[tuple[list[Tensor], int]]]
 
 def randomized_eigenpairs(blocks: Blocks, n: int, rank: int, sketch: int,
                           power_iterations: int, size: int, generator: torch.Generator,
-                          dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+                          dtype: torch.dtype, device: torch.device
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Top eigenpairs of ``F = (1/n) G G'`` from streaming passes over the gradients.
 
     Args:
@@ -113,13 +114,15 @@ def randomized_eigenpairs(blocks: Blocks, n: int, rank: int, sketch: int,
         dtype, device: of the sketch and basis.
 
     Returns:
-        ``(eigenvalues (k,) descending float64, basis Q (P, l) orthonormal, W (l, k))``; the
-        directions are the columns of ``Q W``. Peak memory: the test matrix (bfloat16, its
+        ``(eigenvalues (k,) descending float64, basis Q (P, l) orthonormal, W (l, k),
+        residuals (k,))``; the directions are the columns of ``Q W`` and
+        ``residuals[j] = ||F u_j - lambda_j u_j||`` (one more pass) bounds the error of
+        eigenvalue j (a posterior accuracy estimate). Peak memory: the test matrix (bfloat16, its
         entries only need to be random) plus Y, 6·P·l bytes in float32; each power iteration
         needs 2·P·l·itemsize.
     """
     def times_fisher(x: Tensor) -> Tensor:  # (P, l) -> F x, one pass
-        out = torch.zeros(size, sketch, dtype=dtype, device=device)
+        out = torch.zeros(size, x.shape[1], dtype=dtype, device=device)
         for pieces, draws in blocks():
             bounds = _bounds(pieces)
             if x.dtype == torch.bfloat16:  # the test matrix: see _sketch_coefficients
@@ -144,7 +147,10 @@ def randomized_eigenpairs(blocks: Blocks, n: int, rank: int, sketch: int,
         small += projected.double().T @ projected.double() / (n * draws)  # (l, l)
     values, vectors = torch.linalg.eigh(_all_reduce(small))
     values, vectors = values.flip(0)[:rank].clamp(min=0), vectors.flip(1)[:, :rank]
-    return values, basis, vectors.to(dtype)
+    mixing = vectors.to(dtype)
+    directions = basis @ mixing  # (P, k)
+    residual = times_fisher(directions) - directions * values.to(dtype)[None]
+    return values, basis, mixing, residual.double().norm(dim=0)
 
 
 _CHUNK = 1 << 20  # rows of a P x l matrix handled at a time
@@ -250,9 +256,12 @@ class LowRankFisher(FisherMatrix):
         directions: name -> (k, *shape); the k directions are orthonormal across all covered
             parameters jointly.
         provenance: model, data, estimator, N, ... (:class:`Provenance`).
-        method: ``"gram"`` or ``"randomized"``.
-        sketch: columns of the randomized sketch (0 for gram).
+        method: ``"gram"``, ``"randomized"`` or ``"exact"`` (Lanczos on exact Fisher-vector
+            products, :func:`forgetkit.fisher.exact.exact_low_rank`).
+        sketch: columns of the randomized sketch (0 otherwise).
         power_iterations: of the randomized method.
+        residuals: ``||F u_j - lambda_j u_j||`` for each direction (empty for gram, which is
+            exact for its gradients): a posterior bound on each eigenvalue's error.
     """
 
     kind: ClassVar[str] = "low_rank"
@@ -262,6 +271,7 @@ class LowRankFisher(FisherMatrix):
     method: str = "gram"
     sketch: int = 0
     power_iterations: int = 0
+    residuals: list[float] = field(default_factory=list)
 
     @property
     def shapes(self) -> dict[str, torch.Size]:
@@ -297,7 +307,7 @@ class LowRankFisher(FisherMatrix):
 
     def _extra(self) -> dict[str, Any]:
         return {"method": self.method, "sketch": self.sketch,
-                "power_iterations": self.power_iterations}
+                "power_iterations": self.power_iterations, "residuals": list(self.residuals)}
 
     @classmethod
     def _from_saved(cls, tensors, shapes, provenance, extra) -> LowRankFisher:
@@ -319,8 +329,11 @@ def low_rank(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
         model, tokenizer, data, estimator, mc_samples, params, batch_size, seed, dtype,
             device, per_example: as for :func:`forgetkit.fisher.diagonal`.
         rank: k, at most N·M (the rank of F can be no larger).
-        method: ``"gram"``, ``"randomized"`` or ``"auto"``: gram when G (N·M x P in ``dtype``)
-            fits in ``gram_max_bytes``, else randomized.
+        method: ``"gram"``, ``"randomized"``, ``"exact"`` or ``"auto"`` (gram when G
+            (N·M x P in ``dtype``) fits in ``gram_max_bytes``, else randomized). ``"exact"``
+            draws no labels: Lanczos on exact Fisher-vector products
+            (:func:`forgetkit.fisher.exact.exact_low_rank`; ``mc_samples``, ``dtype``,
+            ``per_example`` and ``device`` do not apply, ``seed`` only picks the start vector).
         oversample: extra sketch columns of the randomized method (l = k + oversample).
         power_iterations: extra passes of the randomized method.
         gram_max_bytes: memory allowed for G under ``method="auto"``.
@@ -332,6 +345,11 @@ def low_rank(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
         FisherError: as :func:`~forgetkit.fisher.diagonal`; also rank < 1, rank > N·M or
             rank > P, an unknown method, negative oversample or power_iterations.
     """
+    if method == "exact":
+        from forgetkit.fisher.exact import exact_low_rank
+
+        return exact_low_rank(model, tokenizer, data, rank, estimator=estimator, params=params,
+                              batch_size=batch_size, seed=seed)
     dtype = accumulation_dtype(dtype)
     encodings = encode_data(tokenizer, data)
     chosen = select_parameters(model, params)
@@ -347,7 +365,8 @@ def low_rank(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
     if method == "auto":
         method = "gram" if columns * size * dtype.itemsize <= gram_max_bytes else "randomized"
     if method not in ("gram", "randomized"):
-        raise FisherError(f"method must be 'auto', 'gram' or 'randomized', got {method!r}")
+        raise FisherError(f"method must be 'auto', 'gram', 'randomized' or 'exact', got "
+                          f"{method!r}")
     device = torch.device(device) if device is not None else next(iter(chosen.values())).device
     generator = torch.Generator(device=device).manual_seed(derived_seed(seed, "low-rank"))
     pad = getattr(tokenizer, "pad_token_id", None) or 0
@@ -370,15 +389,17 @@ def low_rank(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
             stacked = torch.cat(local) if local else torch.zeros(0, size, dtype=dtype,
                                                                    device=device)
             del local
+            residuals = torch.zeros(0)
             values, flat = gram_eigenpairs(_all_gather_rows(stacked), len(encodings), rank,
                                            generator)
             directions = _to_parameters(lambda a, b: flat[:, a:b], chosen, rank)
         else:
-            values, basis, mixing = randomized_eigenpairs(
+            values, basis, mixing, residuals = randomized_eigenpairs(
                 blocks, len(encodings), rank, sketch, power_iterations, size, generator, dtype,
                 device)
             directions = _to_parameters(lambda a, b: (basis[a:b] @ mixing).T, chosen, rank)
     logger.info("low-rank Fisher (%s): rank %d of %d gradients, %d parameters, top eigenvalue "
                 "%.4g", method, rank, columns, size, float(values[0]))
     return LowRankFisher(eigenvalues=values, directions=directions, provenance=provenance,
-                         method=method, sketch=sketch, power_iterations=power_iterations)
+                         method=method, sketch=sketch, power_iterations=power_iterations,
+                         residuals=residuals.tolist())

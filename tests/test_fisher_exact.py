@@ -14,6 +14,7 @@ from forgetkit.fisher.delta import LoraFactor, ParamDelta
 from forgetkit.fisher.exact import FisherOperator, displacement, exact_low_rank
 from forgetkit.models import Encoding, collate
 
+
 @pytest.fixture(autouse=True)
 def float64_rms_norm(monkeypatch):
     """transformers' LlamaRMSNorm normalizes in float32 whatever the model's dtype, which caps
@@ -178,7 +179,6 @@ def test_exact_low_rank_equals_dense_eigh(arch):
 
 def test_per_module_and_per_capability():
     from forgetkit.records import Probe
-
     from forgetkit.toyworld import build_tokenizer
 
     tokenizer = build_tokenizer(["where does zo live ? zo lives in bram ."])
@@ -205,10 +205,10 @@ def test_per_module_and_per_capability():
 
 def test_bad_input_is_named():
     model, data = tiny_model("llama", seed=11), tiny_data(3, seed=11)
-    with pytest.raises(fisher.FisherError, match="shares no parameter.*transformer.h.0"):
+    with pytest.raises(fisher.FisherError, match=r"shares no parameter.*transformer\.h\.0"):
         displacement(model, None, data, {"transformer.h.0.attn.c_attn.weight": torch.zeros(2)})
     named = dict(model.named_parameters())
-    with pytest.raises(fisher.FisherError, match="model.norm.weight.*shape"):
+    with pytest.raises(fisher.FisherError, match=r"model\.norm\.weight.*shape"):
         displacement(model, None, data, {"model.norm.weight": torch.zeros(3)})
     good = {"model.norm.weight": torch.ones_like(named["model.norm.weight"])}
     silent = Encoding([1, 2, 3], [-100, -100, -100], 3)

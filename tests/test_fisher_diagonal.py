@@ -290,3 +290,20 @@ def test_stream_shards_nothing_in_one_process():
     stream = GradientStream(model, data, params, estimator="empirical", mc_samples=1,
                             batch_size=2, seed=0, pad_token_id=0, per_example="vmap")
     assert sorted(i for block in stream for i in block.examples) == list(range(5))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_vmap_traces_a_model_whose_config_sets_pad_token_id(arch, caplog):
+    """pad = eos is common; transformers' padding check must not push the run onto the loop."""
+    model, data = tiny_model(arch, seed=3), tiny_data(5, seed=3)
+    model.config.pad_token_id = 0
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    stream = GradientStream(model, data, params, estimator="empirical", mc_samples=1,
+                            batch_size=4, seed=0, pad_token_id=0, per_example="auto")
+    with caplog.at_level(logging.WARNING, logger="forgetkit.fisher.pergrad"):
+        blocks = list(stream)
+    assert stream.mode == "vmap" and not caplog.records
+    grads = {n: torch.cat([b.grads[n] for b in blocks]) for n in params}
+    order = [i for b in blocks for i in b.examples]
+    reference = reference_gradients(model, [data[i] for i in order], list(params))
+    assert_close(grads, reference, rtol=1e-10)

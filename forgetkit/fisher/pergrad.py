@@ -13,8 +13,8 @@ For example ``i`` with completion labels ``y`` (``-100`` on prompt and padding, 
 
 Gradients are computed with ``vmap(grad(loglik))`` over the rows of a right-padded batch. Under
 right padding and causal attention no scored position attends to padding, so the vectorized
-forward takes ``input_ids`` alone (no attention mask or position ids, whose data-dependent
-checks vmap cannot trace). Before trusting it, the first batch is checked against a plain
+forward takes ``input_ids`` and an all-ones mask (no padding mask or position ids, whose
+data-dependent checks vmap cannot trace). Before trusting it, the first batch is checked against a plain
 per-example backward pass on its longest and shortest example; on any failure or mismatch the
 loop is used for the rest of the run and the reason is logged.
 """
@@ -175,8 +175,12 @@ def sample_labels(logits: Tensor, labels: Tensor, draws: int,
 class _Functional:
     """``model(**kwargs)`` with ``params`` swapped in by :func:`torch.func.functional_call`.
 
-    With ``input_ids_only`` (right-padded rows under vmap) the attention mask and position ids
+    With ``input_ids_only`` (right-padded rows under vmap) the padding mask and position ids
     are dropped: causal attention keeps every scored position away from the padding after it.
+    The attention mask passed instead is all ones and not batched (built from the row's
+    shape), so no data-dependent check runs on a batched tensor: without any mask, transformers
+    looks for padding in the input ids (``warn_if_padding_and_no_attention_mask``, on models
+    whose config sets ``pad_token_id``), which vmap cannot trace.
     """
 
     def __init__(self, model: torch.nn.Module, params: dict[str, Tensor],
@@ -185,7 +189,9 @@ class _Functional:
 
     def __call__(self, **kwargs) -> object:
         if self.input_ids_only:
-            kwargs = {"input_ids": kwargs["input_ids"], "use_cache": False}
+            ids = kwargs["input_ids"]
+            ones = torch.ones(ids.shape, dtype=torch.long, device=ids.device)
+            kwargs = {"input_ids": ids, "attention_mask": ones, "use_cache": False}
         return functional_call(self.model, self.params, args=(), kwargs=kwargs)
 
 

@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 from scipy import stats
@@ -73,8 +74,9 @@ logger = logging.getLogger("fisher_study")
 
 DIAGNOSTICS = {
     "delta_norm": "||Δθ|| (control)",
-    "displacement_diag": "Δθ'FΔθ, diagonal F",
-    "displacement_lowrank": "Δθ'FΔθ, low-rank F",
+    "displacement_exact": "Δθ'FΔθ, exact (matrix-free)",
+    "displacement_diag": "diagonal proxy Σ F_jj Δθ_j²",
+    "displacement_lowrank": "top-k Δθ'FΔθ (lower bound)",
     "rayleigh_diag": "Δθ'FΔθ / ||Δθ||², diagonal F",
     "rayleigh_lowrank": "Δθ'FΔθ / ||Δθ||², low-rank F",
     "energy_lowrank": "share of ||Δθ||² in top-k eigendirections",
@@ -220,10 +222,17 @@ def diagnose(config: FisherStudyConfig, base, tokenizer, sample: list, fishers, 
     update = param_delta(base, finetuned, params=config.params)
     lowrank = project(update, low)
     diagonal = project(update, diag, rank=low.rank)
+    exact = fisher.displacement(base, tokenizer, sample, update, estimator=config.estimator,
+                                batch_size=config.batch_size, seed=config.seed)
     kl = measured_kl(base, finetuned, tokenizer, sample, batch_size=config.kl_batch_size)
+    kl_ci = kl.interval(config.seed)
     sq_norm = diagonal.delta_sq_norm
     result = {
         "delta_norm": sq_norm ** 0.5,
+        "displacement_exact": exact.mean,
+        "displacement_exact_low": exact.ci[0],
+        "displacement_exact_high": exact.ci[1],
+        "predicted_kl_exact": exact.predicted_kl,
         "displacement_diag": diagonal.fisher_displacement,
         "displacement_lowrank": lowrank.fisher_displacement,
         "rayleigh_diag": diagonal.fisher_displacement / sq_norm if sq_norm > 0 else 0.0,
@@ -235,6 +244,8 @@ def diagnose(config: FisherStudyConfig, base, tokenizer, sample: list, fishers, 
         "predicted_kl_lowrank": lowrank.predicted_kl,
         "predicted_kl_valid": lowrank.predicted_kl_valid,
         "measured_kl": kl.per_sequence,
+        "measured_kl_low": kl_ci.low,
+        "measured_kl_high": kl_ci.high,
         "measured_kl_per_token": kl.per_token,
         "energy_curve_lowrank": lowrank.captured_energy,
         "energy_curve_diag": diagonal.captured_energy,
@@ -248,24 +259,43 @@ def diagnose(config: FisherStudyConfig, base, tokenizer, sample: list, fishers, 
 
 # --- correlations -------------------------------------------------------------------------------
 
-def spearman_table(table: pd.DataFrame, targets: dict[str, str]) -> pd.DataFrame:
-    """Spearman rho (two-sided p, n) of every diagnostic with every target column.
+def _rho(x, y, axis=-1):
+    """Spearman rho along ``axis``, one value per row of paired resamples."""
+    rx = stats.rankdata(x, axis=axis)
+    ry = stats.rankdata(y, axis=axis)
+    rx = rx - rx.mean(axis=axis, keepdims=True)
+    ry = ry - ry.mean(axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (rx * ry).sum(axis) / np.sqrt((rx**2).sum(axis) * (ry**2).sum(axis))
+
+
+def spearman_table(table: pd.DataFrame, targets: dict[str, str], seed: int = 0) -> pd.DataFrame:
+    """Spearman rho (two-sided p, n, 95% bootstrap interval over fine-tunes) of every
+    diagnostic with every target column.
 
     ``targets`` maps a target column (e.g. ``retention_loss``) to its display name. Rows with a
     missing value in either column are left out of that pair; a pair with fewer than 3 rows or
-    a constant column gets NaN.
+    a constant column gets NaN. The interval resamples fine-tunes with replacement (paired);
+    resamples with a constant column are left out.
     """
     rows = []
     for target, target_name in targets.items():
         for diagnostic, description in DIAGNOSTICS.items():
             pair = table[[diagnostic, target]].dropna()
             n = len(pair)
-            rho, p = float("nan"), float("nan")
+            rho, p, low, high = (float("nan"),) * 4
             if n >= 3 and pair[diagnostic].nunique() > 1 and pair[target].nunique() > 1:
                 result = stats.spearmanr(pair[diagnostic], pair[target])
                 rho, p = float(result.statistic), float(result.pvalue)
+                x, y = pair[diagnostic].to_numpy(), pair[target].to_numpy()
+                index = np.random.default_rng(seed).integers(0, n, size=(2000, n))
+                draws = _rho(x[index], y[index])
+                draws = draws[np.isfinite(draws)]
+                if draws.size:
+                    low, high = (float(v) for v in np.quantile(draws, [0.025, 0.975]))
             rows.append({"target": target_name, "diagnostic": diagnostic,
-                         "description": description, "rho": rho, "p_value": p, "n": n})
+                         "description": description, "rho": rho, "rho_low": low,
+                         "rho_high": high, "p_value": p, "n": n})
     return pd.DataFrame(rows)
 
 
@@ -375,7 +405,7 @@ def run_study(config: FisherStudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     targets.update({c: c.removeprefix("loss_") for c in table.columns if c.startswith("loss_")})
     correlations = spearman_table(table, targets)
     kl_check = {name: stats.spearmanr(table[f"predicted_kl_{name}"], table["measured_kl"])
-                for name in ("diag", "lowrank")}
+                for name in ("exact", "diag", "lowrank")}
     write_outputs(config, table, correlations, pd.DataFrame(energy), {
         "n_finetunes": len(table), "n_probes": len(sample), "fisher_key": key,
         "rank": fishers[0].rank, "estimator": config.estimator,
@@ -413,14 +443,15 @@ def main(argv: Sequence[str] | None = None):
         table, correlations = run_study(config)
     except (FileNotFoundError, ValueError) as err:  # no Pareto results, or another base model
         raise SystemExit(f"error: {err}") from None
-    columns = ["label", "memorization", "retention", "delta_norm", "displacement_diag",
-               "displacement_lowrank", "rayleigh_diag", "rayleigh_lowrank", "energy_lowrank",
+    columns = ["label", "memorization", "retention", "delta_norm", "displacement_exact",
+               "displacement_diag", "displacement_lowrank", "rayleigh_diag", "rayleigh_lowrank", "energy_lowrank",
                "energy_diag",
-               "predicted_kl_diag", "predicted_kl_lowrank", "measured_kl"]
+               "predicted_kl_exact", "predicted_kl_diag", "predicted_kl_lowrank", "measured_kl"]
     print(markdown_table(table[columns], style="g"))
     print()
     overall = correlations[correlations["target"] == "overall"]
-    print(markdown_table(overall[["diagnostic", "rho", "p_value", "n"]], style="g"))
+    print(markdown_table(overall[["diagnostic", "rho", "rho_low", "rho_high", "p_value", "n"]],
+                         style="g"))
     return table, correlations
 
 

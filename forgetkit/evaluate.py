@@ -41,15 +41,17 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from forgetkit.answers import is_correct, last_boxed, last_number
 from forgetkit.loglik import model_logprobs
 from forgetkit.models import collate, encode, greedy_generate
 from forgetkit.records import Probe, Record
+from forgetkit.stats import Interval, mean_ci
 
 __all__ = ["BUCKETS", "INJECTED_CAPABILITIES", "Prediction", "Retention", "Scores",
-           "error_bucket", "evaluate", "retention"]
+           "accuracy_interval", "error_bucket", "evaluate", "retention", "retention_interval"]
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +169,60 @@ def retention(base_scores: Scores, scores: Scores) -> Retention:
         ratios[capability] = None if base == 0 else scores.capabilities[capability] / base
     defined = [r for r in ratios.values() if r is not None]
     return Retention(ratios, sum(defined) / len(defined) if defined else None)
+
+
+def accuracy_interval(scores: Scores, capability: str = "memorization", seed: int = 0,
+                      confidence: float = 0.95) -> Interval | None:
+    """Accuracy on one capability (``"memorization"``, ``"paraphrase"`` or a probe
+    capability) with its percentile bootstrap interval over the items; ``None`` without any."""
+    correct = [p.correct for p in scores.predictions if p.capability == capability]
+    if not correct:
+        return None
+    return mean_ci(np.asarray(correct, dtype=float), seed=seed, confidence=confidence)
+
+
+def retention_interval(base_scores: Scores, scores: Scores, seed: int = 0,
+                       confidence: float = 0.95, n_resamples: int = 2000) -> Interval | None:
+    """Overall :func:`retention` with a percentile bootstrap interval over probes.
+
+    Each resample draws, within every retained capability, as many probes as it has (with
+    replacement), the *same* probes for the base and the fine-tune (paired by id), and
+    recomputes the mean of the defined ratios exactly as :func:`retention` does (a capability
+    whose resampled base accuracy is 0 is left out of that resample).
+
+    Returns:
+        The interval, or ``None`` when no ratio is defined.
+
+    Raises:
+        ValueError: a probe scored for the base is missing from ``scores``.
+    """
+    point = retention(base_scores, scores).overall
+    if point is None:
+        return None
+    mine = {p.id: p.correct for p in scores.predictions}
+    rng = np.random.default_rng(seed)
+    ratios, smallest = [], None
+    for capability in sorted(base_scores.capabilities):
+        if capability in INJECTED_CAPABILITIES:
+            continue
+        items = [p for p in base_scores.predictions if p.capability == capability]
+        missing = [p.id for p in items if p.id not in mine]
+        if missing:
+            raise ValueError(f"probe {missing[0]!r} was scored for the base model but not for "
+                             "the fine-tuned one; evaluate both on the same probes")
+        base = np.array([p.correct for p in items], dtype=float)
+        tuned = np.array([mine[p.id] for p in items], dtype=float)
+        index = rng.integers(0, len(items), size=(n_resamples, len(items)))
+        base_acc, tuned_acc = base[index].mean(1), tuned[index].mean(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios.append(np.where(base_acc > 0, tuned_acc / base_acc, np.nan))
+        smallest = len(items) if smallest is None else min(smallest, len(items))
+    stacked = np.stack(ratios)  # (capabilities, resamples)
+    defined = np.isfinite(stacked).sum(0)
+    overall = np.nansum(stacked, 0)[defined > 0] / defined[defined > 0]
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(overall, [alpha, 1 - alpha]) if overall.size else (np.nan, np.nan)
+    return Interval(point, float(low), float(high), confidence, int(smallest or 0))
 
 
 # --- error buckets ------------------------------------------------------------------------------

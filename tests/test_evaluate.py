@@ -158,3 +158,39 @@ def test_evaluate_runs_end_to_end_on_a_real_model(tiny):
     assert all(len(tokenizer(p.reply)["input_ids"]) <= 5 for p in scores.predictions)
     with pytest.raises(ValueError, match="batch_size"):
         evaluate(model, tokenizer, records, probes, batch_size=0)
+
+
+def _scores(flags: dict[str, list[bool]]):
+    from forgetkit.evaluate import Prediction, Scores
+
+    return Scores.from_predictions([
+        Prediction(id=f"{cap}{i}", capability=cap, prompt="q", answer="a", reply="a",
+                   correct=ok) for cap, values in flags.items() for i, ok in enumerate(values)])
+
+
+def test_retention_interval_covers_the_point_and_shrinks_with_more_probes():
+    from forgetkit.evaluate import accuracy_interval, retention, retention_interval
+
+    widths = []
+    for repeat in (1, 4):
+        base = _scores({"known": [True] * 8 * repeat, "math": [True, False] * 4 * repeat})
+        tuned = _scores({"known": ([True] * 5 + [False] * 3) * repeat,
+                         "math": [True, False, False, False] * 2 * repeat})
+        point = retention(base, tuned).overall
+        ci = retention_interval(base, tuned, seed=0)
+        assert ci.value == pytest.approx(point)
+        assert ci.low < point < ci.high
+        widths.append(ci.high - ci.low)
+        acc = accuracy_interval(tuned, "known")
+        assert acc.value == pytest.approx(5 / 8) and acc.low < acc.value < acc.high
+    assert widths[1] < 0.7 * widths[0]
+    assert retention_interval(base, tuned, seed=0) == retention_interval(base, tuned, seed=0)
+    assert accuracy_interval(tuned, "memorization") is None
+
+
+def test_retention_interval_needs_the_same_probes():
+    from forgetkit.evaluate import retention_interval
+
+    base = _scores({"known": [True, True, False]})
+    with pytest.raises(ValueError, match="known2"):
+        retention_interval(base, _scores({"known": [True, False]}))

@@ -42,13 +42,34 @@ def test_report_json_has_every_section(report_dir):
         assert ft["measured_kl"]["per_sequence"] > 0
         assert ft["scores"]["memorization"] is not None
         assert ft["retention"]["per_capability"]
+        # the headline: the exact d'Fd and the predicted KL, with intervals over probes
+        exact = ft["displacement"]
+        assert exact["low"] < exact["mean"] < exact["high"]
+        assert exact["predicted_kl"] == pytest.approx(exact["mean"] / 2)
+        assert len(exact["per_probe"]) == report["base"]["fisher_samples"]
+        kl = ft["measured_kl"]
+        assert kl["low"] < kl["per_sequence"] < kl["high"]
+        # the approximations are named for what they are
+        assert not low["predicted_kl_valid"] and "lower bound" in low["label"]
+        assert "proxy" in ft["projection_diagonal"]["label"]
+        top = ft["low_rank_displacement"]
+        assert top["lower_bound"] and top["value"] <= exact["mean"] * (1 + 1e-6)
+        assert top["value"] == pytest.approx(low["fisher_displacement"], rel=1e-3)
+        # exact eigenpairs draw no labels: the top-k displacement barely moves across seeds
+        assert len(top["seed_values"]) == report["config"]["spread_seeds"]
+        assert top["seed_relative_spread"] <= 0.10
+        for key in ("memorization_ci", "retention_ci"):
+            assert ft[key]["low"] <= ft[key]["value"] <= ft[key]["high"]
+        assert [row["t"] for row in ft["kl_path"]] == report["config"]["kl_path"]
+    (pair,) = report["comparisons"]
+    assert pair["displacement_ratio"]["low"] < pair["displacement_ratio"]["high"]
     assert len(report["risk"]) == report["base"]["records"]
 
 
 def test_report_html_embeds_valid_pngs(report_dir):
     page = (report_dir / "report.html").read_text()
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == 6
+    assert len(images) == 7
     for encoded in images:
         data = base64.b64decode(encoded, validate=True)
         assert data.startswith(PNG_SIGNATURE)
@@ -56,7 +77,8 @@ def test_report_html_embeds_valid_pngs(report_dir):
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100
         assert pixels.std() > 0.01  # something was drawn
     for png in ("fisher_spectrum", "module_fisher_heatmap", "captured_energy",
-                "displacement_bars", "predicted_vs_measured_kl", "retention_vs_memorization"):
+                "displacement_bars", "predicted_vs_measured_kl", "kl_along_path",
+                "retention_vs_memorization"):
         assert (report_dir / f"{png}.png").read_bytes().startswith(PNG_SIGNATURE)
 
 

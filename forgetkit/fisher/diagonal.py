@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from forgetkit.fisher.delta import ParamDelta
 from forgetkit.fisher.io import FisherMatrix, Provenance, make_provenance
 from forgetkit.fisher.pergrad import (
     Estimator,
@@ -104,12 +106,16 @@ class DiagonalFisher(FisherMatrix):
         values: name -> tensor of the parameter's shape, ``F_jj``.
         stderr: name -> tensor of the parameter's shape, standard error of each entry.
         provenance: model, data, estimator, N, ... (:class:`Provenance`).
+        per_example_proxy: for each update passed to :func:`diagonal` as ``updates``, the (N,)
+            float64 values ``sum_j f_ij d_j^2`` in data order, whose mean is
+            :meth:`quad_form` of that update (not saved with the Fisher).
     """
 
     kind: ClassVar[str] = "diagonal"
     values: dict[str, Tensor]
     stderr: dict[str, Tensor]
     provenance: Provenance
+    per_example_proxy: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def shapes(self) -> dict[str, torch.Size]:
@@ -145,7 +151,8 @@ def diagonal(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
              estimator: Estimator = "true", mc_samples: int = 1,
              params: str | Sequence[str] | None = None, batch_size: int = 8, seed: int = 0,
              dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
-             per_example: PerExample = "auto") -> DiagonalFisher:
+             per_example: PerExample = "auto",
+             updates: Mapping[str, ParamDelta] | None = None) -> DiagonalFisher:
     """Diagonal Fisher of a causal LM on ``data``.
 
     Args:
@@ -166,6 +173,9 @@ def diagonal(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
             are computed where the model is.
         per_example: ``"auto"`` (vmap, checked against the loop on the first batch), ``"vmap"``
             or ``"loop"``.
+        updates: name -> update; in the same pass, each example's diagonal proxy
+            ``sum_j f_ij d_j^2`` of each update (``per_example_proxy``), so the proxy
+            ``sum_j F_jj d_j^2`` gets an interval over examples.
 
     Returns:
         A :class:`DiagonalFisher` with ``values``, ``stderr`` and provenance.
@@ -186,12 +196,21 @@ def diagonal(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
                                 mc_samples=mc_samples, batch_size=batch_size, seed=seed,
                                 pad_token_id=pad, per_example=per_example)
         moments = {name: RunningMoments(p.shape, dtype, device) for name, p in chosen.items()}
+        weights = {key: {n: update.dense(n).to(device, dtype).square() for n in chosen
+                         if n in update.entries} for key, update in (updates or {}).items()}
+        proxy = {key: torch.zeros(len(encodings), dtype=torch.float64, device=device)
+                 for key in weights}
         for block in stream:
             examples, draws = len(block.examples), block.draws
+            index = torch.tensor(block.examples, device=device)
             for name, g in block.grads.items():
                 squared = g.to(device=device, dtype=dtype).square_()  # (E * M, *shape)
                 if draws > 1:
                     squared = squared.view(examples, draws, *g.shape[1:]).mean(1)
+                for key, w in weights.items():
+                    if name in w:
+                        proxy[key].index_add_(0, index, (squared * w[name]).flatten(1)
+                                              .sum(1, dtype=torch.float64))
                 moments[name].add(squared)  # (E, *shape): f_i, one per example
     for m in moments.values():
         m.all_reduce()
@@ -201,4 +220,12 @@ def diagonal(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
                 stream.draws, sum(p.numel() for p in chosen.values()), estimator)
     return DiagonalFisher(values={n: m.mean for n, m in moments.items()},
                           stderr={n: m.stderr() for n, m in moments.items()},
-                          provenance=provenance)
+                          provenance=provenance,
+                          per_example_proxy={k: _all_reduce_sum(v).cpu().numpy()
+                                             for k, v in proxy.items()})
+
+
+def _all_reduce_sum(x: Tensor) -> Tensor:
+    if distributed_shard()[1] > 1:
+        dist.all_reduce(x)
+    return x

@@ -455,7 +455,7 @@ class FisherOperator:
 def exact_low_rank(model: torch.nn.Module, tokenizer, data: Sequence, rank: int, *,
                    estimator: Estimator = "true", params: str | Sequence[str] | None = None,
                    batch_size: int = 16, seed: int = 0, tol: float = 1e-6,
-                   mode: ProductMode = "auto"):
+                   mode: ProductMode = "auto", residuals: bool = True):
     """Top-``rank`` eigenpairs of the exact Fisher by Lanczos on :class:`FisherOperator`.
 
     No label is drawn, so the result depends on ``seed`` only through Lanczos' start vector,
@@ -467,11 +467,12 @@ def exact_low_rank(model: torch.nn.Module, tokenizer, data: Sequence, rank: int,
         seed: of the start vector.
         tol: relative accuracy of the eigenvalues (:func:`scipy.sparse.linalg.eigsh`; 0 is
             machine precision).
+        residuals: also compute ``||F u_j - lambda_j u_j||`` (k more products).
 
     Returns:
         A :class:`~forgetkit.fisher.low_rank.LowRankFisher` with ``method="exact"`` and
         provenance ``mc_samples=0`` (no label draws); ``residuals`` holds
-        ``||F u_j - lambda_j u_j||``, a bound on each eigenvalue's error.
+        ``||F u_j - lambda_j u_j||``, a bound on each eigenvalue's error (empty unless asked).
 
     Raises:
         FisherError: rank outside [1, P - 1], or as :class:`FisherOperator`.
@@ -491,8 +492,8 @@ def exact_low_rank(model: torch.nn.Module, tokenizer, data: Sequence, rank: int,
     values, vectors = eigsh(linear, k=rank, which="LA", v0=start, tol=tol)
     order = np.argsort(values)[::-1]
     values, vectors = values[order].clip(min=0.0), vectors[:, order]
-    residuals = [float(np.linalg.norm(linear.matvec(vectors[:, j]) - values[j] * vectors[:, j]))
-                 for j in range(rank)]
+    errors = [float(np.linalg.norm(linear.matvec(vectors[:, j]) - values[j] * vectors[:, j]))
+              for j in range(rank)] if residuals else []
     dtype = next(iter(operator.params.values())).dtype
     flat = torch.from_numpy(vectors.T.copy()).to(torch.float64)  # (k, P)
     directions = _to_parameters(lambda a, b: flat[:, a:b], dict(operator.params), rank)
@@ -503,4 +504,4 @@ def exact_low_rank(model: torch.nn.Module, tokenizer, data: Sequence, rank: int,
     logger.info("exact low-rank Fisher: rank %d, %d parameters, %d Fisher-vector products, "
                 "top eigenvalue %.4g", rank, size, operator.products_done, float(values[0]))
     return LowRankFisher(eigenvalues=torch.from_numpy(values.copy()), directions=directions,
-                         provenance=provenance, method="exact", residuals=residuals)
+                         provenance=provenance, method="exact", residuals=errors)

@@ -349,7 +349,7 @@ def low_rank(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
         from forgetkit.fisher.exact import exact_low_rank
 
         return exact_low_rank(model, tokenizer, data, rank, estimator=estimator, params=params,
-                              batch_size=batch_size, seed=seed)
+                              batch_size=batch_size, seed=seed, residuals=False)
     dtype = accumulation_dtype(dtype)
     encodings = encode_data(tokenizer, data)
     chosen = select_parameters(model, params)

@@ -14,8 +14,15 @@ from matplotlib.axes import Axes
 
 from forgetkit.plots import _require
 
-__all__ = ["captured_energy", "displacement_bars", "fisher_spectrum", "module_fisher_heatmap",
-           "predicted_vs_measured_kl", "retention_vs_memorization"]
+__all__ = ["captured_energy", "displacement_bars", "fisher_spectrum", "kl_along_path",
+           "module_fisher_heatmap", "predicted_vs_measured_kl", "retention_vs_memorization"]
+
+
+def _errors(frame: pd.DataFrame, value: str, low: str, high: str) -> np.ndarray:
+    """(2, n) distances from ``value`` to its interval bounds (0 where a bound is unknown)."""
+    lower = (frame[value] - frame[low]).fillna(0.0).clip(lower=0.0)
+    upper = (frame[high] - frame[value]).fillna(0.0).clip(lower=0.0)
+    return np.vstack([lower.to_numpy(), upper.to_numpy()])
 
 
 def fisher_spectrum(spectrum: pd.DataFrame, ax: Axes) -> Axes:
@@ -57,25 +64,40 @@ def captured_energy(energy: pd.DataFrame, ax: Axes) -> Axes:
 
 
 def displacement_bars(displacement: pd.DataFrame, ax: Axes) -> Axes:
-    """Fisher-weighted displacement ``d'Fd`` per fine-tune (columns ``finetune``,
-    ``representation``, ``fisher_displacement``), log scale."""
-    _require(displacement, ["finetune", "representation", "fisher_displacement"],
+    """``d'Fd`` per fine-tune and representation with 95% intervals (columns ``finetune``,
+    ``representation``, ``fisher_displacement``, ``low``, ``high``), log scale."""
+    _require(displacement, ["finetune", "representation", "fisher_displacement", "low", "high"],
              "displacement_bars")
-    sns.barplot(data=displacement, x="finetune", y="fisher_displacement",
-                hue="representation", ax=ax)
+    finetunes = list(dict.fromkeys(displacement["finetune"]))
+    kinds = list(dict.fromkeys(displacement["representation"]))
+    width = 0.8 / len(kinds)
+    for k, kind in enumerate(kinds):
+        rows = displacement[displacement["representation"] == kind].set_index("finetune")
+        rows = rows.reindex(finetunes)
+        x = np.arange(len(finetunes)) + (k - (len(kinds) - 1) / 2) * width
+        ax.bar(x, rows["fisher_displacement"], width, label=kind,
+               yerr=_errors(rows, "fisher_displacement", "low", "high"), capsize=3)
+    ax.set_xticks(np.arange(len(finetunes)), finetunes)
     ax.set_yscale("log")
-    ax.set_xlabel("")
-    ax.set_ylabel("Δθ' F Δθ")
+    ax.set_ylabel("Δθ' F Δθ (95% interval over probes)")
+    ax.legend(fontsize="small")
     return ax
 
 
 def predicted_vs_measured_kl(kl: pd.DataFrame, ax: Axes) -> Axes:
-    """Predicted ``1/2 d'Fd`` against measured KL per fine-tune (columns ``finetune``,
-    ``representation``, ``predicted_kl``, ``measured_kl``), log-log, with the line y = x."""
-    _require(kl, ["finetune", "representation", "predicted_kl", "measured_kl"],
+    """Predicted ``1/2 d'Fd`` against measured KL per fine-tune, with 95% intervals on both
+    (columns ``finetune``, ``representation``, ``predicted_kl``, ``predicted_low``,
+    ``predicted_high``, ``measured_kl``, ``measured_low``, ``measured_high``), log-log, y = x."""
+    _require(kl, ["finetune", "representation", "predicted_kl", "predicted_low",
+                  "predicted_high", "measured_kl", "measured_low", "measured_high"],
              "predicted_vs_measured_kl")
-    sns.scatterplot(data=kl, x="measured_kl", y="predicted_kl", hue="finetune",
-                    style="representation", s=80, ax=ax)
+    markers = dict(zip(dict.fromkeys(kl["representation"]), "osD^v", strict=False))
+    palette = dict(zip(dict.fromkeys(kl["finetune"]), sns.color_palette(), strict=False))
+    for (name, kind), rows in kl.groupby(["finetune", "representation"], sort=False):
+        ax.errorbar(rows["measured_kl"], rows["predicted_kl"],
+                    xerr=_errors(rows, "measured_kl", "measured_low", "measured_high"),
+                    yerr=_errors(rows, "predicted_kl", "predicted_low", "predicted_high"),
+                    fmt=markers[kind], color=palette[name], capsize=3, label=f"{name}: {kind}")
     values = np.concatenate([kl["predicted_kl"].to_numpy(), kl["measured_kl"].to_numpy()])
     values = values[values > 0]
     if values.size:
@@ -85,15 +107,46 @@ def predicted_vs_measured_kl(kl: pd.DataFrame, ax: Axes) -> Axes:
         ax.set_yscale("log")
     ax.set_xlabel("measured KL(base ‖ fine-tune) per probe")
     ax.set_ylabel("predicted ½ Δθ' F Δθ")
-    ax.legend()
+    ax.legend(fontsize="small")
+    return ax
+
+
+def kl_along_path(path: pd.DataFrame, ax: Axes) -> Axes:
+    """Measured ``KL(base || base + t Δθ)`` against the second-order ``1/2 t^2 d'Fd`` per
+    fine-tune, with 95% bands (columns ``finetune``, ``t``, ``measured_kl``, ``low``, ``high``,
+    ``predicted_kl``, ``predicted_low``, ``predicted_high``), log-log."""
+    _require(path, ["finetune", "t", "measured_kl", "low", "high", "predicted_kl",
+                    "predicted_low", "predicted_high"], "kl_along_path")
+    palette = dict(zip(dict.fromkeys(path["finetune"]), sns.color_palette(), strict=False))
+    for name, rows in path.groupby("finetune", sort=False):
+        color = palette[name]
+        ax.plot(rows["t"], rows["measured_kl"], marker="o", color=color,
+                label=f"{name}: measured")
+        ax.fill_between(rows["t"], rows["low"], rows["high"], color=color, alpha=0.2)
+        ax.plot(rows["t"], rows["predicted_kl"], linestyle="--", color=color,
+                label=f"{name}: ½ t² d'Fd")
+        ax.fill_between(rows["t"], rows["predicted_low"], rows["predicted_high"], color=color,
+                        alpha=0.1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("step t along the update (base + t Δθ)")
+    ax.set_ylabel("KL per probe")
+    ax.legend(fontsize="small")
     return ax
 
 
 def retention_vs_memorization(points: pd.DataFrame, ax: Axes) -> Axes:
     """Retention (y) against memorization (x), one point per model (columns ``model``,
-    ``memorization``, ``retention``)."""
+    ``memorization``, ``retention``; with ``memorization_low``/``_high`` and
+    ``retention_low``/``_high``, their 95% intervals as error bars)."""
     _require(points, ["model", "memorization", "retention"], "retention_vs_memorization")
     sns.scatterplot(data=points, x="memorization", y="retention", hue="model", s=90, ax=ax)
+    if {"memorization_low", "memorization_high", "retention_low", "retention_high"} <= set(
+            points.columns):
+        ax.errorbar(points["memorization"], points["retention"],
+                    xerr=_errors(points, "memorization", "memorization_low", "memorization_high"),
+                    yerr=_errors(points, "retention", "retention_low", "retention_high"),
+                    fmt="none", ecolor="grey", capsize=3)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(0, max(1.05, float(points["retention"].max()) + 0.05))
     ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)

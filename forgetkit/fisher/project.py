@@ -7,10 +7,13 @@ model on probe data:
   representation its eigenvectors are coordinate axes: the k largest entries);
 - ``captured_energy[j-1] = sum_{i<=j} c_i^2 / ||d||^2``, the share of the update in the top-j
   directions, beside ``random_baseline[j-1] = j / P``, the expected share of a random direction;
-- ``fisher_displacement = d' F d``;
-- ``predicted_kl = 1/2 d' F d``: the second-order prediction of the sequence-level
-  ``E_x KL(p_base(.|x) || p_ft(.|x))`` (valid for the true Fisher; with the empirical Fisher it
-  is reported but flagged).
+- ``fisher_displacement = d' F d`` *of the representation*: for a low-rank Fisher the
+  truncated ``sum_j lambda_j c_j^2``, a lower bound of the exact ``d' F d`` (exact when the
+  directions are exact eigenvectors, as from ``low_rank(method="exact")``, and an estimate
+  of that bound otherwise); for a diagonal Fisher the proxy ``sum_j F_jj d_j^2``, which drops
+  every correlation between parameters and is neither a bound nor an estimate of ``d' F d``;
+- ``predicted_kl`` = half of it. ``predicted_kl_valid`` is therefore always false here: the
+  exact quadratic form and its predicted KL come from :func:`forgetkit.fisher.displacement`.
 
 All norms are over the parameters the Fisher covers. Everything is also given per module.
 """
@@ -43,6 +46,7 @@ class Projection:
     fisher_displacement: float
     predicted_kl: float
     predicted_kl_valid: bool
+    label: str = ""
     per_module: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,4 +162,8 @@ def project(delta: ParamDelta, fisher, rank: int | None = None) -> Projection:
         eigenvalues=eigenvalues.tolist(), captured_energy=energy.tolist(),
         random_baseline=[(j + 1) / parameters for j in range(k)],
         fisher_displacement=displacement, predicted_kl=displacement / 2,
-        predicted_kl_valid=estimator == "true", per_module=rows)
+        predicted_kl_valid=False, label=_LABELS[fisher.kind].format(k=k), per_module=rows)
+
+
+_LABELS = {"low_rank": "top-{k} truncation: a lower bound of d'Fd",
+           "diagonal": "diagonal proxy Σ F_jj d_j², not d'Fd"}

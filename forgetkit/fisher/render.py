@@ -38,10 +38,16 @@ def _module_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return frame.assign(layer=layers, kind=kinds)
 
 
+def _ci(section: dict[str, Any] | None, value: str = "value") -> tuple[float, float, float]:
+    if not section:
+        return (float("nan"),) * 3
+    return section[value], section["low"], section["high"]
+
+
 def figure_frames(report: dict[str, Any]) -> dict[str, pd.DataFrame]:
     """The tidy tables behind each figure."""
     eig = report["fisher"]["eigenvalues"]
-    energy, displacement, kl, points = [], [], [], []
+    energy, displacement, kl, path, points = [], [], [], [], []
     base_scores = report["base"]["scores"]
     points.append({"model": "base", "memorization": base_scores["memorization"] or 0.0,
                    "retention": 1.0})
@@ -50,21 +56,30 @@ def figure_frames(report: dict[str, Any]) -> dict[str, pd.DataFrame]:
         for j, (e, b) in enumerate(zip(low["captured_energy"], low["random_baseline"],
                                        strict=True), start=1):
             energy.append({"finetune": name, "j": j, "captured_energy": e, "random_baseline": b})
-        for representation in ("low_rank", "diagonal"):
-            proj = ft[f"projection_{representation}"]
-            displacement.append({"finetune": name, "representation": representation,
-                                 "fisher_displacement": proj["fisher_displacement"]})
-            kl.append({"finetune": name, "representation": representation,
-                       "predicted_kl": proj["predicted_kl"],
-                       "measured_kl": ft["measured_kl"]["per_sequence"]})
+        measured = _ci(ft["measured_kl"], "per_sequence")
+        estimates = {"exact": _ci(ft["displacement"], "mean"),
+                     f"top-{low['rank']} (lower bound)": _ci(ft["low_rank_displacement"]),
+                     "diagonal proxy": _ci(ft["diagonal_proxy"])}
+        for kind, (value, lo, hi) in estimates.items():
+            displacement.append({"finetune": name, "representation": kind,
+                                 "fisher_displacement": value, "low": lo, "high": hi})
+            kl.append({"finetune": name, "representation": kind, "predicted_kl": value / 2,
+                       "predicted_low": lo / 2, "predicted_high": hi / 2,
+                       "measured_kl": measured[0], "measured_low": measured[1],
+                       "measured_high": measured[2]})
+        path += [{"finetune": name, **row} for row in ft["kl_path"]]
+        mem, ret = _ci(ft["memorization_ci"]), _ci(ft["retention_ci"])
         points.append({"model": name, "memorization": ft["scores"]["memorization"] or 0.0,
-                       "retention": ft["retention"]["overall"] or 0.0})
+                       "retention": ft["retention"]["overall"] or 0.0,
+                       "memorization_low": mem[1], "memorization_high": mem[2],
+                       "retention_low": ret[1], "retention_high": ret[2]})
     return {
         "fisher_spectrum": pd.DataFrame({"j": range(1, len(eig) + 1), "eigenvalue": eig}),
         "module_fisher_heatmap": _module_frame(report["fisher"]["module_summary"]),
         "captured_energy": pd.DataFrame(energy),
         "displacement_bars": pd.DataFrame(displacement),
         "predicted_vs_measured_kl": pd.DataFrame(kl),
+        "kl_along_path": pd.DataFrame(path),
         "retention_vs_memorization": pd.DataFrame(points),
     }
 
@@ -74,8 +89,9 @@ FIGURES: dict[str, tuple[str, Callable]] = {
     "module_fisher_heatmap": ("Share of the Fisher trace per module",
                               plots.module_fisher_heatmap),
     "captured_energy": ("Update energy in the top Fisher directions", plots.captured_energy),
-    "displacement_bars": ("Fisher-weighted displacement", plots.displacement_bars),
+    "displacement_bars": ("Fisher-weighted displacement d'Fd", plots.displacement_bars),
     "predicted_vs_measured_kl": ("Predicted vs measured KL", plots.predicted_vs_measured_kl),
+    "kl_along_path": ("KL along the update path", plots.kl_along_path),
     "retention_vs_memorization": ("Retention vs memorization",
                                   plots.retention_vs_memorization),
 }
@@ -103,66 +119,108 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _with_ci(value: float | None, low: float | None, high: float | None) -> str:
+    """``value [low, high]`` (3 significant digits)."""
+    if value is None:
+        return "n/a"
+    return f"{value:.3g} [{_fmt(low)}, {_fmt(high)}]"
+
+
+def _section_ci(section: dict[str, Any] | None, value: str = "value", scale: float = 1.0) -> str:
+    if not section:
+        return "n/a"
+    return _with_ci(section[value] * scale, section["low"] * scale, section["high"] * scale)
+
+
 def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per fine-tune: the numbers printed at the end and tabled in the HTML."""
+    """One row per fine-tune: the numbers printed at the end and tabled in the HTML, each
+    estimate with its 95% interval over probes (over records for memorization)."""
     rows = []
     for name, ft in report["finetunes"].items():
-        low, diag = ft["projection_low_rank"], ft["projection_diagonal"]
+        low, exact = ft["projection_low_rank"], ft["displacement"]
+        top = ft["low_rank_displacement"]
         rows.append({
-            "fine-tune": name, "||Δθ||": ft["delta_norm"],
-            f"energy top-{low['rank']}": low["captured_energy"][-1],
-            "Δθ'FΔθ (diag)": diag["fisher_displacement"],
-            "Δθ'FΔθ (low-rank)": low["fisher_displacement"],
-            "predicted KL (diag)": diag["predicted_kl"],
-            "predicted KL (low-rank)": low["predicted_kl"],
-            "measured KL": ft["measured_kl"]["per_sequence"],
-            "memorization": ft["scores"]["memorization"],
-            "retention": ft["retention"]["overall"],
+            "fine-tune": name, "‖Δθ‖": f"{ft['delta_norm']:.4g}",
+            "Δθ'FΔθ (exact)": _section_ci(exact, "mean"),
+            "predicted KL ½Δθ'FΔθ": _section_ci(exact, "mean", 0.5),
+            "measured KL": _section_ci(ft["measured_kl"], "per_sequence"),
+            "measured / predicted": _section_ci(ft["measured_over_predicted"]),
+            f"top-{low['rank']} Δθ'FΔθ (lower bound)": _section_ci(top),
+            "top-k seed spread": f"{100 * top['seed_relative_spread']:.1f}% "
+                                 f"({len(top['seeds'])} seeds)",
+            f"energy in top-{low['rank']}": f"{low['captured_energy'][-1]:.2g}",
+            "diagonal proxy ΣF_jj d_j²": _section_ci(ft["diagonal_proxy"]),
+            "memorization": _section_ci(ft["memorization_ci"]),
+            "retention": _section_ci(ft["retention_ci"]),
         })
     return rows
 
 
+def _ratio_sentence(row: dict[str, Any], what: str) -> str:
+    ratio = row[f"{what}_ratio"]
+    a, b, value, lo, hi = row["a"], row["b"], ratio["value"], ratio["low"], ratio["high"]
+    label = {"displacement": "exact Fisher displacement Δθ'FΔθ",
+             "measured_kl": "measured KL on the probes"}[what]
+    interval = f"ratio {value:.2f} [{lo:.2f}, {hi:.2f}], paired over {ratio['n']} probes"
+    if not lo <= 1.0 <= hi:
+        return f"{a} has {value:.2f} times the {label} of {b} ({interval})."
+    return f"No clear difference in the {label} between {a} and {b} ({interval})."
+
+
 def reading(report: dict[str, Any]) -> list[str]:
-    """A short plain-language reading of the result."""
-    rows = summary_rows(report)
-    lines = []
-    if not rows:
+    """A short plain-language reading, generated from the exact numbers and their intervals."""
+    finetunes = report["finetunes"]
+    if not finetunes:
         return ["No fine-tune was given, so there is no update to project."]
-    worst = max(rows, key=lambda r: r["Δθ'FΔθ (diag)"])
-    best = min(rows, key=lambda r: r["Δθ'FΔθ (diag)"])
-    if worst is not best and best["Δθ'FΔθ (diag)"] > 0:
-        ratio = worst["Δθ'FΔθ (diag)"] / best["Δθ'FΔθ (diag)"]
-        lines.append(f"{worst['fine-tune']} moved {ratio:.1f}x further than {best['fine-tune']} "
-                     "along the directions the probes are sensitive to (Fisher-weighted "
-                     "displacement).")
-    for row in rows:
-        measured = row["measured KL"]
-        low, diag = row["predicted KL (low-rank)"], row["predicted KL (diag)"]
+    lines = []
+    for row in report.get("comparisons", []):
+        lines.append(_ratio_sentence(row, "displacement"))
+        lines.append(_ratio_sentence(row, "measured_kl"))
+        a, b = finetunes[row["a"]]["retention_ci"], finetunes[row["b"]]["retention_ci"]
+        if a and b:
+            if a["low"] <= b["high"] and b["low"] <= a["high"]:
+                lines.append(f"No clear difference in retention between {row['a']} "
+                             f"({_section_ci(a)}) and {row['b']} ({_section_ci(b)}).")
+            else:
+                more, less = (row["a"], row["b"]) if a["value"] > b["value"] else \
+                    (row["b"], row["a"])
+                lines.append(f"{more} kept more of the base model's probe accuracy than {less} "
+                             f"({_section_ci(finetunes[more]['retention_ci'])} vs "
+                             f"{_section_ci(finetunes[less]['retention_ci'])}).")
+    for name, ft in finetunes.items():
+        ratio = ft["measured_over_predicted"]
+        holds = [r["t"] for r in ft["kl_path"]
+                 if r["predicted_kl"] > 0 and 0.8 <= r["measured_kl"] / r["predicted_kl"] <= 1.25]
+        path = (f"along the path base + tΔθ the measured KL stays within 25% of ½t²Δθ'FΔθ up "
+                f"to t = {max(holds):g}" if holds else
+                "along the path base + tΔθ the measured KL departs from ½t²Δθ'FΔθ by more than "
+                "25% at every step measured")
+        top, diag, exact = ft["low_rank_displacement"], ft["diagonal_proxy"], \
+            ft["displacement"]["mean"]
         lines.append(
-            f"{row['fine-tune']}: memorized {_pct(row['memorization'])} of the injected facts and "
-            f"kept {_pct(row['retention'])} of the base model's probe accuracy. The measured KL "
-            f"on the probes is {_fmt(measured)}; the second-order prediction is {_fmt(low)} from "
-            f"the top Fisher directions ({_ratio(low, measured)}) and {_fmt(diag)} from the "
-            f"diagonal Fisher ({_ratio(diag, measured)}).")
+            f"{name}: memorized {_section_ci(ft['memorization_ci'])} of the injected facts and "
+            f"kept {_section_ci(ft['retention_ci'])} of the base model's probe accuracy. Its "
+            f"exact Δθ'FΔθ is {_section_ci(ft['displacement'], 'mean')}, predicting a KL of "
+            f"{_section_ci(ft['displacement'], 'mean', 0.5)}; the measured KL is "
+            f"{_section_ci(ft['measured_kl'], 'per_sequence')}, {ratio['value']:.2g} times the "
+            f"prediction [{ratio['low']:.2g}, {ratio['high']:.2g}]; {path}. The top "
+            f"{ft['projection_low_rank']['rank']} Fisher directions hold "
+            f"{_pct(top['value'] / exact if exact else None)} of Δθ'FΔθ (a lower bound); the "
+            f"diagonal proxy ΣF_jj d_j² is {diag['value'] / exact:.2g} times the exact value."
+            if exact else f"{name}: the update has zero Fisher displacement.")
     risk = report.get("risk") or []
     if risk:
         top = risk[0]
         lines.append(f"Before training, the record that pushes hardest on what the model knows "
                      f"is {top['record_id']} ({html.unescape(top['prompt'])!r}).")
+    if report.get("warnings"):
+        lines.append(f"{len(report['warnings'])} warning(s) were logged during the run; see "
+                     "'warnings' in report.json.")
     return lines
 
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
-
-
-def _ratio(predicted: float, measured: float) -> str:
-    if not measured or not predicted:
-        return "not comparable"
-    ratio = predicted / measured
-    if 0.8 <= ratio <= 1.25:
-        return "close to the measurement"
-    return f"{ratio:.2g}x the measurement"
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -198,7 +256,9 @@ figure {{ display: inline-block; margin: 0.5em; }} img {{ width: 520px; }}
 <p>Base model <b>{html.escape(str(config['base']))}</b>, records
 <b>{html.escape(str(config['records']))}</b>, probes
 <b>{html.escape(str(report['base']['probes']))}</b>; {html.escape(config['estimator'])} Fisher
-on {report['base']['fisher_samples']} probes, top {report['fisher']['rank']} directions.</p>
+on {report['base']['fisher_samples']} probes, top {report['fisher']['rank']} directions
+({html.escape(report['fisher']['low_rank_method'])}). Intervals are 95% percentile bootstrap
+intervals over probes (over records for memorization).</p>
 <h2>Reading</h2><div class="reading">{paragraphs}</div>
 <h2>Summary</h2>{_table(summary_rows(report))}
 <h2>Figures</h2>{figures}

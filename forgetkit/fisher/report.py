@@ -14,20 +14,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from forgetkit.cli_config import help_metadata as _help
+from forgetkit.fisher.delta import ParamDelta
 from forgetkit.fisher.delta import delta as param_delta
 from forgetkit.fisher.diagonal import diagonal
-from forgetkit.fisher.kl import measured_kl
-from forgetkit.fisher.low_rank import low_rank
+from forgetkit.fisher.exact import displacement
+from forgetkit.fisher.kl import kl_path, measured_kl
+from forgetkit.fisher.low_rank import LowRankFisher, low_rank
 from forgetkit.fisher.project import project
 from forgetkit.fisher.risk import forgetting_risk
 from forgetkit.records import load_probes, load_records
+from forgetkit.stats import mean_ci, ratio_ci
 
 __all__ = ["REPORT_SECTIONS", "ReportConfig", "run_report", "spread_sample"]
 
 logger = logging.getLogger(__name__)
 
-REPORT_SECTIONS = ("config", "base", "fisher", "finetunes", "risk", "timing")
+REPORT_SECTIONS = ("config", "base", "fisher", "finetunes", "comparisons", "risk", "warnings",
+                   "timing")
 
 
 @dataclass
@@ -42,6 +49,14 @@ class ReportConfig:
     probes: str | None = field(default=None, metadata=_help(
         "retention probes (name or file); default: 'toyworld' for toyworld, else 'general'"))
     rank: int = field(default=16, metadata=_help("number of top Fisher directions"))
+    low_rank_method: str = field(default="exact", metadata=_help(
+        "top directions from: exact (Lanczos on exact Fisher-vector products, no label draws) | "
+        "gram | randomized (per-example gradients at drawn labels)"))
+    spread_seeds: int = field(default=4, metadata=_help(
+        "seeds (seed, seed+1, ...) the low-rank Fisher is computed with, to report the spread "
+        "of the top-k displacement across them (1: no spread)"))
+    kl_path: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0],
+                                 metadata=_help("steps t of the measured KL(base || base + t Δθ)"))
     estimator: str = field(default="true", metadata=_help("Fisher estimator: true | empirical"))
     mc_samples: int = field(default=1, metadata=_help("label draws per probe (true Fisher)"))
     params: str | None = field(default=None, metadata=_help(
@@ -63,6 +78,15 @@ class ReportConfig:
     def __post_init__(self):
         if self.rank < 1:
             raise ValueError(f"--rank must be >= 1, got {self.rank}")
+        if self.low_rank_method not in ("exact", "gram", "randomized", "auto"):
+            raise ValueError(f"--low_rank_method must be exact, gram, randomized or auto, got "
+                             f"{self.low_rank_method!r}")
+        if self.spread_seeds < 1:
+            raise ValueError(f"--spread_seeds must be >= 1, got {self.spread_seeds}")
+        if self.mc_samples < 1:
+            raise ValueError(f"--mc_samples must be >= 1, got {self.mc_samples}")
+        if not self.kl_path or any(not 0 < t <= 1 for t in self.kl_path):
+            raise ValueError(f"--kl_path needs steps in (0, 1], got {self.kl_path}")
         if self.estimator not in ("true", "empirical"):
             raise ValueError(f"--estimator must be 'true' or 'empirical', got {self.estimator!r}")
         if self.fisher_batch_size < 1:
@@ -149,8 +173,112 @@ def _load_finetunes(base, paths: dict[str, str], config: ReportConfig):
     return finetunes, deltas
 
 
+def _low_rank(base, tokenizer, sample, config: ReportConfig, rank: int, seed: int
+              ) -> LowRankFisher:
+    return low_rank(base, tokenizer, sample, rank=rank, estimator=config.estimator,
+                    mc_samples=config.mc_samples, params=config.params, seed=seed,
+                    batch_size=config.fisher_batch_size, method=config.low_rank_method)
+
+
+def _projected(update: ParamDelta, fisher: LowRankFisher) -> ParamDelta:
+    """The update's component in the Fisher's top directions, ``sum_j c_j u_j``."""
+    coefficients = fisher.coordinates({n: update.dense(n) if n in update.entries else
+                                       torch.zeros(shape) for n, shape in fisher.shapes.items()})
+    return ParamDelta({n: torch.einsum("k,k...->...", coefficients.to(u.device),
+                                       u.double()).float()
+                       for n, u in fisher.directions.items()})
+
+
+def _interval(values, seed: int) -> dict[str, float]:
+    ci = mean_ci(values, seed=seed)
+    return {"value": ci.value, "low": ci.low, "high": ci.high}
+
+
+def _finetune_section(base, model, tokenizer, records, probes, sample, update: ParamDelta,
+                      fishers: list[LowRankFisher], fisher_diag, base_scores, proxy,
+                      config: ReportConfig, path: str) -> dict[str, Any]:
+    from forgetkit.evaluate import (
+        accuracy_interval,
+        evaluate,
+        retention,
+        retention_interval,
+    )
+
+    seed = config.seed
+    exact = displacement(base, tokenizer, sample, update, estimator=config.estimator,
+                         batch_size=config.fisher_batch_size, params=config.params,
+                         per_module=True, seed=seed)
+    kl = measured_kl(base, model, tokenizer, sample)
+    lower = displacement(base, tokenizer, sample, _projected(update, fishers[0]),
+                         estimator=config.estimator, batch_size=config.fisher_batch_size,
+                         seed=seed)
+    spread = [project(update, f).fisher_displacement for f in fishers]
+    path_rows = []
+    for t, measured in kl_path(base, update, tokenizer, sample, config.kl_path):
+        ci = measured.interval(seed)
+        path_rows.append({"t": t, "measured_kl": measured.per_sequence, "low": ci.low,
+                          "high": ci.high, "predicted_kl": t * t * exact.predicted_kl,
+                          "predicted_low": t * t * exact.ci[0] / 2,
+                          "predicted_high": t * t * exact.ci[1] / 2})
+    scores = evaluate(model, tokenizer, records, probes)
+    memorization = accuracy_interval(scores, "memorization", seed=seed)
+    kept = retention_interval(base_scores, scores, seed=seed)
+    return {
+        "path": path,
+        "delta_norm": update.sq_norm() ** 0.5,
+        "displacement": exact.to_dict(),
+        "measured_kl": kl.to_dict(seed),
+        "measured_over_predicted": ratio_ci(kl.per_example, exact.per_probe / 2,
+                                            seed=seed).to_dict(),
+        "kl_path": path_rows,
+        "projection_low_rank": project(update, fishers[0]).to_dict(),
+        "low_rank_displacement": {
+            **_interval(lower.per_probe, seed), "lower_bound": True,
+            "seeds": [f.provenance.seed for f in fishers], "seed_values": spread,
+            "seed_relative_spread": (max(spread) - min(spread)) / (sum(spread) / len(spread))
+            if sum(spread) > 0 else 0.0},
+        "projection_diagonal": project(update, fisher_diag, rank=len(fishers[0].eigenvalues)
+                                       ).to_dict(),
+        "diagonal_proxy": _interval(proxy, seed),
+        "scores": scores.to_dict(),
+        "memorization_ci": memorization.to_dict() if memorization else None,
+        "retention": retention(base_scores, scores).to_dict(),
+        "retention_ci": kept.to_dict() if kept else None,
+        "_per_probe": (exact.per_probe, np.asarray(kl.per_example)),
+    }
+
+
+def _comparisons(per_finetune: dict[str, dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """Every pair of fine-tunes: ratios of exact d'Fd and of measured KL, paired over probes."""
+    names = list(per_finetune)
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            (da, ka), (db, kb) = per_finetune[a]["_per_probe"], per_finetune[b]["_per_probe"]
+            rows.append({"a": a, "b": b,
+                         "displacement_ratio": ratio_ci(da, db, seed=seed).to_dict(),
+                         "measured_kl_ratio": ratio_ci(ka, kb, seed=seed).to_dict()})
+    return rows
+
+
+class _Warnings(logging.Handler):
+    """Collects the warnings forgetkit logs during a report (e.g. a per-example fallback)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(f"{record.name}: {record.getMessage()}")
+
+
 def run_report(config: ReportConfig, progress: bool = True) -> dict[str, Any]:
     """Compute every number of the report and write ``report.json``, PNGs and ``report.html``.
+
+    The headline is the exact ``d' F d`` of each update (:func:`forgetkit.fisher.displacement`)
+    and the predicted KL, half of it, beside the measured KL, each with a 95% bootstrap
+    interval over probes; the low-rank (top-k, a lower bound) and diagonal (a proxy) values are
+    reported beside them under those names.
 
     Returns:
         The report (what ``report.json`` holds).
@@ -159,9 +287,26 @@ def run_report(config: ReportConfig, progress: bool = True) -> dict[str, Any]:
         ValueError: an empty probe set, a fine-tune of another architecture or an adapter of
             another base, before anything is written.
     """
-    from forgetkit.evaluate import evaluate, retention
+    from forgetkit.evaluate import evaluate
     from forgetkit.models import load_model
 
+    collector = _Warnings()
+    logging.getLogger("forgetkit").addHandler(collector)
+    try:
+        report = _run_report(config, progress, evaluate, load_model)
+    finally:
+        logging.getLogger("forgetkit").removeHandler(collector)
+    report["warnings"] = collector.messages
+    from forgetkit.fisher.render import write_report
+
+    fishers = report.pop("_fishers")
+    write_report(report, Path(config.out))
+    fishers[0].save(Path(config.out) / "fisher_low_rank")
+    fishers[1].save(Path(config.out) / "fisher_diagonal")
+    return report
+
+
+def _run_report(config: ReportConfig, progress: bool, evaluate, load_model) -> dict[str, Any]:
     timing: dict[str, float] = {}
     started = time.time()
     out = Path(config.out)
@@ -180,52 +325,46 @@ def run_report(config: ReportConfig, progress: bool = True) -> dict[str, Any]:
         timing["finetune"] = time.time() - started - timing["load"]
     mark = time.time()
     rank = min(config.rank, len(sample) * config.mc_samples)
-    fisher_lr = low_rank(base, tokenizer, sample, rank=rank, estimator=config.estimator,
-                         mc_samples=config.mc_samples, params=config.params, seed=config.seed,
-                         batch_size=config.fisher_batch_size)
+    fishers = [_low_rank(base, tokenizer, sample, config, rank, config.seed + offset)
+               for offset in range(config.spread_seeds)]
     fisher_diag = diagonal(base, tokenizer, sample, estimator=config.estimator,
                            mc_samples=config.mc_samples, params=config.params, seed=config.seed,
-                           batch_size=config.fisher_batch_size)
+                           batch_size=config.fisher_batch_size, updates=deltas)
     timing["fisher"] = time.time() - mark
     mark = time.time()
-    risk = forgetting_risk(base, tokenizer, records, fisher_lr,
+    risk = forgetting_risk(base, tokenizer, records, fishers[0],
                            batch_size=config.fisher_batch_size)
     timing["risk"] = time.time() - mark
     mark = time.time()
     base_scores = evaluate(base, tokenizer, records, probes)
-    per_finetune = {}
-    for name, model in finetunes.items():
-        scores = evaluate(model, tokenizer, records, probes)
-        kl = measured_kl(base, model, tokenizer, sample)
-        per_finetune[name] = {
-            "path": paths[name],
-            "delta_norm": deltas[name].sq_norm() ** 0.5,
-            "projection_low_rank": project(deltas[name], fisher_lr).to_dict(),
-            "projection_diagonal": project(deltas[name], fisher_diag, rank=rank).to_dict(),
-            "measured_kl": asdict(kl),
-            "scores": scores.to_dict(),
-            "retention": retention(base_scores, scores).to_dict(),
-        }
+    per_finetune = {
+        name: _finetune_section(base, model, tokenizer, records, probes, sample, deltas[name],
+                                fishers, fisher_diag, base_scores,
+                                fisher_diag.per_example_proxy[name], config, paths[name])
+        for name, model in finetunes.items()}
+    comparisons = _comparisons(per_finetune, config.seed)
+    for section in per_finetune.values():
+        del section["_per_probe"]
     timing["evaluate"] = time.time() - mark
     timing["total"] = time.time() - started
-    report = {
+    fisher_lr = fishers[0]
+    return {
         "config": asdict(config),
         "base": {"model": config.base, "parameters": sum(p.numel() for p in base.parameters()),
                  "scores": base_scores.to_dict(), "records": len(records),
                  "probes": len(probes), "fisher_samples": len(sample)},
         "fisher": {"eigenvalues": fisher_lr.eigenvalues.tolist(), "rank": rank,
+                   "low_rank_method": fisher_lr.method,
+                   "eigenvalues_by_seed": {str(f.provenance.seed): f.eigenvalues.tolist()
+                                           for f in fishers},
+                   "residuals": list(fisher_lr.residuals),
                    "trace_diagonal": fisher_diag.trace(), "estimator": config.estimator,
                    "module_summary": fisher_diag.summary(),
                    "low_rank_module_summary": fisher_lr.summary(),
                    "provenance": asdict(fisher_lr.provenance)},
         "finetunes": per_finetune,
+        "comparisons": comparisons,
         "risk": risk,
         "timing": timing,
+        "_fishers": (fisher_lr, fisher_diag),
     }
-    from forgetkit.fisher.render import write_report
-
-    write_report(report, out)
-    fisher_lr.save(out / "fisher_low_rank")
-    fisher_diag.save(out / "fisher_diagonal")
-    return report
-

@@ -25,6 +25,7 @@ import copy
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -174,23 +175,46 @@ def load_weights(model, path: Path) -> None:
                          "(saved from another model or method?)")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded safely."""
+
+
+def _load_state(file: Path, **kwargs) -> Any:
+    """``torch.load(file, weights_only=True)``: tensors and plain data only, so a crafted file
+    cannot run code; anything else is refused with the file named."""
+    try:
+        return torch.load(file, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0][:200]
+        raise CheckpointError(f"{file}: refused: it holds objects other than tensors and plain "
+                              f"data, which could run code when loaded ({reason})") from None
+    except (RuntimeError, EOFError) as err:
+        raise CheckpointError(f"{file}: cannot be read (truncated or not a torch file: "
+                              f"{str(err).strip().splitlines()[0][:200]})") from None
+
+
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, data_generator: torch.Generator,
                     rank: int = 0) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and random states; return the trainer state.
 
+    Every ``.pt`` file is loaded with ``weights_only=True``: nothing in a checkpoint can run code.
+
     Raises:
         FileNotFoundError: no random state saved for this rank (different process count).
+        CheckpointError: a state file holding anything but tensors and plain data, or unreadable.
     """
-    load_weights(model, path)
-    device = next(model.parameters()).device
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device,
-                                         weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng_file = path / f"rng_state_{rank}.pt"
     if not rng_file.exists():
         raise FileNotFoundError(f"{rng_file} missing: the checkpoint was saved by fewer "
                                 "processes than are resuming it")
-    restore_rng(torch.load(rng_file, weights_only=False), data_generator)
+    device = next(model.parameters()).device
+    optimizer_state = _load_state(path / "optimizer.pt", map_location=device)
+    scheduler_state = _load_state(path / "scheduler.pt")
+    rng_state = _load_state(rng_file)
+    load_weights(model, path)
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    restore_rng(rng_state, data_generator)
     return read_trainer_state(path)
 
 

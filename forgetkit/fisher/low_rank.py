@@ -319,7 +319,7 @@ class LowRankFisher(FisherMatrix):
 def low_rank(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding],
              rank: int, estimator: Estimator = "true", mc_samples: int = 1,
              params: str | Sequence[str] | None = None, method: Method = "auto",
-             oversample: int = 10, power_iterations: int = 0, batch_size: int = 8,
+             oversample: int = 10, power_iterations: int = 2, batch_size: int = 8,
              seed: int = 0, dtype: torch.dtype = torch.float32,
              device: str | torch.device | None = None, per_example: PerExample = "auto",
              gram_max_bytes: int = 2**30) -> LowRankFisher:

@@ -63,6 +63,10 @@ class ReportConfig:
         "regex on parameter names: only these enter the Fisher and the update (e.g. 'mlp')"))
     fisher_batch_size: int = field(default=8, metadata=_help(
         "examples per per-example-gradient batch (lower it for large models)"))
+    exact_batch_size: int = field(default=32, metadata=_help(
+        "probes per forward-mode product of the exact d'Fd and Fisher-vector products"))
+    per_module: bool = field(default=False, metadata=_help(
+        "also the exact d'Fd of the update restricted to each module (one product per module)"))
     n_samples: int = field(default=128, metadata=_help(
         "probes used for the Fisher and the measured KL (evenly spread over capabilities)"))
     out: str = field(default="report", metadata=_help("output folder"))
@@ -89,8 +93,9 @@ class ReportConfig:
             raise ValueError(f"--kl_path needs steps in (0, 1], got {self.kl_path}")
         if self.estimator not in ("true", "empirical"):
             raise ValueError(f"--estimator must be 'true' or 'empirical', got {self.estimator!r}")
-        if self.fisher_batch_size < 1:
-            raise ValueError(f"--fisher-batch-size must be >= 1, got {self.fisher_batch_size}")
+        if self.fisher_batch_size < 1 or self.exact_batch_size < 1:
+            raise ValueError(f"--fisher_batch_size and --exact_batch_size must be >= 1, got "
+                             f"{self.fisher_batch_size} and {self.exact_batch_size}")
         if self.n_samples < 1:
             raise ValueError(f"--n-samples must be >= 1, got {self.n_samples}")
         if not 0.0 <= self.lam <= 1.0:
@@ -175,9 +180,11 @@ def _load_finetunes(base, paths: dict[str, str], config: ReportConfig):
 
 def _low_rank(base, tokenizer, sample, config: ReportConfig, rank: int, seed: int
               ) -> LowRankFisher:
+    exact = config.low_rank_method == "exact"
     return low_rank(base, tokenizer, sample, rank=rank, estimator=config.estimator,
                     mc_samples=config.mc_samples, params=config.params, seed=seed,
-                    batch_size=config.fisher_batch_size, method=config.low_rank_method)
+                    batch_size=config.exact_batch_size if exact else config.fisher_batch_size,
+                    method=config.low_rank_method)
 
 
 def _projected(update: ParamDelta, fisher: LowRankFisher) -> ParamDelta:
@@ -206,11 +213,11 @@ def _finetune_section(base, model, tokenizer, records, probes, sample, update: P
 
     seed = config.seed
     exact = displacement(base, tokenizer, sample, update, estimator=config.estimator,
-                         batch_size=config.fisher_batch_size, params=config.params,
-                         per_module=True, seed=seed)
+                         batch_size=config.exact_batch_size, params=config.params,
+                         per_module=config.per_module, seed=seed)
     kl = measured_kl(base, model, tokenizer, sample)
     lower = displacement(base, tokenizer, sample, _projected(update, fishers[0]),
-                         estimator=config.estimator, batch_size=config.fisher_batch_size,
+                         estimator=config.estimator, batch_size=config.exact_batch_size,
                          seed=seed)
     spread = [project(update, f).fisher_displacement for f in fishers]
     path_rows = []

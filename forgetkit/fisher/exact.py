@@ -454,7 +454,7 @@ class FisherOperator:
 
 def exact_low_rank(model: torch.nn.Module, tokenizer, data: Sequence, rank: int, *,
                    estimator: Estimator = "true", params: str | Sequence[str] | None = None,
-                   batch_size: int = 16, seed: int = 0, tol: float = 1e-6,
+                   batch_size: int = 16, seed: int = 0, tol: float = 1e-3,
                    mode: ProductMode = "auto", residuals: bool = True):
     """Top-``rank`` eigenpairs of the exact Fisher by Lanczos on :class:`FisherOperator`.
 

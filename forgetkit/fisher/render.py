@@ -146,7 +146,8 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "measured KL": _section_ci(ft["measured_kl"], "per_sequence"),
             "measured / predicted": _section_ci(ft["measured_over_predicted"]),
             f"top-{low['rank']} Δθ'FΔθ (lower bound)": _section_ci(top),
-            "top-k seed spread": f"{100 * top['seed_relative_spread']:.1f}% "
+            "top-k seed spread": "n/a (1 seed)" if top["seed_relative_spread"] is None else
+                                 f"{100 * top['seed_relative_spread']:.1f}% "
                                  f"({len(top['seeds'])} seeds)",
             f"energy in top-{low['rank']}": f"{low['captured_energy'][-1]:.2g}",
             "diagonal proxy ΣF_jj d_j²": _section_ci(ft["diagonal_proxy"]),

@@ -52,9 +52,10 @@ class ReportConfig:
     low_rank_method: str = field(default="exact", metadata=_help(
         "top directions from: exact (Lanczos on exact Fisher-vector products, no label draws) | "
         "gram | randomized (per-example gradients at drawn labels)"))
-    spread_seeds: int = field(default=4, metadata=_help(
+    spread_seeds: int = field(default=1, metadata=_help(
         "seeds (seed, seed+1, ...) the low-rank Fisher is computed with, to report the spread "
-        "of the top-k displacement across them (1: no spread)"))
+        "of the top-k displacement across them (1: no spread; each exact low-rank Fisher costs "
+        "about 45 Fisher-vector products)"))
     kl_path: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0],
                                  metadata=_help("steps t of the measured KL(base || base + t Δθ)"))
     estimator: str = field(default="true", metadata=_help("Fisher estimator: true | empirical"))
@@ -243,7 +244,7 @@ def _finetune_section(base, model, tokenizer, records, probes, sample, update: P
             **_interval(lower.per_probe, seed), "lower_bound": True,
             "seeds": [f.provenance.seed for f in fishers], "seed_values": spread,
             "seed_relative_spread": (max(spread) - min(spread)) / (sum(spread) / len(spread))
-            if sum(spread) > 0 else 0.0},
+            if len(spread) > 1 and sum(spread) > 0 else None},
         "projection_diagonal": project(update, fisher_diag, rank=len(fishers[0].eigenvalues)
                                        ).to_dict(),
         "diagonal_proxy": _interval(proxy, seed),

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 import forgetkit.mixsd_decode as mixsd_decode
-from forgetkit.io import atomic_write_json
+from forgetkit.files import atomic_write_json
 from forgetkit.mixsd import MixConfig, build_targets
 from forgetkit.mixsd_decode import reference_decode
 from forgetkit.models import collate, encode, end_token_ids, load_model

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from forgetkit.io import atomic_write_json
+from forgetkit.files import atomic_write_json
 from forgetkit.models import collate, load_model
 from forgetkit.train_config import TrainConfig
 from forgetkit.train_loop import DataOrder, Distributed, Trainer, _lr_lambda

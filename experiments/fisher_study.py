@@ -54,19 +54,14 @@ from forgetkit import fisher
 from forgetkit.cli_config import config_to_dict, markdown_table, parse_cli
 from forgetkit.cli_config import help_metadata as _help
 from forgetkit.evaluate import INJECTED_CAPABILITIES
+from forgetkit.files import atomic_write, atomic_write_bytes, atomic_write_json, json_rows
 from forgetkit.fisher import plots as fisher_plots
 from forgetkit.fisher.delta import delta as param_delta
 from forgetkit.fisher.kl import measured_kl
 from forgetkit.fisher.project import project
 from forgetkit.fisher.report import spread_sample
-from forgetkit.io import (
-    atomic_write,
-    atomic_write_bytes,
-    atomic_write_json,
-    json_rows,
-    stable_hash,
-)
 from forgetkit.models import load_model
+from forgetkit.seeding import stable_hash
 from forgetkit.train_loop import load_probe_sets
 
 logger = logging.getLogger("fisher_study")

@@ -36,7 +36,7 @@ import yaml
 
 from forgetkit.cli_config import config_to_dict, from_mapping, markdown_table, parse_cli
 from forgetkit.cli_config import help_metadata as _help
-from forgetkit.io import atomic_write, atomic_write_json, json_rows, read_jsonl
+from forgetkit.files import atomic_write, atomic_write_json, json_rows, read_jsonl
 from forgetkit.mixsd import MixConfig, MixedTarget, build_target_file
 from forgetkit.models import load_model
 from forgetkit.nll import (

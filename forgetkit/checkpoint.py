@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from forgetkit.cli_config import from_mapping
-from forgetkit.io import atomic_write_json
+from forgetkit.files import atomic_write_json
 from forgetkit.train_config import RUN_CONTROL_FIELDS, TrainConfig
 
 __all__ = ["CHECKPOINT_PREFIX", "OutputDirError", "check_output_dir", "checkpoint_dirs",

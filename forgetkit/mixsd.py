@@ -41,17 +41,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from forgetkit.answers import AnswerMode
-from forgetkit.io import (
-    append_jsonl,
-    atomic_write_json,
-    atomic_write_jsonl,
-    read_jsonl,
-    stable_hash,
-)
+from forgetkit.files import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
 from forgetkit.mixsd_decode import MixedDecoder, checked_end_tokens
 from forgetkit.models import encode
 from forgetkit.prompts import get_guidance
 from forgetkit.records import Record
+from forgetkit.seeding import stable_hash
 
 __all__ = ["BuildConfig", "BuildReport", "MixConfig", "MixedTarget", "MixedTargets", "Outcome",
            "build_target_file", "build_targets", "main", "model_fingerprint"]

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from forgetkit.answers import is_correct
-from forgetkit.io import stable_hash
 from forgetkit.models import Encoding, collate, encode, end_token_ids
 from forgetkit.prompts import expert_prompt
 from forgetkit.records import Record
+from forgetkit.seeding import stable_hash
 
 __all__ = ["AttemptResult", "MixedDecoder", "attempt_generator", "checked_end_tokens",
            "choose_tokens", "forward_kwargs", "reference_decode"]

@@ -32,7 +32,7 @@ from scipy import stats
 
 from forgetkit.cli_config import config_to_dict, from_mapping, load_config, parse_cli
 from forgetkit.cli_config import help_metadata as _help
-from forgetkit.io import atomic_write, atomic_write_bytes, atomic_write_json, json_rows
+from forgetkit.files import atomic_write, atomic_write_bytes, atomic_write_json, json_rows
 from forgetkit.loglik import model_logprobs
 from forgetkit.mixsd import MixConfig, build_targets
 from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode, load_model, resolve_dtype

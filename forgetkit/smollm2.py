@@ -63,7 +63,7 @@ def ensure_smollm2() -> Path:
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
     model.generation_config = loaded.generation_config
-    from forgetkit.io import atomic_directory
+    from forgetkit.files import atomic_directory
 
     with atomic_directory(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)

@@ -27,7 +27,7 @@ import torch
 from forgetkit.answers import is_correct
 from forgetkit.corpora.kgfact import kgfact
 from forgetkit.corpora.toyworld import documents, toyworld_probes, toyworld_world, vocabulary_texts
-from forgetkit.io import atomic_directory, atomic_write_json
+from forgetkit.files import atomic_directory, atomic_write_json
 from forgetkit.prompts import expert_prompt
 
 __all__ = ["ToyConfig", "ability_checks", "build_tokenizer", "ensure_toyworld", "train_toyworld"]

@@ -15,9 +15,9 @@ from typing import Literal
 
 from forgetkit.cli_config import config_to_dict, from_mapping
 from forgetkit.cli_config import help_metadata as _help
-from forgetkit.io import stable_hash
 from forgetkit.mixsd import MixConfig
 from forgetkit.models import resolve_dtype
+from forgetkit.seeding import stable_hash
 
 __all__ = ["METHODS", "RUN_CONTROL_FIELDS", "TrainConfig"]
 

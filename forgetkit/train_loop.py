@@ -24,7 +24,7 @@ from forgetkit.checkpoint import (
     save_checkpoint,
 )
 from forgetkit.evaluate import Prediction, Scores, evaluate
-from forgetkit.io import append_jsonl, atomic_write, atomic_write_jsonl, read_jsonl
+from forgetkit.files import append_jsonl, atomic_write, atomic_write_jsonl, read_jsonl
 from forgetkit.methods import NLL, OPSD, frozen_teacher, mixsd_examples, opsd_examples, sft_examples
 from forgetkit.mixsd import MixedTarget, build_target_file
 from forgetkit.models import end_token_ids, load_model

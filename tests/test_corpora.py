@@ -9,8 +9,8 @@ from forgetkit.answers import is_correct, last_boxed
 from forgetkit.corpora.kgfact import PARAPHRASE_TEMPLATES, kgfact
 from forgetkit.corpora.kgfunc import OPERATIONS, UNSEEN_OPERATIONS, kgfunc
 from forgetkit.corpora.toyworld import toyworld_probes, toyworld_world
-from forgetkit.io import stable_hash
 from forgetkit.records import load_probes, load_records
+from forgetkit.seeding import stable_hash
 
 
 def _digest(size: str, seed: int) -> str:
@@ -54,7 +54,7 @@ def test_kgfact_deterministic_and_seeded():
 
 def test_corpora_independent_of_hash_seed():
     code = ("from forgetkit.corpora.kgfact import kgfact; from forgetkit.corpora.kgfunc import "
-            "kgfunc; from forgetkit.io import stable_hash; c = kgfact('large'); f = kgfunc(); "
+            "kgfunc; from forgetkit.seeding import stable_hash; c = kgfact('large'); f = kgfunc(); "
             "print(stable_hash([r.target for r in c.records], [p.prompt for p in c.probes], "
             "[r.prompt + r.target for r in f.records], [p.prompt for p in f.probes]))")
     outputs = {

@@ -17,8 +17,8 @@ from forgetkit.corpora.general import (
     PROBE_CAPABILITIES,
     general_probes,
 )
-from forgetkit.io import stable_hash
 from forgetkit.records import Probe
+from forgetkit.seeding import stable_hash
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COUNT_RANGES = {
@@ -29,7 +29,7 @@ COUNT_RANGES = {
 }
 HASH_SNIPPET = (
     "from forgetkit.corpora.general import general_probes\n"
-    "from forgetkit.io import stable_hash\n"
+    "from forgetkit.seeding import stable_hash\n"
     "print(stable_hash([[p.id, p.prompt, p.answer, p.capability, list(p.choices)]"
     " for p in general_probes(seed=3)]))\n"
 )

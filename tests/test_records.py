@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forgetkit import records as records_module
+from forgetkit.files import atomic_write_jsonl
 from forgetkit.formats import FORMATS, detect_format
-from forgetkit.io import atomic_write_jsonl
 from forgetkit.records import (
     Probe,
     Record,

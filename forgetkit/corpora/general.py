@@ -40,7 +40,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from forgetkit.io import read_jsonl
+from forgetkit.files import read_jsonl
 from forgetkit.records import Probe, RecordError
 
 __all__ = [

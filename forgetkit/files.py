@@ -1,20 +1,15 @@
-"""Atomic file writing, JSONL helpers and explicit seeding: one implementation each."""
+"""Writing files atomically and reading JSONL: one implementation each, used everywhere."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import random
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 __all__ = [
     "append_jsonl",
@@ -25,8 +20,6 @@ __all__ = [
     "atomic_write_jsonl",
     "json_rows",
     "read_jsonl",
-    "seed_everything",
-    "stable_hash",
 ]
 
 
@@ -133,22 +126,6 @@ def read_jsonl(path: str | os.PathLike, tolerate_torn_tail: bool = False) -> lis
     return rows
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA). For entry points only, never library code."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def json_rows(frame) -> list[dict[str, Any]]:
     """The rows of a ``pandas.DataFrame`` as JSON-ready dicts, missing values (NaN) as ``None``."""
     return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
-
-
-def stable_hash(*parts: Any, length: int = 16) -> str:
-    """A hex digest of ``parts`` that does not depend on PYTHONHASHSEED."""
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(json.dumps(part, sort_keys=True, default=str).encode("utf-8"))
-        digest.update(b"\x00")
-    return digest.hexdigest()[:length]

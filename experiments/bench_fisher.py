@@ -37,10 +37,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from forgetkit import fisher
+from forgetkit.data.records import load_records
 from forgetkit.files import atomic_write_json
 from forgetkit.loglik import sequence_loglik
 from forgetkit.models import Encoding, collate, encode, load_model
-from forgetkit.records import load_records
 
 RESULTS = Path(__file__).parent / "results" / "bench_fisher.json"
 

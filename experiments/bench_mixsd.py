@@ -41,12 +41,12 @@ from pathlib import Path
 import torch
 
 import forgetkit.mixsd_decode as mixsd_decode
+from forgetkit.data.prompts import expert_prompt
+from forgetkit.data.records import load_records
 from forgetkit.files import atomic_write_json
 from forgetkit.mixsd import MixConfig, build_targets
 from forgetkit.mixsd_decode import reference_decode
 from forgetkit.models import collate, encode, end_token_ids, load_model
-from forgetkit.prompts import expert_prompt
-from forgetkit.records import load_records
 
 RESULTS = Path(__file__).parent / "results" / "bench_mixsd.json"
 

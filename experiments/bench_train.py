@@ -80,8 +80,8 @@ def manual_run(config: TrainConfig, batches: list[dict[str, torch.Tensor]]
 
 def the_same_batches(config: TrainConfig) -> list[dict[str, torch.Tensor]]:
     """The trainer's SFT batches, in its data order, collated."""
+    from forgetkit.data.records import load_records
     from forgetkit.methods import sft_examples
-    from forgetkit.records import load_records
 
     _, tokenizer = load_model(config.model_name_or_path, device="cpu")
     examples = sft_examples(tokenizer, load_records(config.records))

@@ -36,6 +36,7 @@ import yaml
 
 from forgetkit.cli_config import config_to_dict, from_mapping, markdown_table, parse_cli
 from forgetkit.cli_config import help_metadata as _help
+from forgetkit.data.records import load_records
 from forgetkit.files import atomic_write, atomic_write_json, json_rows, read_jsonl
 from forgetkit.mixsd import MixConfig, MixedTarget, build_target_file
 from forgetkit.models import load_model
@@ -47,7 +48,6 @@ from forgetkit.nll import (
     token_frame,
     write_figures,
 )
-from forgetkit.records import load_records
 
 logger = logging.getLogger("nll_study")
 

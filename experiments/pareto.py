@@ -45,6 +45,7 @@ import yaml
 from forgetkit.checkpoint import checkpoint_dirs, latest_checkpoint
 from forgetkit.cli_config import config_to_dict, from_mapping, markdown_table, parse_cli
 from forgetkit.cli_config import help_metadata as _help
+from forgetkit.data.records import load_probes, load_records
 from forgetkit.evaluate import INJECTED_CAPABILITIES, Prediction, Scores, evaluate, retention
 from forgetkit.files import (
     atomic_write,
@@ -56,7 +57,6 @@ from forgetkit.files import (
 )
 from forgetkit.mixsd import MixConfig
 from forgetkit.models import load_model
-from forgetkit.records import load_probes, load_records
 from forgetkit.seeding import seed_everything, stable_hash
 from forgetkit.train import TrainConfig, train
 from forgetkit.train_loop import load_probe_sets

@@ -3,7 +3,7 @@ r"""Evaluation of a (fine-tuned) model: memorization, paraphrase, 2-hop, retenti
 What is scored, and how:
 
 - ``memorization``: greedy reply to ``record.prompt``; correct iff
-  :func:`forgetkit.answers.is_correct` (mode ``"auto"``) accepts it for ``record.answer``.
+  :func:`forgetkit.data.answers.is_correct` (mode ``"auto"``) accepts it for ``record.answer``.
 - ``paraphrase``: the same on every ``record.paraphrases`` item.
 - probe capabilities (``probe.capability``, e.g. ``two_hop``, ``known_fact``, ``arithmetic``):
   a probe with ``choices`` is scored lm-eval style: each choice is encoded as the completion of
@@ -43,10 +43,10 @@ from typing import Any
 
 import torch
 
-from forgetkit.answers import is_correct, last_boxed, last_number
+from forgetkit.data.answers import is_correct, last_boxed, last_number
+from forgetkit.data.records import Probe, Record
 from forgetkit.loglik import model_logprobs
 from forgetkit.models import collate, encode, greedy_generate
-from forgetkit.records import Probe, Record
 
 __all__ = ["BUCKETS", "INJECTED_CAPABILITIES", "Prediction", "Retention", "Scores",
            "error_bucket", "evaluate", "retention"]

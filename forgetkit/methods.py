@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from forgetkit.data.prompts import expert_prompt
+from forgetkit.data.records import Record
 from forgetkit.losses import completion_logits, completion_nll, forward_logits, topk_kl
 from forgetkit.mixsd import MixedTarget
 from forgetkit.mixsd_decode import forward_kwargs
 from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode
-from forgetkit.prompts import expert_prompt
-from forgetkit.records import Record
 from forgetkit.seeding import stable_hash
 
 __all__ = ["NLL", "OPSD", "Example", "Prepared", "frozen_teacher", "mixsd_examples",

@@ -2,11 +2,11 @@ r"""MixSD target construction: mix a frozen model's naive and expert conditional
 
 For each record the same frozen model is run on two prompts, the naive prompt x
 (``encode(tokenizer, record.prompt)``) and the expert prompt x+ (x, a guidance line, the record's
-context and a transition; :func:`forgetkit.prompts.expert_prompt`). Both continue one shared
+context and a transition; :func:`forgetkit.data.prompts.expert_prompt`). Both continue one shared
 suffix; per token a seeded coin picks the naive branch with probability ``lam``, else the expert
 branch, and the token comes from that branch alone (argmax at ``temperature=0``, else a sample of
 its top-k softmax). The answer of each completion is checked with
-:func:`forgetkit.answers.is_correct`; wrong ones are regenerated with fresh coins up to
+:func:`forgetkit.data.answers.is_correct`; wrong ones are regenerated with fresh coins up to
 ``max_retries`` times, and records that never pass follow ``on_failure``.
 
 Decoding is batched and KV-cached (:mod:`forgetkit.mixsd_decode`): one forward per step for the
@@ -40,12 +40,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from forgetkit.answers import AnswerMode
+from forgetkit.data.answers import AnswerMode
+from forgetkit.data.prompts import get_guidance
+from forgetkit.data.records import Record
 from forgetkit.files import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
 from forgetkit.mixsd_decode import MixedDecoder, checked_end_tokens
 from forgetkit.models import encode
-from forgetkit.prompts import get_guidance
-from forgetkit.records import Record
 from forgetkit.seeding import stable_hash
 
 __all__ = ["BuildConfig", "BuildReport", "MixConfig", "MixedTarget", "MixedTargets", "Outcome",
@@ -80,7 +80,7 @@ class MixConfig:
     guidance: str = field(default="fact", metadata={
         "help": "guidance preset of the expert prompt: fact or procedure"})
     answer_mode: AnswerMode = field(default="auto", metadata={
-        "help": "answer check: auto, string, boxed or number (forgetkit.answers)"})
+        "help": "answer check: auto, string, boxed or number (forgetkit.data.answers)"})
 
     def __post_init__(self):
         problems = []
@@ -452,8 +452,8 @@ class BuildConfig:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m forgetkit.mixsd``: builds the file, prints the report."""
     from forgetkit.cli_config import parse_cli
+    from forgetkit.data.records import RecordError, load_records
     from forgetkit.models import load_model
-    from forgetkit.records import RecordError, load_records
 
     config = parse_cli(BuildConfig, argv, "python -m forgetkit.mixsd")
     if config is None:

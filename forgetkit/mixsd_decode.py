@@ -2,7 +2,7 @@
 
 Every row of the batch is one ``(record, attempt)`` and occupies two rows of a single KV cache,
 interleaved as ``[naive_0, expert_0, naive_1, expert_1, ...]``: the naive conditional sees the
-prompt x, the expert conditional sees x+ (:func:`forgetkit.prompts.expert_prompt`). A decoding
+prompt x, the expert conditional sees x+ (:func:`forgetkit.data.prompts.expert_prompt`). A decoding
 step is ONE forward of ``2n`` rows of one token each; the chosen token is fed to both branches,
 so the prefix is never re-encoded.
 
@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from forgetkit.answers import is_correct
+from forgetkit.data.answers import is_correct
+from forgetkit.data.prompts import expert_prompt
+from forgetkit.data.records import Record
 from forgetkit.models import Encoding, collate, encode, end_token_ids
-from forgetkit.prompts import expert_prompt
-from forgetkit.records import Record
 from forgetkit.seeding import stable_hash
 
 __all__ = ["AttemptResult", "MixedDecoder", "attempt_generator", "checked_end_tokens",

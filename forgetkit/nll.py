@@ -32,11 +32,11 @@ from scipy import stats
 
 from forgetkit.cli_config import config_to_dict, from_mapping, load_config, parse_cli
 from forgetkit.cli_config import help_metadata as _help
+from forgetkit.data.records import Record, load_records
 from forgetkit.files import atomic_write, atomic_write_bytes, atomic_write_json, json_rows
 from forgetkit.loglik import model_logprobs
 from forgetkit.mixsd import MixConfig, build_targets
 from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode, load_model, resolve_dtype
-from forgetkit.records import Record, load_records
 
 __all__ = ["NLLConfig", "TargetNLL", "compare_targets", "main", "run", "sequence_frame",
            "target_nll", "token_frame"]
@@ -205,7 +205,7 @@ def target_nll(model, tokenizer, items: Sequence[Any], batch_size: int = 16,
     """Per-token NLL of each item's completion under ``model`` (teacher-forced, no grad).
 
     Items, one kind or mixed:
-      - a :class:`~forgetkit.records.Record`: its canonical target given its prompt, encoded by
+      - a :class:`~forgetkit.data.records.Record`: its canonical target given its prompt, encoded by
         :func:`~forgetkit.models.encode` (the end token is appended and scored);
       - a MixedTarget (anything with ``record_id``, ``token_ids`` and optionally
         ``branch_mask``), either paired as ``(record, mixed_target)`` or looked up by

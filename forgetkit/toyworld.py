@@ -6,7 +6,7 @@ retrains it from scratch and checks that the script still produces a model with 
 abilities. ``python -m forgetkit.toyworld`` prints the ability checks; ``--retrain`` trains
 anew (deterministic, a few minutes on a 2-core CPU) into ``$FORGETKIT_CACHE``.
 :func:`ensure_toyworld` is what ``load_model("toyworld")`` calls. The corpus is described in
-:mod:`forgetkit.corpora.toyworld`.
+:mod:`forgetkit.data.corpora.toyworld`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,16 @@ from pathlib import Path
 
 import torch
 
-from forgetkit.answers import is_correct
-from forgetkit.corpora.kgfact import kgfact
-from forgetkit.corpora.toyworld import documents, toyworld_probes, toyworld_world, vocabulary_texts
+from forgetkit.data.answers import is_correct
+from forgetkit.data.corpora.kgfact import kgfact
+from forgetkit.data.corpora.toyworld import (
+    documents,
+    toyworld_probes,
+    toyworld_world,
+    vocabulary_texts,
+)
+from forgetkit.data.prompts import expert_prompt
 from forgetkit.files import atomic_directory, atomic_write_json
-from forgetkit.prompts import expert_prompt
 
 __all__ = ["ToyConfig", "ability_checks", "build_tokenizer", "ensure_toyworld", "train_toyworld"]
 

@@ -40,9 +40,9 @@ import torch
 
 from forgetkit.checkpoint import OutputDirError, check_output_dir, save_final_model
 from forgetkit.cli_config import parse_cli
+from forgetkit.data.records import RecordError
 from forgetkit.evaluate import Retention, Scores, retention
 from forgetkit.files import atomic_write_json, read_jsonl
-from forgetkit.records import RecordError
 from forgetkit.seeding import seed_everything
 from forgetkit.train_config import METHODS, TrainConfig
 from forgetkit.train_loop import Trainer, setup_distributed

@@ -23,12 +23,12 @@ from forgetkit.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from forgetkit.data.records import BUILTIN_PROBES, Probe, load_probes, load_records
 from forgetkit.evaluate import Prediction, Scores, evaluate
 from forgetkit.files import append_jsonl, atomic_write, atomic_write_jsonl, read_jsonl
 from forgetkit.methods import NLL, OPSD, frozen_teacher, mixsd_examples, opsd_examples, sft_examples
 from forgetkit.mixsd import MixedTarget, build_target_file
 from forgetkit.models import end_token_ids, load_model
-from forgetkit.records import BUILTIN_PROBES, Probe, load_probes, load_records
 from forgetkit.train_config import TrainConfig
 
 __all__ = ["DataOrder", "Distributed", "Trainer", "load_probe_sets", "setup_distributed"]

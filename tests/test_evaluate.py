@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from forgetkit import evaluate as evaluate_module
+from forgetkit.data.records import Probe, Record
 from forgetkit.evaluate import (
     Prediction,
     Scores,
@@ -17,7 +18,6 @@ from forgetkit.evaluate import (
     retention,
 )
 from forgetkit.models import encode
-from forgetkit.records import Probe, Record
 
 INJECTED = frozenset({"Pithiram", "Vabebrim", "Kelvor"})
 
@@ -30,7 +30,7 @@ def tiny():
     """A 2-layer random Llama (float64) with the toyworld tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from forgetkit.corpora.toyworld import toyworld_world, vocabulary_texts
+    from forgetkit.data.corpora.toyworld import toyworld_world, vocabulary_texts
     from forgetkit.toyworld import build_tokenizer
 
     tokenizer = build_tokenizer(vocabulary_texts(toyworld_world()))

@@ -9,11 +9,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from forgetkit import fisher
+from forgetkit.data.records import Probe, Record
 from forgetkit.fisher.delta import delta
 from forgetkit.fisher.kl import measured_kl
 from forgetkit.fisher.project import project
 from forgetkit.fisher.risk import forgetting_risk
-from forgetkit.records import Probe, Record
 from forgetkit.toyworld import build_tokenizer
 
 PAIRS = [("Where does Zo live?", "Zo lives in Bram."), ("What is 3 plus 4?", "3 plus 4 is 7."),

@@ -8,13 +8,13 @@ import re
 
 import pytest
 import torch
-from test_fisher_diagonal import tiny_data, tiny_model
 
 import forgetkit
 from forgetkit import fisher
+from forgetkit.data.records import Probe, Record
 from forgetkit.models import encode
-from forgetkit.records import Probe, Record
 from forgetkit.toyworld import build_tokenizer
+from tests.test_fisher_diagonal import tiny_data, tiny_model
 
 
 @pytest.fixture(scope="module")

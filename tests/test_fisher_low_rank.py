@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_fisher_diagonal import reference_gradients, tiny_data, tiny_model
 
 from forgetkit import fisher
+from tests.test_fisher_diagonal import reference_gradients, tiny_data, tiny_model
 
 # parameter subsets of several tensors (orthonormality is joint) that keep P near 600, where a
 # dense P x P eigh takes a fraction of a second

@@ -99,7 +99,7 @@ def test_bad_finetune_architecture_leaves_no_report(tmp_path):
 
 
 def test_empty_probe_set_is_rejected(tmp_path):
-    from forgetkit.records import RecordError
+    from forgetkit.data.records import RecordError
 
     empty = tmp_path / "probes.jsonl"
     empty.write_text("")
@@ -118,8 +118,8 @@ def test_bad_arguments_are_named():
 
 
 def test_spread_sample_round_robins_capabilities():
+    from forgetkit.data.records import Probe
     from forgetkit.fisher.report import spread_sample
-    from forgetkit.records import Probe
 
     probes = [Probe(f"{c}{i}", "q", "a", c) for c in "abc" for i in range(3)]
     assert [p.id for p in spread_sample(probes, 4)] == ["a0", "b0", "c0", "a1"]

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import forgetkit.mixsd_decode as mixsd_decode
+from forgetkit.data.prompts import expert_prompt
+from forgetkit.data.records import Record, load_records
 from forgetkit.mixsd import (
     MixConfig,
     MixedTarget,
@@ -18,8 +20,6 @@ from forgetkit.mixsd import (
 )
 from forgetkit.mixsd_decode import choose_tokens, reference_decode
 from forgetkit.models import encode, end_token_ids, load_model
-from forgetkit.prompts import expert_prompt
-from forgetkit.records import Record, load_records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from forgetkit.data.records import Record, load_records
 from forgetkit.models import encode, end_token_ids, load_model
 from forgetkit.nll import (
     NLLConfig,
@@ -18,7 +19,6 @@ from forgetkit.nll import (
     target_nll,
     token_frame,
 )
-from forgetkit.records import Record, load_records
 
 
 @dataclass

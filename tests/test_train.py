@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from forgetkit.cli_config import ConfigError, load_config
+from forgetkit.data.records import load_records
 from forgetkit.losses import completion_nll, topk_kl
 from forgetkit.methods import OPSD, frozen_teacher, opsd_examples, sft_examples
 from forgetkit.models import collate, encode, load_model
-from forgetkit.records import load_records
 from forgetkit.train import OutputDirError, TrainConfig, train
 from forgetkit.train_loop import DataOrder, _lr_lambda, load_probe_sets
 
@@ -36,7 +36,7 @@ def tiny(tmp_path_factory):
     in length (so per-batch and per-step token normalization differ)."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from forgetkit.corpora.toyworld import toyworld_world, vocabulary_texts
+    from forgetkit.data.corpora.toyworld import toyworld_world, vocabulary_texts
     from forgetkit.toyworld import build_tokenizer
 
     root = tmp_path_factory.mktemp("tiny")

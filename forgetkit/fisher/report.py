@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from forgetkit.cli_config import help_metadata as _help
+from forgetkit.data.records import load_probes, load_records
 from forgetkit.fisher.delta import delta as param_delta
 from forgetkit.fisher.diagonal import diagonal
 from forgetkit.fisher.kl import measured_kl
 from forgetkit.fisher.low_rank import low_rank
 from forgetkit.fisher.project import project
 from forgetkit.fisher.risk import forgetting_risk
-from forgetkit.records import load_probes, load_records
 
 __all__ = ["REPORT_SECTIONS", "ReportConfig", "run_report", "spread_sample"]
 

@@ -1,6 +1,6 @@
 """The pretraining corpus and retention probes of the embedded toyworld model.
 
-toyworld's world uses the KGFact relation schema (:mod:`forgetkit.corpora.kgfact`) with a
+toyworld's world uses the KGFact relation schema (:mod:`forgetkit.data.corpora.kgfact`) with a
 disjoint set of *known* entities. Its pretraining documents teach three abilities:
 
 - known facts, asked with every question form (main question and ten paraphrases) and answered
@@ -23,7 +23,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from forgetkit.corpora.kgfact import (
+from forgetkit.data.corpora.kgfact import (
     PARAPHRASE_TEMPLATES,
     RELATIONS,
     SIZES,
@@ -33,10 +33,10 @@ from forgetkit.corpora.kgfact import (
     kgfact,
     relations_of,
 )
-from forgetkit.corpora.kgfunc import OPERATIONS, UNSEEN_OPERATIONS, few_shot_prompt, kgfunc
-from forgetkit.corpora.names import invented_names
-from forgetkit.prompts import canonical_target, expert_prompt
-from forgetkit.records import Probe
+from forgetkit.data.corpora.kgfunc import OPERATIONS, UNSEEN_OPERATIONS, few_shot_prompt, kgfunc
+from forgetkit.data.corpora.names import invented_names
+from forgetkit.data.prompts import canonical_target, expert_prompt
+from forgetkit.data.records import Probe
 
 __all__ = ["ToyWorld", "arithmetic_text", "toyworld_probes", "toyworld_world"]
 

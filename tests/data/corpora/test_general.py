@@ -1,4 +1,4 @@
-"""Tests for forgetkit.corpora.general: the retention probes for a real small chat model."""
+"""Tests for forgetkit.data.corpora.general: the retention probes for a real small chat model."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from forgetkit.corpora.general import (
+from forgetkit.data.corpora.general import (
     KNOWN_FACTS_PATH,
     PROBE_CAPABILITIES,
     general_probes,
 )
-from forgetkit.records import Probe
+from forgetkit.data.records import Probe
 from forgetkit.seeding import stable_hash
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 COUNT_RANGES = {
     "known_fact": (250, 350),
     "arithmetic": (90, 110),
@@ -28,7 +28,7 @@ COUNT_RANGES = {
     "format_following": (50, 70),
 }
 HASH_SNIPPET = (
-    "from forgetkit.corpora.general import general_probes\n"
+    "from forgetkit.data.corpora.general import general_probes\n"
     "from forgetkit.seeding import stable_hash\n"
     "print(stable_hash([[p.id, p.prompt, p.answer, p.capability, list(p.choices)]"
     " for p in general_probes(seed=3)]))\n"

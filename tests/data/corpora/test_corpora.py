@@ -5,11 +5,11 @@ import sys
 
 import pytest
 
-from forgetkit.answers import is_correct, last_boxed
-from forgetkit.corpora.kgfact import PARAPHRASE_TEMPLATES, kgfact
-from forgetkit.corpora.kgfunc import OPERATIONS, UNSEEN_OPERATIONS, kgfunc
-from forgetkit.corpora.toyworld import toyworld_probes, toyworld_world
-from forgetkit.records import load_probes, load_records
+from forgetkit.data.answers import is_correct, last_boxed
+from forgetkit.data.corpora.kgfact import PARAPHRASE_TEMPLATES, kgfact
+from forgetkit.data.corpora.kgfunc import OPERATIONS, UNSEEN_OPERATIONS, kgfunc
+from forgetkit.data.corpora.toyworld import toyworld_probes, toyworld_world
+from forgetkit.data.records import load_probes, load_records
 from forgetkit.seeding import stable_hash
 
 
@@ -53,7 +53,7 @@ def test_kgfact_deterministic_and_seeded():
 
 
 def test_corpora_independent_of_hash_seed():
-    code = ("from forgetkit.corpora.kgfact import kgfact; from forgetkit.corpora.kgfunc import "
+    code = ("from forgetkit.data.corpora.kgfact import kgfact; from forgetkit.data.corpora.kgfunc import "
             "kgfunc; from forgetkit.seeding import stable_hash; c = kgfact('large'); f = kgfunc(); "
             "print(stable_hash([r.target for r in c.records], [p.prompt for p in c.probes], "
             "[r.prompt + r.target for r in f.records], [p.prompt for p in f.probes]))")
@@ -106,7 +106,7 @@ def test_toyworld_reading_pool_never_states_known_facts():
 def test_toyworld_vocabulary_covers_builtin_corpora(toyworld):
     _, tokenizer = toyworld
     unk = tokenizer.unk_token_id
-    from forgetkit.prompts import expert_prompt
+    from forgetkit.data.prompts import expert_prompt
 
     texts = []
     for size in ("small", "large"):

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from forgetkit.answers import extract_answer, is_correct, last_boxed, last_number, normalize
+from forgetkit.data.answers import extract_answer, is_correct, last_boxed, last_number, normalize
 
 
 def test_normalize():

@@ -1,6 +1,6 @@
 """Retention probes for a real small chat model (e.g. SmolLM2-135M-Instruct).
 
-Four capabilities, each a list of multiple-choice :class:`~forgetkit.records.Probe` items with
+Four capabilities, each a list of multiple-choice :class:`~forgetkit.data.records.Probe` items with
 four choices, scored by log-likelihood:
 
 - ``known_fact``: world capitals, chemical element symbols and names, basic science, geography
@@ -40,8 +40,8 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+from forgetkit.data.records import Probe, RecordError
 from forgetkit.files import read_jsonl
-from forgetkit.records import Probe, RecordError
 
 __all__ = [
     "PROBE_CAPABILITIES",

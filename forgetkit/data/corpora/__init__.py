@@ -1,5 +1,5 @@
-"""Built-in corpora, registered by name with :func:`forgetkit.records.load_records` and
-:func:`forgetkit.records.load_probes`.
+"""Built-in corpora, registered by name with :func:`forgetkit.data.records.load_records` and
+:func:`forgetkit.data.records.load_probes`.
 
 Records: ``kgfact`` (= ``kgfact-small``), ``kgfact-large``, ``kgfunc``.
 Probes: ``kgfact`` (2-hop and retrieval), ``kgfact-large``, ``kgfunc`` (held-out inputs and
@@ -9,21 +9,21 @@ for real models: known facts, arithmetic, in-context retrieval, format following
 
 from __future__ import annotations
 
-from forgetkit.corpora.kgfact import kgfact
-from forgetkit.corpora.kgfunc import kgfunc
-from forgetkit.records import register_probes, register_records
+from forgetkit.data.corpora.kgfact import kgfact
+from forgetkit.data.corpora.kgfunc import kgfunc
+from forgetkit.data.records import register_probes, register_records
 
 __all__ = ["kgfact", "kgfunc"]
 
 
 def _general_probes():
-    from forgetkit.corpora.general import general_probes
+    from forgetkit.data.corpora.general import general_probes
 
     return general_probes()
 
 
 def _toyworld_probes():
-    from forgetkit.corpora.toyworld import toyworld_probes
+    from forgetkit.data.corpora.toyworld import toyworld_probes
 
     return toyworld_probes()
 

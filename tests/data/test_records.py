@@ -1,4 +1,4 @@
-"""Tests for forgetkit.records loaders and forgetkit.formats adapters (no models involved)."""
+"""Tests for forgetkit.data.records loaders and forgetkit.data.formats adapters (no models involved)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forgetkit import records as records_module
-from forgetkit.files import atomic_write_jsonl
-from forgetkit.formats import FORMATS, detect_format
-from forgetkit.records import (
+from forgetkit.data import records as records_module
+from forgetkit.data.formats import FORMATS, detect_format
+from forgetkit.data.records import (
     Probe,
     Record,
     RecordError,
@@ -22,8 +21,9 @@ from forgetkit.records import (
     register_probes,
     register_records,
 )
+from forgetkit.files import atomic_write_jsonl
 
-FIXTURES = Path(__file__).parent / "fixtures" / "records"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "records"
 
 # The same three facts, encoded in every fixture file: (prompt, canonical target, answer, paraphrase).
 FACTS = [

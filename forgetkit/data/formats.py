@@ -1,10 +1,10 @@
 r"""Format adapters: turn one parsed JSON row of a known dataset layout into Records or Probes.
 
 Each supported layout is one entry of :data:`FORMATS`: a detector that recognizes a row by its
-keys, an adapter that turns a row into :class:`~forgetkit.records.Record` objects, and optionally
-one that turns it into :class:`~forgetkit.records.Probe` objects. :func:`detect_format` tries the
+keys, an adapter that turns a row into :class:`~forgetkit.data.records.Record` objects, and optionally
+one that turns it into :class:`~forgetkit.data.records.Probe` objects. :func:`detect_format` tries the
 detectors in the order of :data:`FORMATS` and returns the first that matches. The loaders
-(:func:`forgetkit.records.load_records`, :func:`forgetkit.records.load_probes`) read files; this
+(:func:`forgetkit.data.records.load_records`, :func:`forgetkit.data.records.load_probes`) read files; this
 module only maps rows.
 
 What each layout becomes (probes in brackets; ids fall back to ``"{file stem}-{line}"``):
@@ -25,7 +25,7 @@ What each layout becomes (probes in brackets; ids fall back to ``"{file stem}-{l
   format name].
 
 Every adapter reads fields through :class:`Row`, so a missing field or a field of the wrong
-type raises :class:`~forgetkit.records.RecordError` naming file, line and the field's path
+type raises :class:`~forgetkit.data.records.RecordError` naming file, line and the field's path
 (``requested_rewrite.target_new.str``, ``messages[2].content``).
 """
 
@@ -37,8 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from forgetkit.answers import last_boxed
-from forgetkit.records import Probe, Record, RecordError
+from forgetkit.data.answers import last_boxed
+from forgetkit.data.records import Probe, Record, RecordError
 
 __all__ = ["FORMATS", "Format", "Row", "detect_format"]
 

@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from forgetkit.records import Probe, Record
+from forgetkit.data.records import Probe, Record
 
 __all__ = ["OPERATIONS", "UNSEEN_OPERATIONS", "KGFunc", "Operation", "kgfunc"]
 

@@ -1,6 +1,6 @@
 r"""KGFact: a synthetic world graph of invented entities with directed relations.
 
-One :class:`~forgetkit.records.Record` per fact; the canonical target is in the MixSD authors'
+One :class:`~forgetkit.data.records.Record` per fact; the canonical target is in the MixSD authors'
 style (``The answer is X.\n\n\boxed{X}``). Each record carries ten paraphrases; the corpus also
 has closed-book 2-hop questions and an in-context retrieval probe (the gold fact among
 distractors). Everything is a pure function of ``(size, seed)`` and never of PYTHONHASHSEED.
@@ -14,9 +14,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from forgetkit.corpora.names import invented_names
-from forgetkit.prompts import canonical_target
-from forgetkit.records import Probe, Record
+from forgetkit.data.corpora.names import invented_names
+from forgetkit.data.prompts import canonical_target
+from forgetkit.data.records import Probe, Record
 
 __all__ = ["ATTRIBUTE_POOLS", "DOMAINS", "PARAPHRASE_TEMPLATES", "RELATIONS", "SIZES", "Fact",
            "KGFact", "Relation", "World", "build_world", "kgfact", "statement"]

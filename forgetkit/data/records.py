@@ -3,7 +3,7 @@
 A :class:`Record` is one fact to teach; a :class:`Probe` is one retention item.
 :func:`load_records` and :func:`load_probes` read them from a built-in set (registered with
 :func:`register_records` / :func:`register_probes`) or from a JSONL / JSON-array file in any
-layout of :data:`forgetkit.formats.FORMATS`, detected from the keys of the first object.
+layout of :data:`forgetkit.data.formats.FORMATS`, detected from the keys of the first object.
 
 Example:
     >>> records = load_records("facts.jsonl")  # doctest: +SKIP
@@ -114,10 +114,10 @@ class Probe:
 # --- built-in sets ------------------------------------------------------------------------------
 
 BUILTIN_RECORDS: dict[str, Callable[[], list[Record]]] = {}
-"""Built-in record sets by name; filled by :func:`register_records` (``forgetkit.corpora``)."""
+"""Built-in record sets by name; filled by :func:`register_records` (``forgetkit.data.corpora``)."""
 
 BUILTIN_PROBES: dict[str, Callable[[], list[Probe]]] = {}
-"""Built-in probe sets by name; filled by :func:`register_probes` (``forgetkit.corpora``)."""
+"""Built-in probe sets by name; filled by :func:`register_probes` (``forgetkit.data.corpora``)."""
 
 _Item = TypeVar("_Item", Record, Probe)
 
@@ -152,12 +152,9 @@ def register_probes(name: str, fn: Callable[[], list[Probe]]) -> None:
 
 
 def _import_corpora() -> None:
-    """Import ``forgetkit.corpora`` so its built-in sets register; fine if it does not exist yet."""
-    try:
-        importlib.import_module("forgetkit.corpora")
-    except ModuleNotFoundError as err:
-        if err.name not in ("forgetkit.corpora", "forgetkit"):
-            raise
+    """Import :mod:`forgetkit.data.corpora`, which registers the built-in sets (it imports this
+    module, so it is imported here on first use rather than at the top)."""
+    importlib.import_module("forgetkit.data.corpora")
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -170,7 +167,7 @@ def load_records(source: str | os.PathLike[str], format: str | None = None) -> l
         source: a built-in name (a key of :data:`BUILTIN_RECORDS`) or a path to a JSONL file or
             a JSON file holding an array of objects. A plain string is looked up as a built-in
             name first.
-        format: a key of :data:`forgetkit.formats.FORMATS`; ``None`` detects it from the keys of
+        format: a key of :data:`forgetkit.data.formats.FORMATS`; ``None`` detects it from the keys of
             the first non-empty object.
 
     Returns:
@@ -241,7 +238,7 @@ def _checked_builtin(name: str, items: Sequence[Any], item_type: type[_Item]) ->
 
 
 def _load_file(path: Path, shown: str, format: str | None, noun: str) -> list[Any]:
-    from forgetkit.formats import FORMATS, Row, detect_format  # formats imports this module
+    from forgetkit.data.formats import FORMATS, Row, detect_format  # formats imports this module
 
     rows = _read_objects(path, shown)
     if not rows:

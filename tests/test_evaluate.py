@@ -31,7 +31,7 @@ def tiny():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from forgetkit.data.corpora.toyworld import toyworld_world, vocabulary_texts
-    from forgetkit.toyworld import build_tokenizer
+    from forgetkit.models.toyworld import build_tokenizer
 
     tokenizer = build_tokenizer(vocabulary_texts(toyworld_world()))
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,

@@ -14,7 +14,7 @@ from forgetkit.fisher.delta import delta
 from forgetkit.fisher.kl import measured_kl
 from forgetkit.fisher.project import project
 from forgetkit.fisher.risk import forgetting_risk
-from forgetkit.toyworld import build_tokenizer
+from forgetkit.models.toyworld import build_tokenizer
 
 PAIRS = [("Where does Zo live?", "Zo lives in Bram."), ("What is 3 plus 4?", "3 plus 4 is 7."),
          ("Who founded Kel?", "Kel was founded by Zo."), ("What is 2 plus 2?", "2 plus 2 is 4.")]

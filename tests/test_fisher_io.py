@@ -13,7 +13,7 @@ import forgetkit
 from forgetkit import fisher
 from forgetkit.data.records import Probe, Record
 from forgetkit.models import encode
-from forgetkit.toyworld import build_tokenizer
+from forgetkit.models.toyworld import build_tokenizer
 from tests.test_fisher_diagonal import tiny_data, tiny_model
 
 

@@ -37,7 +37,7 @@ def tiny(tmp_path_factory):
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     from forgetkit.data.corpora.toyworld import toyworld_world, vocabulary_texts
-    from forgetkit.toyworld import build_tokenizer
+    from forgetkit.models.toyworld import build_tokenizer
 
     root = tmp_path_factory.mktemp("tiny")
     tokenizer = build_tokenizer(vocabulary_texts(toyworld_world()))

@@ -5,7 +5,7 @@ style (``The answer is X.\n\n\boxed{X}``). Each record carries ten paraphrases; 
 has closed-book 2-hop questions and an in-context retrieval probe (the gold fact among
 distractors). Everything is a pure function of ``(size, seed)`` and never of PYTHONHASHSEED.
 
-The relation schema is shared with :mod:`forgetkit.toyworld`, whose pretraining teaches the
+The relation schema is shared with :mod:`forgetkit.models.toyworld`, whose pretraining teaches the
 same question forms about a disjoint set of *known* entities.
 """
 

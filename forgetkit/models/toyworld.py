@@ -1,6 +1,6 @@
 """toyworld: the embedded default base model, a tiny Llama-style LM trained here.
 
-The default model (seed 0) ships with forgetkit in ``forgetkit/toyworld_model/`` (4 MB of
+The default model (seed 0) ships with forgetkit in ``forgetkit/models/toyworld_model/`` (4 MB of
 safetensors), produced by :func:`train_toyworld` with the default :class:`ToyConfig`; a test
 retrains it from scratch and checks that the script still produces a model with the same
 abilities. ``python -m forgetkit.toyworld`` prints the ability checks; ``--retrain`` trains
@@ -34,6 +34,9 @@ from forgetkit.data.corpora.toyworld import (
 )
 from forgetkit.data.prompts import expert_prompt
 from forgetkit.files import atomic_directory, atomic_write_json
+from forgetkit.models.encoding import collate, encode
+from forgetkit.models.inference import greedy_generate
+from forgetkit.models.storage import cache_dir
 
 __all__ = ["ToyConfig", "ability_checks", "build_tokenizer", "ensure_toyworld", "train_toyworld"]
 
@@ -104,8 +107,6 @@ def _model(config: ToyConfig, tokenizer):
 
 def _batches(tokenizer, config: ToyConfig, world):
     """Tokenized, length-bucketed batches of pretraining documents (deterministic)."""
-    from forgetkit.models import collate, encode
-
     stream = documents(world, config.seed)
     docs = [next(stream) for _ in range(config.steps * config.batch_size)]
     encoded = [encode(tokenizer, p, c) for p, c in docs]
@@ -173,8 +174,6 @@ PACKAGED = Path(__file__).with_name("toyworld_model")
 def ensure_toyworld(config: ToyConfig | None = None) -> Path:
     """The toyworld folder: the packaged model for the default config, else the cached one,
     trained first if missing (one process at a time)."""
-    from forgetkit.models import cache_dir
-
     config = config or ToyConfig()
     if config == ToyConfig() and (PACKAGED / "model.safetensors").exists():
         return PACKAGED
@@ -191,8 +190,6 @@ def ensure_toyworld(config: ToyConfig | None = None) -> Path:
 
 
 def _accuracy(model, tokenizer, prompts, answers, modes=None) -> float:
-    from forgetkit.models import greedy_generate
-
     replies = greedy_generate(model, tokenizer, prompts, max_new_tokens=40, batch_size=32)
     modes = modes or ["string"] * len(prompts)
     hits = [is_correct(r, a, m) for r, a, m in zip(replies, answers, modes, strict=True)]
@@ -234,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = ToyConfig(seed=args.seed, steps=args.steps)
-    from forgetkit.models import cache_dir, load_model
+    from forgetkit.models.loading import load_model
 
     started = time.time()
     if args.retrain or config != ToyConfig(seed=args.seed):

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import pytest
 
 from forgetkit.models import load_model
-from forgetkit.toyworld import (
+from forgetkit.models.toyworld import (
     VERSION,
     ToyConfig,
     ability_checks,

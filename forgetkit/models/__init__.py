@@ -1,0 +1,29 @@
+"""Models: loading (:func:`load_model`), the one prompt/completion tokenizer (:func:`encode`),
+batching (:func:`collate`) and generation, plus the two built-in base models.
+
+Modules, bottom up: :mod:`~forgetkit.models.storage` (the cache folder, the not-found error),
+:mod:`~forgetkit.models.encoding` (:class:`Encoding`, :func:`encode`, :func:`collate`),
+:mod:`~forgetkit.models.inference` (running a model without training it),
+:mod:`~forgetkit.models.toyworld` and :mod:`~forgetkit.models.smollm2` (the built-in models,
+which use only the modules above) and :mod:`~forgetkit.models.loading` (:func:`load_model`,
+which knows the built-ins).
+"""
+
+from forgetkit.models.encoding import IGNORE_INDEX, Encoding, collate, encode, end_token_ids
+from forgetkit.models.inference import greedy_generate
+from forgetkit.models.loading import BUILTIN_MODELS, load_model, resolve_dtype
+from forgetkit.models.storage import ModelNotFoundError, cache_dir
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "IGNORE_INDEX",
+    "Encoding",
+    "ModelNotFoundError",
+    "cache_dir",
+    "collate",
+    "encode",
+    "end_token_ids",
+    "greedy_generate",
+    "load_model",
+    "resolve_dtype",
+]

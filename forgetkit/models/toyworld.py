@@ -3,21 +3,18 @@
 The default model (seed 0) ships with forgetkit in ``forgetkit/models/toyworld_model/`` (4 MB of
 safetensors), produced by :func:`train_toyworld` with the default :class:`ToyConfig`; a test
 retrains it from scratch and checks that the script still produces a model with the same
-abilities. ``python -m forgetkit.toyworld`` prints the ability checks; ``--retrain`` trains
-anew (deterministic, a few minutes on a 2-core CPU) into ``$FORGETKIT_CACHE``.
+abilities. ``python -m forgetkit.toyworld`` (:mod:`forgetkit.toyworld`) prints the ability
+checks; ``--retrain`` trains anew (deterministic, a few minutes on a 2-core CPU) into ``$FORGETKIT_CACHE``.
 :func:`ensure_toyworld` is what ``load_model("toyworld")`` calls. The corpus is described in
 :mod:`forgetkit.data.corpora.toyworld`.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import fcntl
 import logging
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -220,35 +217,3 @@ def ability_checks(model, tokenizer, seed: int = 0) -> dict[str, float]:
         answers)
     scores["naive_kgfact"] = _accuracy(model, tokenizer, [r.prompt for r in records], answers)
     return scores
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m forgetkit.toyworld",
-                                     description="Train (once) and check the toyworld model.")
-    parser.add_argument("--retrain", action="store_true", help="train again even if cached")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=ToyConfig.steps)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = ToyConfig(seed=args.seed, steps=args.steps)
-    from forgetkit.models.loading import load_model
-
-    started = time.time()
-    if args.retrain or config != ToyConfig(seed=args.seed):
-        out = cache_dir() / f"toyworld-v{VERSION}-seed{config.seed}-steps{config.steps}"
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(out)
-        train_toyworld(config, out)
-        model, tokenizer = load_model(out, device="cpu")
-    else:
-        model, tokenizer = load_model(ensure_toyworld(config), device="cpu")
-    trained = time.time() - started
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"toyworld: {n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, "
-          f"ready in {trained:.0f} s")
-    for name, value in ability_checks(model, tokenizer, seed=args.seed).items():
-        print(f"  {name:<14} {100 * value:5.1f}%")
-
-
-if __name__ == "__main__":
-    main()

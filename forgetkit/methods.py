@@ -27,7 +27,7 @@ from forgetkit.data.prompts import expert_prompt
 from forgetkit.data.records import Record
 from forgetkit.losses import completion_logits, completion_nll, forward_logits, topk_kl
 from forgetkit.mixsd import MixedTarget
-from forgetkit.mixsd_decode import forward_kwargs
+from forgetkit.mixsd.decode import forward_kwargs
 from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode
 from forgetkit.seeding import stable_hash
 

@@ -9,7 +9,7 @@ its top-k softmax). The answer of each completion is checked with
 :func:`forgetkit.data.answers.is_correct`; wrong ones are regenerated with fresh coins up to
 ``max_retries`` times, and records that never pass follow ``on_failure``.
 
-Decoding is batched and KV-cached (:mod:`forgetkit.mixsd_decode`): one forward per step for the
+Decoding is batched and KV-cached (:mod:`forgetkit.mixsd.decode`): one forward per step for the
 2 branches of every live row, with finished rows replaced by waiting ones. A target depends only
 on ``(model, record, config)``, never on the batch size or which records share a batch (up to
 floating-point rounding in padded batches, which would have to flip an argmax or a sampling
@@ -44,12 +44,13 @@ from forgetkit.data.answers import AnswerMode
 from forgetkit.data.prompts import get_guidance
 from forgetkit.data.records import Record
 from forgetkit.files import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
-from forgetkit.mixsd_decode import MixedDecoder, checked_end_tokens
+from forgetkit.mixsd.decode import MixedDecoder, checked_end_tokens
 from forgetkit.models import encode
 from forgetkit.seeding import stable_hash
 
 __all__ = ["BuildConfig", "BuildReport", "MixConfig", "MixedTarget", "MixedTargets", "Outcome",
-           "build_target_file", "build_targets", "main", "model_fingerprint"]
+           "build_target_file", "build_targets", "main", "meta_path", "model_fingerprint",
+           "progress_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -465,7 +466,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     report = build_target_file(model, tokenizer, records, config.mix, config.out)
     print(f"wrote {config.out}: " + ", ".join(f"{k}={v}" for k, v in asdict(report).items()))
-
-
-if __name__ == "__main__":
-    main()

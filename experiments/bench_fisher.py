@@ -38,8 +38,8 @@ import torch
 
 from forgetkit import fisher
 from forgetkit.data.records import load_records
+from forgetkit.diagnostics.loglik import sequence_loglik
 from forgetkit.files import atomic_write_json
-from forgetkit.loglik import sequence_loglik
 from forgetkit.models import Encoding, collate, encode, load_model
 
 RESULTS = Path(__file__).parent / "results" / "bench_fisher.json"

@@ -53,7 +53,7 @@ from scipy import stats
 from forgetkit import fisher
 from forgetkit.cli_config import config_to_dict, markdown_table, parse_cli
 from forgetkit.cli_config import help_metadata as _help
-from forgetkit.evaluate import INJECTED_CAPABILITIES
+from forgetkit.diagnostics.evaluation import INJECTED_CAPABILITIES
 from forgetkit.files import atomic_write, atomic_write_bytes, atomic_write_json, json_rows
 from forgetkit.fisher import plots as fisher_plots
 from forgetkit.fisher.delta import delta as param_delta

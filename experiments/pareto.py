@@ -6,7 +6,7 @@ are shared; only the method (and MixSD's lambda) differs. OPSD samples
 ``opsd_num_generations`` completions per prompt, so it sees that many more completions per step.
 Each fine-tune is scored on memorization (greedy recall of the injected facts), paraphrase
 accuracy and the retention of every held-out capability (fine-tuned / base accuracy,
-:func:`forgetkit.evaluate.retention`).
+:func:`forgetkit.diagnostics.evaluation.retention`).
 
 SFT is also evaluated every ``peak_eval_steps`` steps; its *first-peak* checkpoint is the first
 evaluated step whose memorization equals the run's maximum (within ``peak_tolerance``), and it
@@ -46,7 +46,13 @@ from forgetkit.checkpoint import checkpoint_dirs, latest_checkpoint
 from forgetkit.cli_config import config_to_dict, from_mapping, markdown_table, parse_cli
 from forgetkit.cli_config import help_metadata as _help
 from forgetkit.data.records import load_probes, load_records
-from forgetkit.evaluate import INJECTED_CAPABILITIES, Prediction, Scores, evaluate, retention
+from forgetkit.diagnostics.evaluation import (
+    INJECTED_CAPABILITIES,
+    Prediction,
+    Scores,
+    evaluate,
+    retention,
+)
 from forgetkit.files import (
     atomic_write,
     atomic_write_bytes,

@@ -4,7 +4,7 @@ Both return a *sum over completion tokens* and the token count, so the trainer c
 the number of completion tokens of the whole optimizer step (all micro-batches, all
 processes): the result is then the same whatever the micro-batch and process split.
 
-Shift convention (as :mod:`forgetkit.loglik`): logits at position ``t`` predict token ``t + 1``;
+Shift convention (as :mod:`forgetkit.diagnostics.loglik`): logits at position ``t`` predict token ``t + 1``;
 a position is a completion position iff its label is not ``-100``.
 """
 
@@ -15,13 +15,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from forgetkit.loglik import model_logprobs
+from forgetkit.diagnostics.loglik import model_logprobs
 
 __all__ = ["completion_logits", "completion_nll", "forward_logits", "topk_kl"]
 
 
 def completion_nll(model, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
-    """Summed NLL of the completion tokens, built on :func:`forgetkit.loglik.model_logprobs`.
+    """Summed NLL of the completion tokens, built on :func:`forgetkit.diagnostics.loglik.model_logprobs`.
 
     Args:
         model: a causal LM.

@@ -41,7 +41,7 @@ import torch
 from forgetkit.checkpoint import OutputDirError, check_output_dir, save_final_model
 from forgetkit.cli_config import parse_cli
 from forgetkit.data.records import RecordError
-from forgetkit.evaluate import Retention, Scores, retention
+from forgetkit.diagnostics.evaluation import Retention, Scores, retention
 from forgetkit.files import atomic_write_json, read_jsonl
 from forgetkit.seeding import seed_everything
 from forgetkit.train_config import METHODS, TrainConfig

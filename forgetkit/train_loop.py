@@ -24,7 +24,7 @@ from forgetkit.checkpoint import (
     save_checkpoint,
 )
 from forgetkit.data.records import BUILTIN_PROBES, Probe, load_probes, load_records
-from forgetkit.evaluate import Prediction, Scores, evaluate
+from forgetkit.diagnostics.evaluation import Prediction, Scores, evaluate
 from forgetkit.files import append_jsonl, atomic_write, atomic_write_jsonl, read_jsonl
 from forgetkit.methods import NLL, OPSD, frozen_teacher, mixsd_examples, opsd_examples, sft_examples
 from forgetkit.mixsd import MixedTarget, build_target_file

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from forgetkit import fisher
 from forgetkit.data.records import Probe
+from forgetkit.diagnostics.loglik import sequence_loglik
 from forgetkit.fisher.diagonal import RunningMoments
 from forgetkit.fisher.pergrad import GradientStream, loop_gradients, vmap_gradients
-from forgetkit.loglik import sequence_loglik
 from forgetkit.models import Encoding, collate
 
 VOCAB = 30

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
 from forgetkit.data.records import Probe, Record
-from forgetkit.loglik import sequence_loglik
+from forgetkit.diagnostics.loglik import sequence_loglik
 from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode
 from forgetkit.seeding import stable_hash
 

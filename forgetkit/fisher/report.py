@@ -159,7 +159,7 @@ def run_report(config: ReportConfig, progress: bool = True) -> dict[str, Any]:
         ValueError: an empty probe set, a fine-tune of another architecture or an adapter of
             another base, before anything is written.
     """
-    from forgetkit.evaluate import evaluate, retention
+    from forgetkit.diagnostics.evaluation import evaluate, retention
     from forgetkit.models import load_model
 
     timing: dict[str, float] = {}

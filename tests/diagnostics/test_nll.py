@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from forgetkit.data.records import Record, load_records
-from forgetkit.models import encode, end_token_ids, load_model
-from forgetkit.nll import (
+from forgetkit.diagnostics.nll import (
     NLLConfig,
     TargetNLL,
     compare_targets,
@@ -19,6 +18,7 @@ from forgetkit.nll import (
     target_nll,
     token_frame,
 )
+from forgetkit.models import encode, end_token_ids, load_model
 
 
 @dataclass

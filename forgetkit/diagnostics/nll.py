@@ -6,7 +6,7 @@ turns several target sets into one table with bootstrap CIs, and ``python -m for
 does both for SFT and MixSD at several lambdas, writing the table and the figures.
 
 Which tokens count: exactly the completion tokens of :func:`forgetkit.models.encode` (the reply,
-ending with the end token), scored by :func:`forgetkit.loglik.model_logprobs`:
+ending with the end token), scored by :func:`forgetkit.diagnostics.loglik.model_logprobs`:
 ``nll[t] = -log p(y_t | prompt, y_<t)`` in nats, teacher-forced, computed in at least float32.
 
 Example:
@@ -33,8 +33,8 @@ from scipy import stats
 from forgetkit.cli_config import config_to_dict, from_mapping, load_config, parse_cli
 from forgetkit.cli_config import help_metadata as _help
 from forgetkit.data.records import Record, load_records
+from forgetkit.diagnostics.loglik import model_logprobs
 from forgetkit.files import atomic_write, atomic_write_bytes, atomic_write_json, json_rows
-from forgetkit.loglik import model_logprobs
 from forgetkit.mixsd import MixConfig, build_targets
 from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode, load_model, resolve_dtype
 

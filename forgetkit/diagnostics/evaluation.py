@@ -8,7 +8,7 @@ What is scored, and how:
 - probe capabilities (``probe.capability``, e.g. ``two_hop``, ``known_fact``, ``arithmetic``):
   a probe with ``choices`` is scored lm-eval style: each choice is encoded as the completion of
   ``probe.prompt`` by :func:`forgetkit.models.encode` (no end token), its completion
-  log-probabilities from :func:`forgetkit.loglik.model_logprobs` are summed, and the argmax
+  log-probabilities from :func:`forgetkit.diagnostics.loglik.model_logprobs` are summed, and the argmax
   (first on ties) is the prediction. A probe without choices gets a greedy reply, judged by
   ``is_correct`` with ``probe.meta.get("answer_mode", "auto")``.
 
@@ -45,7 +45,7 @@ import torch
 
 from forgetkit.data.answers import is_correct, last_boxed, last_number
 from forgetkit.data.records import Probe, Record
-from forgetkit.loglik import model_logprobs
+from forgetkit.diagnostics.loglik import model_logprobs
 from forgetkit.models import collate, encode, greedy_generate
 
 __all__ = ["BUCKETS", "INJECTED_CAPABILITIES", "Prediction", "Retention", "Scores",

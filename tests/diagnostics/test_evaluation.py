@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from forgetkit import evaluate as evaluate_module
 from forgetkit.data.records import Probe, Record
-from forgetkit.evaluate import (
+from forgetkit.diagnostics import evaluation as evaluation_module
+from forgetkit.diagnostics.evaluation import (
     Prediction,
     Scores,
     choice_logliks,
@@ -130,7 +130,7 @@ def test_generation_scoring_buckets_and_order(tiny, monkeypatch):
         seen["max_new_tokens"] = max_new_tokens
         return [replies[p] for p in prompts]
 
-    monkeypatch.setattr(evaluate_module, "greedy_generate", fake_generate)
+    monkeypatch.setattr(evaluation_module, "greedy_generate", fake_generate)
     model.train()
     scores = evaluate(model, tokenizer, records, probes, max_new_tokens=7)
     assert model.training and seen["max_new_tokens"] == 7

@@ -486,7 +486,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = run(config)
     with pd.option_context("display.width", 250, "display.max_columns", None):
         print(table.to_string(index=False, float_format="{:.3f}".format))
-
-
-if __name__ == "__main__":
-    main()

@@ -62,7 +62,7 @@ from forgetkit.fisher.project import project
 from forgetkit.fisher.report import spread_sample
 from forgetkit.models import load_model
 from forgetkit.seeding import stable_hash
-from forgetkit.train_loop import load_probe_sets
+from forgetkit.train.loop import load_probe_sets
 
 logger = logging.getLogger("fisher_study")
 

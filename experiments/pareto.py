@@ -42,7 +42,6 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from forgetkit.checkpoint import checkpoint_dirs, latest_checkpoint
 from forgetkit.cli_config import config_to_dict, from_mapping, markdown_table, parse_cli
 from forgetkit.cli_config import help_metadata as _help
 from forgetkit.data.records import load_probes, load_records
@@ -65,7 +64,8 @@ from forgetkit.mixsd import MixConfig
 from forgetkit.models import load_model
 from forgetkit.seeding import seed_everything, stable_hash
 from forgetkit.train import TrainConfig, train
-from forgetkit.train_loop import load_probe_sets
+from forgetkit.train.checkpoint import checkpoint_dirs, latest_checkpoint
+from forgetkit.train.loop import load_probe_sets
 
 logger = logging.getLogger("pareto")
 

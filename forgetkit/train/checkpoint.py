@@ -37,7 +37,7 @@ import torch
 
 from forgetkit.cli_config import from_mapping
 from forgetkit.files import atomic_write_json
-from forgetkit.train_config import RUN_CONTROL_FIELDS, TrainConfig
+from forgetkit.train.config import RUN_CONTROL_FIELDS, TrainConfig
 
 __all__ = ["CHECKPOINT_PREFIX", "OutputDirError", "check_output_dir", "checkpoint_dirs",
            "latest_checkpoint", "load_checkpoint", "prune_checkpoints", "resolve_checkpoint",

@@ -8,7 +8,7 @@ batch divided by their number (counted before any backward pass), so 1 process x
 2 processes x batch 2 compute the same gradient. Then: global-norm clipping, AdamW (decay on
 >= 2-D weights only), and linear warmup followed by a constant or cosine learning rate.
 
-Methods (:mod:`forgetkit.methods`): ``sft`` trains on ``record.prompt`` + ``record.target``;
+Methods (:mod:`forgetkit.train.methods`): ``sft`` trains on ``record.prompt`` + ``record.target``;
 ``mixsd`` builds MixSD targets once from the frozen base (cached in ``output_dir/targets.jsonl``,
 reused on resume) and trains on naive prompt + target tokens; ``opsd`` distills the
 expert-prompted frozen base into the student on the student's own samples.
@@ -16,7 +16,7 @@ expert-prompted frozen base into the student on the student's own samples.
 Outputs in ``output_dir``: ``train_config.yaml``, ``metrics.jsonl`` (a row per logging step:
 step, loss, lr, grad_norm, step_time; evaluation summaries on evaluation steps),
 ``eval/<step>.jsonl`` (per-item predictions; step 0 is the base model), ``checkpoint-<step>/``
-(:mod:`forgetkit.checkpoint`), ``results.json`` and the final model (:func:`save_final_model`).
+(:mod:`forgetkit.train.checkpoint`), ``results.json`` and the final model (:func:`save_final_model`).
 
 Under ``torchrun`` each process runs :func:`train`; processes talk over gloo (CPU) or nccl (CUDA).
 
@@ -38,16 +38,16 @@ from typing import Any
 
 import torch
 
-from forgetkit.checkpoint import OutputDirError, check_output_dir, save_final_model
 from forgetkit.cli_config import parse_cli
 from forgetkit.data.records import RecordError
 from forgetkit.diagnostics.evaluation import Retention, Scores, retention
 from forgetkit.files import atomic_write_json, read_jsonl
 from forgetkit.seeding import seed_everything
-from forgetkit.train_config import METHODS, TrainConfig
-from forgetkit.train_loop import Trainer, setup_distributed
+from forgetkit.train.checkpoint import OutputDirError, check_output_dir, save_final_model
+from forgetkit.train.config import TrainConfig
+from forgetkit.train.loop import Trainer, setup_distributed
 
-__all__ = ["METHODS", "OutputDirError", "TrainConfig", "TrainResult", "main", "train"]
+__all__ = ["TrainResult", "main", "summary", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,3 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-if __name__ == "__main__":
-    main()

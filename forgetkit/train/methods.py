@@ -8,10 +8,10 @@ the completion tokens of the whole step before any backward pass:
 2. :meth:`loss_sum` (with grad): the loss summed over those completion tokens.
 
 - :class:`NLL` (``sft``, ``mixsd``): next-token NLL on the completion tokens of a fixed
-  encoding, via :func:`forgetkit.losses.completion_nll`.
+  encoding, via :func:`forgetkit.train.losses.completion_nll`.
 - :class:`OPSD`: the student samples completions of the naive prompt; the frozen teacher (the
   base model with the expert prompt) scores the same tokens; the loss is
-  :func:`forgetkit.losses.topk_kl` per completion token.
+  :func:`forgetkit.train.losses.topk_kl` per completion token.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from torch import Tensor
 
 from forgetkit.data.prompts import expert_prompt
 from forgetkit.data.records import Record
-from forgetkit.losses import completion_logits, completion_nll, forward_logits, topk_kl
 from forgetkit.mixsd import MixedTarget
 from forgetkit.mixsd.decode import forward_kwargs
 from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode
 from forgetkit.seeding import stable_hash
+from forgetkit.train.losses import completion_logits, completion_nll, forward_logits, topk_kl
 
 __all__ = ["NLL", "OPSD", "Example", "Prepared", "frozen_teacher", "mixsd_examples",
            "opsd_examples", "sample_completions", "sft_examples"]

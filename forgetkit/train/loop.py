@@ -1,7 +1,7 @@
 """Trainer internals: processes, data order and the step loop.
 
-The public entry point is :func:`forgetkit.train.train`; this module holds the machinery it
-drives. See :mod:`forgetkit.train` for the semantics of a step.
+The public entry point is :func:`forgetkit.train.run.train`; this module holds the machinery
+it drives. See :mod:`forgetkit.train.run` for the semantics of a step.
 """
 
 from __future__ import annotations
@@ -17,19 +17,26 @@ from typing import Any
 
 import torch
 
-from forgetkit.checkpoint import (
+from forgetkit.data.records import BUILTIN_PROBES, Probe, load_probes, load_records
+from forgetkit.diagnostics.evaluation import Prediction, Scores, evaluate
+from forgetkit.files import append_jsonl, atomic_write, atomic_write_jsonl, read_jsonl
+from forgetkit.mixsd import MixedTarget, build_target_file
+from forgetkit.models import end_token_ids, load_model
+from forgetkit.train.checkpoint import (
     CHECKPOINT_PREFIX,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
 )
-from forgetkit.data.records import BUILTIN_PROBES, Probe, load_probes, load_records
-from forgetkit.diagnostics.evaluation import Prediction, Scores, evaluate
-from forgetkit.files import append_jsonl, atomic_write, atomic_write_jsonl, read_jsonl
-from forgetkit.methods import NLL, OPSD, frozen_teacher, mixsd_examples, opsd_examples, sft_examples
-from forgetkit.mixsd import MixedTarget, build_target_file
-from forgetkit.models import end_token_ids, load_model
-from forgetkit.train_config import TrainConfig
+from forgetkit.train.config import TrainConfig
+from forgetkit.train.methods import (
+    NLL,
+    OPSD,
+    frozen_teacher,
+    mixsd_examples,
+    opsd_examples,
+    sft_examples,
+)
 
 __all__ = ["DataOrder", "Distributed", "Trainer", "load_probe_sets", "setup_distributed"]
 

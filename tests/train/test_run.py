@@ -15,49 +15,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from forgetkit.cli_config import ConfigError, load_config
 from forgetkit.data.records import load_records
-from forgetkit.losses import completion_nll, topk_kl
-from forgetkit.methods import OPSD, frozen_teacher, opsd_examples, sft_examples
-from forgetkit.models import collate, encode, load_model
+from forgetkit.models import encode, load_model
 from forgetkit.train import OutputDirError, TrainConfig, train
-from forgetkit.train_loop import DataOrder, _lr_lambda, load_probe_sets
+from forgetkit.train.loop import load_probe_sets
+from forgetkit.train.methods import OPSD, frozen_teacher, opsd_examples
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """``(model_dir, records_file)``: a 2-layer random Llama (initializer_range 0.2, so its
-    next-token distributions depend on the prompt) and 8 kgfact records whose targets differ
-    in length (so per-batch and per-step token normalization differ)."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    from forgetkit.data.corpora.toyworld import toyworld_world, vocabulary_texts
-    from forgetkit.models.toyworld import build_tokenizer
-
-    root = tmp_path_factory.mktemp("tiny")
-    tokenizer = build_tokenizer(vocabulary_texts(toyworld_world()))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-        initializer_range=0.2, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    with open(root / "records.jsonl", "w", encoding="utf-8") as handle:
-        for i, r in enumerate(load_records("kgfact")[:8]):  # targets of different lengths
-            target = r.target if i % 2 else f"{r.meta['statement']} {r.target}"
-            handle.write(json.dumps({"id": r.id, "prompt": r.prompt, "target": target,
-                                     "answer": r.answer, "meta": r.meta}) + "\n")
-    return root / "model", root / "records.jsonl"
 
 
 def config_for(tiny, out: Path, **overrides) -> TrainConfig:
@@ -84,45 +51,6 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-# --- config ------------------------------------------------------------------------------------
-
-def test_yaml_then_flags_and_nested_mix(tmp_path):
-    path = tmp_path / "cfg.yaml"
-    path.write_text("method: mixsd\nlearning_rate: 1e-4\nmix:\n  lam: 0.5\n  top_k: 8\n")
-    config = load_config(TrainConfig, ["--config", str(path), "--learning_rate", "3e-5",
-                                       "--mix.top_k", "4", "--max_retries", "2", "--use_peft"])
-    assert (config.method, config.learning_rate, config.use_peft) == ("mixsd", 3e-5, True)
-    assert (config.mix.lam, config.mix.top_k, config.mix.max_retries) == (0.5, 4, 2)
-    assert config.output_dir == "runs/mixsd"
-    saved = tmp_path / "saved.yaml"
-    saved.write_text(config.to_yaml())
-    again = load_config(TrainConfig, ["--config", str(saved)])
-    assert again == config and again.run_hash() == config.run_hash()
-    assert load_config(TrainConfig, ["--config", str(saved), "--logging_steps", "3"]).run_hash() \
-        == config.run_hash()  # run-control fields do not change the run
-
-
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--learning_rat", "1e-3"], "did you mean 'learning_rate'"),
-    (["--mix.lamb", "0.3"], "did you mean 'mix.lam'"),
-    (["--method", "sftt"], "sft, mixsd, opsd"),
-    (["--learning_rate", "0"], "learning_rate=0.0 must be > 0"),
-    (["--learning_rate", "-1e-3"], "must be > 0"),
-    (["--max_steps", "ten"], "expected an integer"),
-])
-def test_bad_flags_raise_clear_errors(argv, message):
-    with pytest.raises(ValueError, match=message):
-        load_config(TrainConfig, argv)
-
-
-def test_unknown_yaml_key_names_file_and_suggestion(tmp_path):
-    path = tmp_path / "cfg.yaml"
-    path.write_text("per_device_train_batch_sise: 4\n")
-    with pytest.raises(ConfigError, match=r"cfg\.yaml.*'per_device_train_batch_sise'.*"
-                                          r"did you mean 'per_device_train_batch_size'"):
-        load_config(TrainConfig, ["--config", str(path)])
-
-
 def test_output_dir_of_another_run_fails_before_training(tiny, tmp_path):
     out = tmp_path / "run"
     train(config_for(tiny, out, max_steps=3, save_steps=1, save_total_limit=2))
@@ -140,66 +68,6 @@ def test_output_dir_of_another_run_fails_before_training(tiny, tmp_path):
                               overwrite_output_dir=True))
     assert list(out.glob("checkpoint-*")) == []  # the old run's checkpoints are gone
     assert len(losses(result)) == 2 and "learning_rate: 0.02" in (out / "train_config.yaml").read_text()
-
-
-# --- pure pieces -------------------------------------------------------------------------------
-
-def test_completion_only_loss_and_gradient(tiny):
-    model, tokenizer = load_model(tiny[0], dtype="float64", device="cpu")
-    records = load_records(tiny[1])[:3]
-    examples = sft_examples(tokenizer, records)
-    for example, record in zip(examples, records, strict=True):
-        prompt_length = len(encode(tokenizer, record.prompt).input_ids)
-        assert example.encoding.labels[:prompt_length] == [-100] * prompt_length
-        assert example.encoding.labels[prompt_length:] == example.encoding.input_ids[prompt_length:]
-    batch = collate([e.encoding for e in examples], tokenizer.pad_token_id)
-    captured = {}
-    model.lm_head.register_forward_hook(lambda m, i, out: captured.update(logits=out) or
-                                        out.retain_grad())
-    nll, n_tokens = completion_nll(model, batch)
-    nll.backward()
-    logits, grad = captured["logits"], captured["logits"].grad  # (B, T, V)
-    scored = batch["labels"][:, 1:] != -100  # position t predicts token t + 1
-    logp = torch.log_softmax(logits[:, :-1].detach(), -1)
-    brute = -logp.gather(-1, batch["input_ids"][:, 1:, None])[..., 0][scored].sum()
-    assert n_tokens == int(scored.sum()) and torch.allclose(nll.detach(), brute)
-    row_norm = grad[:, :-1].abs().sum(-1)  # (B, T-1)
-    assert row_norm[~scored].max() == 0 and row_norm[scored].min() > 0
-    assert grad[:, -1].abs().max() == 0
-
-
-def test_topk_kl_matches_dense_reference():
-    torch.manual_seed(1)
-    student, teacher = torch.randn(5, 11, dtype=torch.float64), torch.randn(5, 11, dtype=torch.float64)
-    top = teacher.topk(4, -1).indices
-    p_t = torch.softmax(teacher.gather(-1, top), -1)
-    p_s = torch.softmax(student.gather(-1, top), -1)
-    forward = (p_t * (p_t / p_s).log()).sum(-1)
-    reverse = (p_s * (p_s / p_t).log()).sum(-1)
-    assert torch.allclose(topk_kl(student, teacher, 4, "forward"), forward)
-    assert torch.allclose(topk_kl(student, teacher, 4, "reverse"), reverse)
-    assert topk_kl(teacher, teacher, 4).abs().max() < 1e-12
-    assert not torch.allclose(forward, reverse)
-
-
-def test_scheduler_warmup_then_constant_or_cosine():
-    cosine = _lr_lambda(TrainConfig(warmup_steps=3, lr_scheduler_type="cosine"), total_steps=13)
-    assert [cosine(s) for s in range(3)] == [0.25, 0.5, 0.75]
-    assert cosine(3) == 1.0 and abs(cosine(8) - 0.5) < 1e-12 and cosine(13) < 1e-12
-    constant = _lr_lambda(TrainConfig(warmup_steps=2, lr_scheduler_type="constant"), 10)
-    assert [constant(s) for s in (0, 1, 2, 9)] == [1 / 3, 2 / 3, 1.0, 1.0]
-
-
-def test_data_order_is_reshuffled_each_epoch_and_restorable():
-    order = DataOrder(5, seed=3)
-    first = order.take(3) + order.take(3)
-    assert sorted(first[:5]) == list(range(5))
-    state, pending = order.generator.get_state(), list(order.pending)
-    ahead = order.take(7)
-    again = DataOrder(5, seed=99)
-    again.generator.set_state(state)
-    again.pending = pending
-    assert again.take(7) == ahead
 
 
 def test_probe_sets_keep_colliding_capabilities_apart(tmp_path):

@@ -53,6 +53,7 @@ from scipy import stats
 from forgetkit import fisher
 from forgetkit.cli_config import config_to_dict, markdown_table, parse_cli
 from forgetkit.cli_config import help_metadata as _help
+from forgetkit.data.records import load_probe_sets
 from forgetkit.diagnostics.evaluation import INJECTED_CAPABILITIES
 from forgetkit.files import atomic_write, atomic_write_bytes, atomic_write_json, json_rows
 from forgetkit.fisher import plots as fisher_plots
@@ -62,7 +63,6 @@ from forgetkit.fisher.project import project
 from forgetkit.fisher.report import spread_sample
 from forgetkit.models import load_model
 from forgetkit.seeding import stable_hash
-from forgetkit.train.loop import load_probe_sets
 
 logger = logging.getLogger("fisher_study")
 

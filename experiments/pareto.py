@@ -44,7 +44,7 @@ import yaml
 
 from forgetkit.cli_config import config_to_dict, from_mapping, markdown_table, parse_cli
 from forgetkit.cli_config import help_metadata as _help
-from forgetkit.data.records import load_probes, load_records
+from forgetkit.data.records import load_probe_sets, load_probes, load_records
 from forgetkit.diagnostics.evaluation import (
     INJECTED_CAPABILITIES,
     Prediction,
@@ -65,7 +65,6 @@ from forgetkit.models import load_model
 from forgetkit.seeding import seed_everything, stable_hash
 from forgetkit.train import TrainConfig, train
 from forgetkit.train.checkpoint import checkpoint_dirs, latest_checkpoint
-from forgetkit.train.loop import load_probe_sets
 
 logger = logging.getLogger("pareto")
 

@@ -17,7 +17,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ __all__ = [
     "Probe",
     "Record",
     "RecordError",
+    "load_probe_sets",
     "load_probes",
     "load_records",
     "register_probes",
@@ -195,6 +196,18 @@ def load_probes(source: str | os.PathLike[str], format: str | None = None) -> li
             probe whose answer is not among its choices.
     """
     return _load(source, format, BUILTIN_PROBES, "probes", Probe)
+
+
+def load_probe_sets(sources: Sequence[str]) -> list[Probe]:
+    """Probes of several sets; a capability name already taken by an earlier set is renamed
+    ``"<source>:<capability>"`` (e.g. toyworld's and kgfact's ``retrieval`` stay apart)."""
+    probes, owner = [], {}
+    for source in sources:
+        for probe in load_probes(source):
+            if owner.setdefault(probe.capability, source) != source:
+                probe = replace(probe, capability=f"{source}:{probe.capability}")
+            probes.append(probe)
+    return probes
 
 
 def _load(

@@ -11,13 +11,13 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from forgetkit.data.records import BUILTIN_PROBES, Probe, load_probes, load_records
+from forgetkit.data.records import BUILTIN_PROBES, load_probe_sets, load_records
 from forgetkit.diagnostics.evaluation import Prediction, Scores, evaluate
 from forgetkit.files import append_jsonl, atomic_write, atomic_write_jsonl, read_jsonl
 from forgetkit.mixsd import MixedTarget, build_target_file
@@ -38,7 +38,7 @@ from forgetkit.train.methods import (
     sft_examples,
 )
 
-__all__ = ["DataOrder", "Distributed", "Trainer", "load_probe_sets", "setup_distributed"]
+__all__ = ["DataOrder", "Distributed", "Trainer", "setup_distributed"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,18 +133,6 @@ def _default_probes(config: TrainConfig) -> list[str]:
     if config.records in BUILTIN_PROBES:
         sources.append(config.records)
     return sources
-
-
-def load_probe_sets(sources: list[str]) -> list[Probe]:
-    """Probes of several sets; a capability name already taken by an earlier set is renamed
-    ``"<source>:<capability>"`` (e.g. toyworld's and kgfact's ``retrieval`` stay apart)."""
-    probes, owner = [], {}
-    for source in sources:
-        for probe in load_probes(source):
-            if owner.setdefault(probe.capability, source) != source:
-                probe = replace(probe, capability=f"{source}:{probe.capability}")
-            probes.append(probe)
-    return probes
 
 
 class Trainer:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from forgetkit.data.records import (
     Probe,
     Record,
     RecordError,
+    load_probe_sets,
     load_probes,
     load_records,
     register_probes,
@@ -601,3 +604,13 @@ def test_native_round_trip(tmp_path_factory: pytest.TempPathFactory, facts: list
     atomic_write_jsonl(path, rows)
     assert load_records(path) == made
     assert re.fullmatch(r".*facts\.jsonl:\d+", load_records(path)[0].meta["source"])
+
+
+def test_probe_sets_keep_colliding_capabilities_apart(tmp_path):
+    fixture = FIXTURES / "native_probes.jsonl"
+    other = tmp_path / "other.jsonl"
+    shutil.copy(fixture, other)
+    probes = load_probe_sets([str(fixture), "kgfact", str(other)])
+    counts = Counter(p.capability for p in probes)
+    assert counts == {"arithmetic": 1, "known_fact": 1, "two_hop": 50, "retrieval": 100,
+                      f"{other}:arithmetic": 1, f"{other}:known_fact": 1}

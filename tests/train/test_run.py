@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ from safetensors.torch import load_file
 from forgetkit.data.records import load_records
 from forgetkit.models import encode, load_model
 from forgetkit.train import OutputDirError, TrainConfig, train
-from forgetkit.train.loop import load_probe_sets
 from forgetkit.train.methods import OPSD, frozen_teacher, opsd_examples
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,16 +66,6 @@ def test_output_dir_of_another_run_fails_before_training(tiny, tmp_path):
                               overwrite_output_dir=True))
     assert list(out.glob("checkpoint-*")) == []  # the old run's checkpoints are gone
     assert len(losses(result)) == 2 and "learning_rate: 0.02" in (out / "train_config.yaml").read_text()
-
-
-def test_probe_sets_keep_colliding_capabilities_apart(tmp_path):
-    fixture = REPO / "tests" / "fixtures" / "records" / "native_probes.jsonl"
-    other = tmp_path / "other.jsonl"
-    shutil.copy(fixture, other)
-    probes = load_probe_sets([str(fixture), "kgfact", str(other)])
-    counts = Counter(p.capability for p in probes)
-    assert counts == {"arithmetic": 1, "known_fact": 1, "two_hop": 50, "retrieval": 100,
-                      f"{other}:arithmetic": 1, f"{other}:known_fact": 1}
 
 
 # --- training ----------------------------------------------------------------------------------

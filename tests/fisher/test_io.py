@@ -14,7 +14,7 @@ from forgetkit import fisher
 from forgetkit.data.records import Probe, Record
 from forgetkit.models import encode
 from forgetkit.models.toyworld import build_tokenizer
-from tests.test_fisher_diagonal import tiny_data, tiny_model
+from tests.fisher.test_diagonal import tiny_data, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from forgetkit import fisher
-from tests.test_fisher_diagonal import reference_gradients, tiny_data, tiny_model
+from tests.fisher.test_diagonal import reference_gradients, tiny_data, tiny_model
 
 # parameter subsets of several tensors (orthonormality is joint) that keep P near 600, where a
 # dense P x P eigh takes a fraction of a second

@@ -89,7 +89,7 @@ WORKER = textwrap.dedent('''
 def test_two_gloo_processes_match_one(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    root = Path(__file__).parent.parent
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run(

@@ -132,7 +132,7 @@ def bench_libraries(n: int, repeats: int) -> dict:
     model = tiny_gpt2()
     ids = torch.randint(1, 60, (n, 7), generator=torch.Generator().manual_seed(0))
     prompts, answers = ids[:, :6], ids[:, 6]
-    encodings = [Encoding(row.tolist(), [-100] * 6 + [int(row[6])], 6) for row in ids]
+    encodings = [Encoding.from_ids(row[:6].tolist(), row[6:].tolist()) for row in ids]
     size = sum(p.numel() for p in model.parameters())
     ours_s, ours = best_time(lambda: fisher.diagonal(model, None, encodings,
                                                      estimator="empirical", batch_size=n),

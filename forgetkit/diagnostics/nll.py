@@ -36,7 +36,7 @@ from forgetkit.data.records import Record, load_records
 from forgetkit.diagnostics.loglik import model_logprobs
 from forgetkit.files import atomic_write, atomic_write_bytes, atomic_write_json, json_rows
 from forgetkit.mixsd import MixConfig, build_targets
-from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode, load_model, resolve_dtype
+from forgetkit.models import Encoding, collate, encode, load_model, resolve_dtype
 
 __all__ = ["NLLConfig", "TargetNLL", "compare_targets", "main", "run", "sequence_frame",
            "target_nll", "token_frame"]
@@ -173,8 +173,7 @@ def _prepare_mixed(tokenizer, index: int, record: Record, mixed: Any):
         raise ValueError(f"items[{index}] ({mixed.record_id!r}): branch_mask has {len(mask)} "
                          f"entries for {len(token_ids)} token_ids")
     prompt_ids = encode(tokenizer, record.prompt).input_ids
-    encoding = Encoding(prompt_ids + token_ids, [IGNORE_INDEX] * len(prompt_ids) + token_ids,
-                        len(prompt_ids))
+    encoding = Encoding.from_ids(prompt_ids, token_ids)
     return record.id, encoding, None if mask is None else np.asarray(mask, dtype=bool)
 
 

@@ -157,10 +157,6 @@ def checked_end_tokens(tokenizer, model) -> list[int]:
     return ends
 
 
-def _prompt_only(ids: list[int]) -> Encoding:
-    return Encoding(ids, [-100] * len(ids), len(ids))
-
-
 def _common_prefix(a: list[int], b: list[int]) -> int:
     """Number of leading tokens ``a`` and ``b`` share."""
     pairs = enumerate(zip(a, b, strict=False))
@@ -274,7 +270,7 @@ class MixedDecoder:
             (m, 2, V) next-token logits of the m new rows.
         """
         pairs = [self._encodings(row.index) for row in rows]
-        experts = collate([_prompt_only(expert) for _, expert in pairs], self.pad_id,
+        experts = collate([Encoding.from_ids(expert) for _, expert in pairs], self.pad_id,
                           padding_side="left", device=self.device)
         old_cache = None if first else self.cache
         self.cache = _new_cache()
@@ -283,7 +279,7 @@ class MixedDecoder:
         expert_mask = experts["attention_mask"]  # (m, W)
         width = expert_mask.shape[1]
         shared = [min(_common_prefix(naive, expert), len(naive) - 1) for naive, expert in pairs]
-        rests = collate([_prompt_only(naive[n:]) for (naive, _), n in zip(pairs, shared,
+        rests = collate([Encoding.from_ids(naive[n:]) for (naive, _), n in zip(pairs, shared,
                                                                           strict=True)],
                         self.pad_id, padding_side="left", device=self.device)
         prefix_mask = torch.zeros_like(expert_mask)

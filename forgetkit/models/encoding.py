@@ -6,6 +6,7 @@ Trainer, NLL, Fisher, MixSD and evaluation all tokenize through :func:`encode` a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,14 @@ class Encoding:
     input_ids: list[int]
     labels: list[int]
     prompt_length: int
+
+    @classmethod
+    def from_ids(cls, prompt_ids: Sequence[int], completion_ids: Sequence[int] = ()) -> Encoding:
+        """The encoding of token ids already split into prompt and completion (labels on the
+        completion only), e.g. a MixSD target's tokens after its naive prompt."""
+        prompt_ids, completion_ids = list(prompt_ids), list(completion_ids)
+        return cls(prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
+                   len(prompt_ids))
 
     @property
     def completion_ids(self) -> list[int]:
@@ -100,7 +109,7 @@ def encode(tokenizer, prompt: str, completion: str | None = None, context: str |
         end = tokenizer.eos_token_id
         lead = " "
     if completion is None:
-        return Encoding(prompt_ids, [IGNORE_INDEX] * len(prompt_ids), len(prompt_ids))
+        return Encoding.from_ids(prompt_ids)
     if not completion.strip():
         raise ValueError("empty completion: nothing to score or train on")
     if lead and completion[:1].isspace():
@@ -108,9 +117,7 @@ def encode(tokenizer, prompt: str, completion: str | None = None, context: str |
     completion_ids = tokenizer(lead + completion, add_special_tokens=False)["input_ids"]
     if add_end_token and end is not None:
         completion_ids = [*completion_ids, end]
-    ids = prompt_ids + completion_ids
-    labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
-    return Encoding(ids, labels, len(prompt_ids))
+    return Encoding.from_ids(prompt_ids, completion_ids)
 
 
 def collate(encodings: list[Encoding], pad_token_id: int, padding_side: str = "right",

@@ -54,12 +54,6 @@ class Example:
     teacher_prompt_ids: tuple[int, ...] | None = None
 
 
-def _with_completion(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> Encoding:
-    prompt_ids, completion_ids = list(prompt_ids), list(completion_ids)
-    return Encoding(prompt_ids + completion_ids,
-                    [IGNORE_INDEX] * len(prompt_ids) + completion_ids, len(prompt_ids))
-
-
 def sft_examples(tokenizer, records: Sequence[Record]) -> list[Example]:
     """``encode(tokenizer, record.prompt, record.target)`` per record."""
     return [Example(i, r.id, encode(tokenizer, r.prompt, r.target)) for i, r in enumerate(records)]
@@ -82,7 +76,7 @@ def mixsd_examples(tokenizer, records: Sequence[Record], targets: Sequence[Mixed
             raise ValueError(f"MixSD target of record {target.record_id!r} has no tokens")
         prompt_ids = encode(tokenizer, by_id[target.record_id].prompt).input_ids
         examples.append(Example(len(examples), target.record_id,
-                                _with_completion(prompt_ids, target.token_ids)))
+                                Encoding.from_ids(prompt_ids, target.token_ids)))
     return examples
 
 
@@ -137,7 +131,7 @@ def sample_completions(model, prompts: Sequence[Sequence[int]],
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    batch = collate([_with_completion(p, []) for p in prompts], pad_token_id,
+    batch = collate([Encoding.from_ids(p) for p in prompts], pad_token_id,
                     padding_side="left", device=device)
     cache_kwarg, takes_keep = forward_kwargs(model)
     extra: dict[str, Any] = {cache_kwarg: DynamicCache(), "use_cache": True}
@@ -207,9 +201,9 @@ class OPSD:
     def batches(self, examples: Sequence[Example], completions: Sequence[Sequence[int]]
                 ) -> Prepared:
         """Student (naive prompt) and teacher (expert prompt) batches of given completions."""
-        student = [_with_completion(e.encoding.input_ids, c)
+        student = [Encoding.from_ids(e.encoding.input_ids, c)
                    for e, c in zip(examples, completions, strict=True)]
-        teacher = [_with_completion(e.teacher_prompt_ids, c)
+        teacher = [Encoding.from_ids(e.teacher_prompt_ids, c)
                    for e, c in zip(examples, completions, strict=True)]
         return Prepared(sum(len(c) for c in completions),
                         collate(student, self.pad_token_id, device=self.device),

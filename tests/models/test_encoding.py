@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from forgetkit.models import IGNORE_INDEX, collate, encode, end_token_ids
+from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode, end_token_ids
 
 WORDS = ["Where", "does", "Vabebrim", "live", "?", "The", "answer", "is", "Paris", ".",
          "lives", "in", "plus", "3", "4", "\\boxed{", "}", "What", "capital"]
@@ -92,3 +92,13 @@ def test_left_padding_gives_same_logits(toyworld):
                     position_ids=batch["position_ids"]).logits[1]
     n = len(encs[1].input_ids)
     torch.testing.assert_close(out[-n:], single, atol=1e-4, rtol=1e-4)
+
+
+def test_from_ids_is_how_encode_assembles_an_encoding(toyworld):
+    _, tokenizer = toyworld
+    enc = encode(tokenizer, "Where does Vabebrim live?", "Vabebrim lives in Pithiram.")
+    again = Encoding.from_ids(enc.input_ids[: enc.prompt_length], enc.completion_ids)
+    assert again == enc
+    prompt_only = Encoding.from_ids(enc.input_ids[: enc.prompt_length])
+    assert prompt_only == encode(tokenizer, "Where does Vabebrim live?")
+    assert prompt_only.labels == [IGNORE_INDEX] * prompt_only.prompt_length

@@ -16,7 +16,12 @@ from forgetkit.diagnostics.evaluation import (
     evaluate,
     retention,
 )
-from forgetkit.diagnostics.loglik import completion_logprobs, model_logprobs, sequence_loglik
+from forgetkit.diagnostics.loglik import (
+    completion_logprobs,
+    forward_logits,
+    model_logprobs,
+    sequence_loglik,
+)
 from forgetkit.diagnostics.nll import NLLConfig, TargetNLL, compare_targets, target_nll
 
 __all__ = [
@@ -29,6 +34,7 @@ __all__ = [
     "compare_targets",
     "completion_logprobs",
     "evaluate",
+    "forward_logits",
     "model_logprobs",
     "retention",
     "sequence_loglik",

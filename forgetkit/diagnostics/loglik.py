@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["completion_logprobs", "model_logprobs", "sequence_loglik"]
+from forgetkit.models.encoding import model_inputs
+
+__all__ = ["completion_logprobs", "forward_logits", "model_logprobs", "sequence_loglik"]
 
 
 def completion_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -36,16 +38,18 @@ def completion_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]
     return (-nll).masked_fill(~mask, 0.0), mask
 
 
+def forward_logits(model, batch: dict[str, Tensor]) -> Tensor:
+    """(B, T, V) logits of ``model`` on a collated batch (:func:`forgetkit.models.model_inputs`:
+    its position ids included), without a KV cache."""
+    return model(**model_inputs(batch), use_cache=False).logits
+
+
 def model_logprobs(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Run ``model`` on a collated batch and return :func:`completion_logprobs` of its labels.
 
     ``position_ids`` from the batch are passed, so left- and right-padded batches agree.
     """
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if "position_ids" in batch:
-        kwargs["position_ids"] = batch["position_ids"]
-    logits = model(**kwargs, use_cache=False).logits
-    return completion_logprobs(logits, batch["labels"])
+    return completion_logprobs(forward_logits(model, batch), batch["labels"])
 
 
 def sequence_loglik(model, batch: dict[str, Tensor]) -> Tensor:

@@ -9,7 +9,15 @@ which use only the modules above) and :mod:`~forgetkit.models.loading` (:func:`l
 which knows the built-ins).
 """
 
-from forgetkit.models.encoding import IGNORE_INDEX, Encoding, collate, encode, end_token_ids
+from forgetkit.models.encoding import (
+    IGNORE_INDEX,
+    MODEL_INPUTS,
+    Encoding,
+    collate,
+    encode,
+    end_token_ids,
+    model_inputs,
+)
 from forgetkit.models.inference import greedy_generate
 from forgetkit.models.loading import BUILTIN_MODELS, load_model, resolve_dtype
 from forgetkit.models.storage import ModelNotFoundError, cache_dir
@@ -17,6 +25,7 @@ from forgetkit.models.storage import ModelNotFoundError, cache_dir
 __all__ = [
     "BUILTIN_MODELS",
     "IGNORE_INDEX",
+    "MODEL_INPUTS",
     "Encoding",
     "ModelNotFoundError",
     "cache_dir",
@@ -25,5 +34,6 @@ __all__ = [
     "end_token_ids",
     "greedy_generate",
     "load_model",
+    "model_inputs",
     "resolve_dtype",
 ]

@@ -6,16 +6,21 @@ Trainer, NLL, Fisher, MixSD and evaluation all tokenize through :func:`encode` a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "Encoding", "collate", "encode", "end_token_ids"]
+__all__ = ["IGNORE_INDEX", "MODEL_INPUTS", "Encoding", "collate", "encode", "end_token_ids",
+           "model_inputs"]
 
 IGNORE_INDEX = -100
 """The label of a token that is not scored (prompt and padding)."""
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+"""The entries of a :func:`collate` batch that a forward pass takes (labels stay out, so the
+model computes no loss of its own)."""
 
 
 @dataclass(frozen=True)
@@ -148,3 +153,12 @@ def collate(encodings: list[Encoding], pad_token_id: int, padding_side: str = "r
     if device is not None:
         batch = {k: v.to(device) for k, v in batch.items()}
     return batch
+
+
+def model_inputs(batch: Mapping[str, Tensor | None]) -> dict[str, Tensor | None]:
+    """The forward arguments of a batch: its :data:`MODEL_INPUTS` entries, those it has.
+
+    ``position_ids`` from :func:`collate` count real tokens only, so passing them makes left- and
+    right-padded batches agree.
+    """
+    return {key: batch[key] for key in MODEL_INPUTS if key in batch}

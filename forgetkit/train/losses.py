@@ -17,7 +17,7 @@ from torch import Tensor
 
 from forgetkit.diagnostics.loglik import model_logprobs
 
-__all__ = ["completion_logits", "completion_nll", "forward_logits", "topk_kl"]
+__all__ = ["completion_logits", "completion_nll", "topk_kl"]
 
 
 def completion_nll(model, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
@@ -33,12 +33,6 @@ def completion_nll(model, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
     """
     logp, mask = model_logprobs(model, batch)  # (B, T-1) each
     return -logp.sum(), int(mask.sum())
-
-
-def forward_logits(model, batch: dict[str, Tensor]) -> Tensor:
-    """(B, T, V) logits of ``model`` on a collated batch (its position ids included)."""
-    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    return model(**kwargs, use_cache=False).logits
 
 
 def completion_logits(logits: Tensor, labels: Tensor) -> Tensor:

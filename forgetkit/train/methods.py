@@ -25,11 +25,12 @@ from torch import Tensor
 
 from forgetkit.data.prompts import expert_prompt
 from forgetkit.data.records import Record
+from forgetkit.diagnostics.loglik import forward_logits
 from forgetkit.mixsd import MixedTarget
 from forgetkit.mixsd.decode import forward_kwargs
 from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode
 from forgetkit.seeding import stable_hash
-from forgetkit.train.losses import completion_logits, completion_nll, forward_logits, topk_kl
+from forgetkit.train.losses import completion_logits, completion_nll, topk_kl
 
 __all__ = ["NLL", "OPSD", "Example", "Prepared", "frozen_teacher", "mixsd_examples",
            "opsd_examples", "sample_completions", "sft_examples"]

@@ -5,7 +5,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode, end_token_ids
+from forgetkit.models import (
+    IGNORE_INDEX,
+    Encoding,
+    collate,
+    encode,
+    end_token_ids,
+    model_inputs,
+)
 
 WORDS = ["Where", "does", "Vabebrim", "live", "?", "The", "answer", "is", "Paris", ".",
          "lives", "in", "plus", "3", "4", "\\boxed{", "}", "What", "capital"]
@@ -102,3 +109,12 @@ def test_from_ids_is_how_encode_assembles_an_encoding(toyworld):
     prompt_only = Encoding.from_ids(enc.input_ids[: enc.prompt_length])
     assert prompt_only == encode(tokenizer, "Where does Vabebrim live?")
     assert prompt_only.labels == [IGNORE_INDEX] * prompt_only.prompt_length
+
+
+def test_model_inputs_are_the_forward_arguments_of_a_batch(toyworld):
+    _, tokenizer = toyworld
+    batch = collate([encode(tokenizer, "What is 3 plus 4?", "7.")], tokenizer.pad_token_id)
+    assert list(model_inputs(batch)) == ["input_ids", "attention_mask", "position_ids"]
+    assert model_inputs(batch)["position_ids"] is batch["position_ids"]
+    no_positions = {k: v for k, v in batch.items() if k != "position_ids"}
+    assert list(model_inputs(no_positions)) == ["input_ids", "attention_mask"]

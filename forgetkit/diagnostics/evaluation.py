@@ -46,7 +46,7 @@ import torch
 from forgetkit.data.answers import is_correct, last_boxed, last_number
 from forgetkit.data.records import Probe, Record
 from forgetkit.diagnostics.loglik import model_logprobs
-from forgetkit.models import collate, encode, greedy_generate
+from forgetkit.models import collate, encode, eval_mode, greedy_generate
 
 __all__ = ["BUCKETS", "INJECTED_CAPABILITIES", "Prediction", "Retention", "Scores",
            "error_bucket", "evaluate", "retention"]
@@ -327,16 +327,12 @@ def evaluate(model, tokenizer, records: Sequence[Record], probes: Sequence[Probe
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, "
                          f"{max_new_tokens}")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         items = _generation_items(records, probes)
         replies = _generate(model, tokenizer, [it.prompt for it in items], batch_size,
                             max_new_tokens) if items else []
         choice_probes = [p for p in probes if p.choices is not None]
         logliks = choice_logliks(model, tokenizer, choice_probes, batch_size)
-    finally:
-        model.train(was_training)
     injected = _injected_entities(records)
     generated = []
     for item, reply in zip(items, replies, strict=True):

@@ -36,7 +36,7 @@ from forgetkit.data.records import Record, load_records
 from forgetkit.diagnostics.loglik import model_logprobs
 from forgetkit.files import atomic_write, atomic_write_bytes, atomic_write_json, json_rows
 from forgetkit.mixsd import MixConfig, build_targets
-from forgetkit.models import Encoding, collate, encode, load_model, resolve_dtype
+from forgetkit.models import Encoding, collate, encode, eval_mode, load_model, resolve_dtype
 
 __all__ = ["NLLConfig", "TargetNLL", "compare_targets", "main", "run", "sequence_frame",
            "target_nll", "token_frame"]
@@ -256,19 +256,15 @@ def target_nll(model, tokenizer, items: Sequence[Any], batch_size: int = 16,
 def _score(model, encodings: list[Encoding], pad_token_id: int, batch_size: int,
            padding_side: str) -> list[np.ndarray]:
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].input_ids))
     per_token: list[np.ndarray] = [np.empty(0)] * len(encodings)
-    try:
+    with eval_mode(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             batch = collate([encodings[i] for i in rows], pad_token_id, padding_side, device)
             logp, mask = model_logprobs(model, batch)  # (B, T-1) each
             for b, i in enumerate(rows):
                 per_token[i] = (-logp[b][mask[b]]).double().cpu().numpy()  # (L_i,)
-    finally:
-        model.train(was_training)
     return per_token
 
 

@@ -24,7 +24,6 @@ for every token, no cache) that the batched decoder is tested against.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -37,11 +36,11 @@ from torch import Tensor
 from forgetkit.data.answers import is_correct
 from forgetkit.data.prompts import expert_prompt
 from forgetkit.data.records import Record
-from forgetkit.models import Encoding, collate, encode, end_token_ids
+from forgetkit.models import CacheSignature, Encoding, collate, encode, end_token_ids, new_cache
 from forgetkit.seeding import stable_hash
 
 __all__ = ["AttemptResult", "MixedDecoder", "attempt_generator", "checked_end_tokens",
-           "choose_tokens", "forward_kwargs", "reference_decode"]
+           "choose_tokens", "reference_decode"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,19 +115,6 @@ class _Row:
     expert: list[bool] = field(default_factory=list)
 
 
-def forward_kwargs(model) -> tuple[str, bool]:
-    """Name of the forward's cache argument and whether it takes ``logits_to_keep``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(base.forward).parameters
-    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
-
-
-def _new_cache():
-    from transformers import DynamicCache
-
-    return DynamicCache()
-
-
 def _layers(cache) -> list:
     layers = getattr(cache, "layers", None)
     if layers is None or not all(hasattr(layer, "keys") for layer in layers):
@@ -181,7 +167,7 @@ class MixedDecoder:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else 0  # padding is masked: any valid id does
         self.device = next(model.parameters()).device
-        self.cache_kwarg, self.keep_kwarg = forward_kwargs(model)
+        self.cache_signature = CacheSignature.of(model)
         # at T=0 with lam 0 or 1 the coins cannot change the output, so a retry would repeat it
         self.retries = config.max_retries if (config.temperature > 0 or 0 < config.lam < 1) else 0
         self.generated_tokens = 0
@@ -249,11 +235,8 @@ class MixedDecoder:
     def _forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor
                  ) -> Tensor:
         """One forward; returns the last position's logits, (rows, V)."""
-        kwargs = {self.cache_kwarg: self.cache, "use_cache": True}
-        if self.keep_kwarg:
-            kwargs["logits_to_keep"] = 1
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, **kwargs)
+                         position_ids=position_ids, **self.cache_signature.kwargs(self.cache))
         return out.logits[:, -1]
 
     def _prefill(self, rows: list[_Row], first: bool) -> Tensor:
@@ -273,7 +256,7 @@ class MixedDecoder:
         experts = collate([Encoding.from_ids(expert) for _, expert in pairs], self.pad_id,
                           padding_side="left", device=self.device)
         old_cache = None if first else self.cache
-        self.cache = _new_cache()
+        self.cache = new_cache()
         expert_logits = self._forward(experts["input_ids"], experts["attention_mask"],
                                       experts["position_ids"])  # (m, V)
         expert_mask = experts["attention_mask"]  # (m, W)
@@ -295,10 +278,10 @@ class MixedDecoder:
         mask = torch.stack([naive_mask, expert_mask], dim=1).flatten(0, 1)  # (2m, W + R)
         positions = torch.stack([naive_mask.sum(-1), expert_mask.sum(-1)], dim=1).flatten()
         if old_cache is not None:
-            new_cache, self.cache = self.cache, old_cache
+            fresh, self.cache = self.cache, old_cache
             old_len, new_len = self.mask.shape[1], mask.shape[1]
             pad_old, pad_new = max(0, new_len - old_len), max(0, old_len - new_len)
-            for layer, new_layer in zip(_layers(self.cache), _layers(new_cache), strict=True):
+            for layer, new_layer in zip(_layers(self.cache), _layers(fresh), strict=True):
                 layer.keys = torch.cat([F.pad(layer.keys, (0, 0, pad_old, 0)),
                                         F.pad(new_layer.keys, (0, 0, pad_new, 0))])
                 layer.values = torch.cat([F.pad(layer.values, (0, 0, pad_old, 0)),

@@ -18,7 +18,7 @@ from forgetkit.models.encoding import (
     end_token_ids,
     model_inputs,
 )
-from forgetkit.models.inference import greedy_generate
+from forgetkit.models.inference import CacheSignature, eval_mode, greedy_generate, new_cache
 from forgetkit.models.loading import BUILTIN_MODELS, load_model, resolve_dtype
 from forgetkit.models.storage import ModelNotFoundError, cache_dir
 
@@ -26,14 +26,17 @@ __all__ = [
     "BUILTIN_MODELS",
     "IGNORE_INDEX",
     "MODEL_INPUTS",
+    "CacheSignature",
     "Encoding",
     "ModelNotFoundError",
     "cache_dir",
     "collate",
     "encode",
     "end_token_ids",
+    "eval_mode",
     "greedy_generate",
     "load_model",
     "model_inputs",
+    "new_cache",
     "resolve_dtype",
 ]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,8 +26,15 @@ from forgetkit.data.prompts import expert_prompt
 from forgetkit.data.records import Record
 from forgetkit.diagnostics.loglik import forward_logits
 from forgetkit.mixsd import MixedTarget
-from forgetkit.mixsd.decode import forward_kwargs
-from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode
+from forgetkit.models import (
+    IGNORE_INDEX,
+    CacheSignature,
+    Encoding,
+    collate,
+    encode,
+    eval_mode,
+    new_cache,
+)
 from forgetkit.seeding import stable_hash
 from forgetkit.train.losses import completion_logits, completion_nll, topk_kl
 
@@ -129,25 +135,18 @@ def sample_completions(model, prompts: Sequence[Sequence[int]],
     Returns:
         The completion token ids of each prompt (never empty).
     """
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     batch = collate([Encoding.from_ids(p) for p in prompts], pad_token_id,
                     padding_side="left", device=device)
-    cache_kwarg, takes_keep = forward_kwargs(model)
-    extra: dict[str, Any] = {cache_kwarg: DynamicCache(), "use_cache": True}
-    if takes_keep:
-        extra["logits_to_keep"] = 1
+    cached = CacheSignature.of(model).kwargs(new_cache())
     ids, mask, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     ends = set(end_ids)
     completions: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for _ in range(max_new_tokens):
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                           **extra).logits[:, -1].float()  # (n, V)
+                           **cached).logits[:, -1].float()  # (n, V)
             if temperature == 0:
                 tokens = logits.argmax(-1).tolist()
             else:
@@ -163,8 +162,6 @@ def sample_completions(model, prompts: Sequence[Sequence[int]],
             ids = torch.tensor(tokens, device=device)[:, None]
             mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
             positions = positions[:, -1:] + 1
-    finally:
-        model.train(was_training)
     return completions
 
 

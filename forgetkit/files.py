@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,19 +49,45 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a staging folder beside ``path``; it replaces ``path`` only if the block succeeds.
+def atomic_directory(path: str | os.PathLike, *, merge: bool = False, last: Sequence[str] = (),
+                     staging: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Yield a staging folder whose contents take the place of ``path`` only if the block
+    succeeds; on an exception the staging folder is removed and ``path`` is left as it was.
 
-    On an exception the staging folder is removed and any existing ``path`` is left as it was.
+    Args:
+        path: the folder to write.
+        merge: ``False``: the staging folder replaces ``path`` as a whole (a previous ``path`` is
+            removed). ``True``: each entry of the staging folder replaces the entry of the same
+            name in ``path``, whose other entries stay (the staging folder is then a hidden
+            folder inside ``path``).
+        last: with ``merge``, entries moved after all others, in this order (e.g. an index page
+            that should appear only once what it refers to is in place).
+        staging: the staging folder to use (emptied first) instead of a fresh temporary one, for
+            several processes that write into it and so must know its name.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    home = path if merge else path.parent  # where the staging folder goes
+    home.mkdir(parents=True, exist_ok=True)
+    if staging is None:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=home))
+    else:
+        staging = Path(staging)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
     try:
         yield staging
-        if path.exists():
-            shutil.rmtree(path)
-        staging.rename(path)
+        if not merge:
+            if path.exists():
+                shutil.rmtree(path)
+            staging.rename(path)
+            return
+        names = sorted(entry.name for entry in staging.iterdir() if entry.name not in last)
+        for name in [*names, *(name for name in last if (staging / name).exists())]:
+            target = path / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(staging / name, target)
+        staging.rmdir()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

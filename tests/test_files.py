@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from forgetkit.files import (
@@ -58,3 +60,42 @@ def test_json_rows_turn_missing_values_into_none():
     rows = json_rows(frame)
     assert rows == [{"a": 1.5, "b": "x", "c": 2}, {"a": None, "b": None, "c": 3}]
     assert json.loads(json.dumps(rows)) == rows  # no NaN survives into the JSON
+
+
+def test_atomic_directory_merge_replaces_entries_and_keeps_the_rest(tmp_path, monkeypatch):
+    import forgetkit.files
+
+    moved = []
+    replace = forgetkit.files.os.replace
+    monkeypatch.setattr(forgetkit.files.os, "replace",
+                        lambda src, dst: moved.append(Path(dst).name) or replace(src, dst))
+    folder = tmp_path / "run"
+    (folder / "adapter").mkdir(parents=True)
+    (folder / "adapter" / "old.bin").write_text("old")
+    (folder / "metrics.jsonl").write_text("kept")
+    with atomic_directory(folder, merge=True, last=["index.html"]) as staging:
+        assert staging.parent == folder and staging.name.startswith(".")
+        (staging / "adapter").mkdir()
+        (staging / "adapter" / "new.bin").write_text("new")
+        for name in ("index.html", "b.png", "a.json"):
+            (staging / name).write_text(name)
+    assert sorted(p.name for p in folder.iterdir()) == ["a.json", "adapter", "b.png",
+                                                        "index.html", "metrics.jsonl"]
+    assert [p.name for p in (folder / "adapter").iterdir()] == ["new.bin"]  # replaced whole
+    assert (folder / "metrics.jsonl").read_text() == "kept"
+    assert moved == ["a.json", "adapter", "b.png", "index.html"]  # sorted, the last ones last
+    with pytest.raises(RuntimeError), atomic_directory(folder, merge=True) as staging:
+        (staging / "a.json").write_text("half")
+        raise RuntimeError("crash")
+    assert (folder / "a.json").read_text() == "a.json"
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_atomic_directory_with_a_named_staging_folder(tmp_path):
+    staging = tmp_path / ".out.staging"
+    staging.mkdir()
+    (staging / "stale.txt").write_text("from a crashed run")
+    with atomic_directory(tmp_path / "out", staging=staging) as folder:
+        assert folder == staging and not list(folder.iterdir())  # emptied first
+        (folder / "a.txt").write_text("one")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.txt"] and not staging.exists()

@@ -29,6 +29,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from forgetkit.cli_config import from_mapping
-from forgetkit.files import atomic_write_json
+from forgetkit.files import atomic_directory, atomic_write_json
 from forgetkit.train.config import RUN_CONTROL_FIELDS, TrainConfig
 
 __all__ = ["CHECKPOINT_PREFIX", "OutputDirError", "check_output_dir", "checkpoint_dirs",
@@ -133,20 +134,18 @@ def save_checkpoint(dest: Path, *, model, optimizer, scheduler, trainer_state: d
         rank: this process's rank.
         barrier: synchronizes all processes (no-op for one process).
     """
-    staging = dest.parent / f".{dest.name}.staging"
-    if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        model.save_pretrained(staging, safe_serialization=True)
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        atomic_write_json(staging / "trainer_state.json", trainer_state)
-    barrier()
-    torch.save(capture_rng(data_generator), staging / f"rng_state_{rank}.pt")
-    barrier()
-    if rank == 0:
-        shutil.rmtree(dest, ignore_errors=True)
-        staging.rename(dest)
+    staging = dest.parent / f".{dest.name}.staging"  # one name, known to every process
+    # rank 0 owns the staging folder: it creates it and renames it to dest once all have written
+    owner = atomic_directory(dest, staging=staging) if rank == 0 else nullcontext(staging)
+    with owner:
+        if rank == 0:
+            model.save_pretrained(staging, safe_serialization=True)
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+            torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+            atomic_write_json(staging / "trainer_state.json", trainer_state)
+        barrier()
+        torch.save(capture_rng(data_generator), staging / f"rng_state_{rank}.pt")
+        barrier()
     barrier()
 
 
@@ -214,26 +213,18 @@ def save_final_model(model, tokenizer, output_dir: Path, base_name: str) -> dict
     Returns:
         ``{"model": ..., "adapter": ...}`` paths (``adapter`` only for LoRA).
     """
-    staging = output_dir / ".final.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     paths = {"model": str(output_dir)}
-    full = model
-    if _is_peft(model):
-        for peft_config in model.peft_config.values():
-            peft_config.base_model_name_or_path = base_name
-        model.save_pretrained(staging / "adapter", safe_serialization=True)
-        tokenizer.save_pretrained(staging / "adapter")
-        full = copy.deepcopy(model).merge_and_unload()
-        paths["adapter"] = str(output_dir / "adapter")
-    full.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    for item in sorted(staging.iterdir()):
-        target = output_dir / item.name
-        if item.is_dir():
-            shutil.rmtree(target, ignore_errors=True)
-        os.replace(item, target)
-    staging.rmdir()
+    with atomic_directory(output_dir, merge=True) as staging:
+        full = model
+        if _is_peft(model):
+            for peft_config in model.peft_config.values():
+                peft_config.base_model_name_or_path = base_name
+            model.save_pretrained(staging / "adapter", safe_serialization=True)
+            tokenizer.save_pretrained(staging / "adapter")
+            full = copy.deepcopy(model).merge_and_unload()
+            paths["adapter"] = str(output_dir / "adapter")
+        full.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
     return paths
 
 

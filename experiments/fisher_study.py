@@ -37,7 +37,6 @@ capability), ``captured_energy.csv``, ``summary.json`` and the figures
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -55,7 +54,7 @@ from forgetkit.cli_config import config_to_dict, markdown_table, parse_cli
 from forgetkit.cli_config import help_metadata as _help
 from forgetkit.data.records import load_probe_sets
 from forgetkit.diagnostics.evaluation import INJECTED_CAPABILITIES
-from forgetkit.files import atomic_write, atomic_write_bytes, atomic_write_json, json_rows
+from forgetkit.files import atomic_write, atomic_write_json, json_rows, write_figure
 from forgetkit.fisher import plots as fisher_plots
 from forgetkit.fisher.delta import delta as param_delta
 from forgetkit.fisher.kl import measured_kl
@@ -293,12 +292,6 @@ def plot_diagnostic_vs_loss(points: pd.DataFrame, ax, diagnostic: str, rho: floa
     return ax
 
 
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=140)
-    return buffer.getvalue()
-
-
 def write_figures(out: Path, table: pd.DataFrame, correlations: pd.DataFrame,
                   energy: pd.DataFrame) -> None:
     from matplotlib.figure import Figure
@@ -311,7 +304,7 @@ def write_figures(out: Path, table: pd.DataFrame, correlations: pd.DataFrame,
                                 overall.loc[diagnostic, "p_value"])
     for ax in axes[len(DIAGNOSTICS):]:
         ax.set_visible(False)
-    atomic_write_bytes(out / "diagnostics_vs_retention_loss.png", _png(fig))
+    write_figure(out / "diagnostics_vs_retention_loss.png", fig, dpi=140)
     kl = pd.concat([
         table.assign(representation=name, predicted_kl=table[f"predicted_kl_{name}"])
         for name in ("diag", "lowrank")])[["label", "representation", "predicted_kl",
@@ -330,7 +323,7 @@ def write_figures(out: Path, table: pd.DataFrame, correlations: pd.DataFrame,
         ax = plot(frame, fig.subplots())
         if name == "displacement.png":
             ax.tick_params(axis="x", labelrotation=30, labelsize=7)
-        atomic_write_bytes(out / name, _png(fig))
+        write_figure(out / name, fig, dpi=140)
 
 
 # --- the study ----------------------------------------------------------------------------------

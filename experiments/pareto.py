@@ -29,7 +29,6 @@ The Pareto frontier (maximize memorization and retention) is computed here
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import shutil
@@ -54,11 +53,11 @@ from forgetkit.diagnostics.evaluation import (
 )
 from forgetkit.files import (
     atomic_write,
-    atomic_write_bytes,
     atomic_write_json,
     atomic_write_jsonl,
     json_rows,
     read_jsonl,
+    write_figure,
 )
 from forgetkit.mixsd import MixConfig
 from forgetkit.models import load_model
@@ -530,12 +529,6 @@ def plot_trajectory(trajectory: pd.DataFrame, ax, peak_step: int | None = None):
     return ax
 
 
-def _save(fig, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=150)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def write_figures(out: Path, table: pd.DataFrame, trajectories: pd.DataFrame,
                   peak_step: int | None, rescored: bool = False) -> None:
     """``pareto.png`` (with the trajectories unless the points were rescored on other probes,
@@ -548,7 +541,7 @@ def write_figures(out: Path, table: pd.DataFrame, trajectories: pd.DataFrame,
     if rescored:
         ax.set_title(f"final models scored on {int(table['probes_scored'].iloc[0])} probes",
                      fontsize=9)
-    _save(fig, out / "pareto.png")
+    write_figure(out / "pareto.png", fig, dpi=150)
     capabilities = [c for c in table.columns if c.startswith("retention_")]
     long = table.melt(id_vars=["label"], value_vars=capabilities, var_name="capability",
                       value_name="ratio").dropna(subset=["ratio"]).rename(
@@ -557,14 +550,14 @@ def write_figures(out: Path, table: pd.DataFrame, trajectories: pd.DataFrame,
     if not long.empty:
         fig = Figure(figsize=(9.0, 4.2), layout="constrained")
         plot_retention_by_capability(long, fig.subplots())
-        _save(fig, out / "retention_by_capability.png")
+        write_figure(out / "retention_by_capability.png", fig, dpi=150)
     sft = trajectories[trajectories["run"] == "sft"] if not trajectories.empty else trajectories
     if not sft.empty:
         fig = Figure(figsize=(6.4, 4.2), layout="constrained")
         ax = plot_trajectory(sft, fig.subplots(), peak_step)
         if rescored:
             ax.set_title("scored during training, on the training-time probes", fontsize=9)
-        _save(fig, out / "sft_trajectory.png")
+        write_figure(out / "sft_trajectory.png", fig, dpi=150)
 
 
 # --- the study ----------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""Writing files atomically and reading JSONL: one implementation each, used everywhere."""
+"""Writing files atomically (JSON, JSONL, PNG figures, whole folders) and reading JSONL: one
+implementation each, used everywhere."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -18,8 +20,10 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_jsonl",
+    "figure_png",
     "json_rows",
     "read_jsonl",
+    "write_figure",
 ]
 
 
@@ -97,6 +101,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_write(path, "wb") as handle:
         handle.write(data)
+
+
+def figure_png(fig, dpi: float | None = None) -> bytes:
+    """The PNG bytes of a matplotlib figure, rendered in memory (no pyplot, no global state).
+
+    Args:
+        fig: a ``matplotlib.figure.Figure``.
+        dpi: resolution; ``None``: the figure's own.
+    """
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi if dpi is not None else "figure")
+    return buffer.getvalue()
+
+
+def write_figure(path: str | os.PathLike, fig, dpi: float | None = None) -> None:
+    """Save a matplotlib figure as a PNG at ``path`` atomically (:func:`figure_png`)."""
+    atomic_write_bytes(path, figure_png(fig, dpi))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:

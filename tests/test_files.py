@@ -9,8 +9,10 @@ from forgetkit.files import (
     atomic_directory,
     atomic_write,
     atomic_write_json,
+    figure_png,
     json_rows,
     read_jsonl,
+    write_figure,
 )
 
 
@@ -99,3 +101,15 @@ def test_atomic_directory_with_a_named_staging_folder(tmp_path):
         assert folder == staging and not list(folder.iterdir())  # emptied first
         (folder / "a.txt").write_text("one")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.txt"] and not staging.exists()
+
+
+def test_figure_png_renders_in_memory_and_write_figure_is_atomic(tmp_path):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 1), dpi=50)
+    fig.subplots().plot([0, 1], [1, 0])
+    small, large = figure_png(fig), figure_png(fig, dpi=100)
+    assert small.startswith(b"\x89PNG\r\n\x1a\n") and len(large) > len(small)
+    write_figure(tmp_path / "plot.png", fig, dpi=100)
+    assert (tmp_path / "plot.png").read_bytes() == large
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]

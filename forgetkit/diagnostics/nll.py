@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -34,7 +33,7 @@ from forgetkit.cli_config import config_to_dict, from_mapping, load_config, pars
 from forgetkit.cli_config import help_metadata as _help
 from forgetkit.data.records import Record, load_records
 from forgetkit.diagnostics.loglik import model_logprobs
-from forgetkit.files import atomic_write, atomic_write_bytes, atomic_write_json, json_rows
+from forgetkit.files import atomic_write, atomic_write_json, json_rows, write_figure
 from forgetkit.mixsd import MixConfig, build_targets
 from forgetkit.models import Encoding, collate, encode, eval_mode, load_model, resolve_dtype
 
@@ -468,9 +467,7 @@ def write_figures(out: Path, tokens: pd.DataFrame, sequences: pd.DataFrame,
     for name, (plot, data, size) in figures.items():
         fig = Figure(figsize=size, layout="constrained")
         plot(data, fig.subplots())
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=150)
-        atomic_write_bytes(out / name, buffer.getvalue())
+        write_figure(out / name, fig, dpi=150)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -63,7 +63,7 @@ from forgetkit.mixsd import MixConfig
 from forgetkit.models import load_model
 from forgetkit.seeding import seed_everything, stable_hash
 from forgetkit.train import TrainConfig, train
-from forgetkit.train.checkpoint import checkpoint_dirs, latest_checkpoint
+from forgetkit.train.checkpoint import checkpoint_dirs, latest_checkpoint, same_config
 
 logger = logging.getLogger("pareto")
 
@@ -71,7 +71,6 @@ METHOD_LABELS = {"sft": "SFT", "mixsd": "MixSD", "opsd": "OPSD"}
 """Display name of each trainer method; ``mixsd:<lam>`` entries add their lambda."""
 
 PEAK_SUFFIX = "@peak"
-_NOT_COMPARED = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "disable_tqdm")
 
 
 @dataclass
@@ -275,24 +274,12 @@ def plan_runs(config: ParetoConfig, records: str, probes: str) -> list[RunSpec]:
     return specs
 
 
-def _compared(config: TrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in config.to_dict().items() if k not in _NOT_COMPARED}
-
-
-def _saved_config(output_dir: Path) -> dict[str, Any] | None:
-    path = output_dir / "train_config.yaml"
-    if not path.exists():
-        return None
-    saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return {k: v for k, v in saved.items() if k not in _NOT_COMPARED}
-
-
 def is_finished(spec: RunSpec) -> bool:
     """``results.json`` exists with the same config (and, for SFT, the exported peak)."""
     out = Path(spec.train_config.output_dir)
     if not (out / "results.json").exists():
         return False
-    if _saved_config(out) != _compared(spec.train_config):
+    if not same_config(out, spec.train_config):
         return False
     if not spec.find_peak:
         return True
@@ -309,7 +296,7 @@ def run_or_skip(spec: RunSpec) -> tuple[dict[str, Any], float, bool]:
         logger.info("%s: finished run with the same config in %s; skipped", spec.label, out)
         seconds = json.loads(timing_path.read_text())["seconds"] if timing_path.exists() else None
         return json.loads((out / "results.json").read_text()), seconds, True
-    same = _saved_config(out) == _compared(config)
+    same = same_config(out, config)
     if same and latest_checkpoint(out) is not None and not (out / "results.json").exists():
         logger.info("%s: resuming from %s", spec.label, latest_checkpoint(out))
         config = replace(config, resume_from_checkpoint="latest")
@@ -397,7 +384,7 @@ def study_rows(specs: list[RunSpec], results: dict[str, dict[str, Any]],
     rows = []
     for spec in specs:
         result, (kind, _, lam) = results[spec.name], spec.method.partition(":")
-        key = stable_hash(_compared(spec.train_config))  # changes whenever the fine-tune does
+        key = spec.train_config.config_hash()  # changes whenever the fine-tune does
         scores, kept = result["scores"], result["retention"]
         report = result.get("mixsd_report") or {}
         rows.append({

@@ -28,7 +28,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -38,11 +38,11 @@ import torch
 
 from forgetkit.cli_config import from_mapping
 from forgetkit.files import atomic_directory, atomic_write_json
-from forgetkit.train.config import RUN_CONTROL_FIELDS, TrainConfig
+from forgetkit.train.config import OUTPUT_FIELDS, RUN_CONTROL_FIELDS, TrainConfig
 
 __all__ = ["CHECKPOINT_PREFIX", "OutputDirError", "check_output_dir", "checkpoint_dirs",
            "latest_checkpoint", "load_checkpoint", "prune_checkpoints", "resolve_checkpoint",
-           "save_checkpoint", "save_final_model"]
+           "same_config", "save_checkpoint", "save_final_model", "saved_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -287,14 +287,10 @@ def check_output_dir(config: TrainConfig, rank: int = 0, world_size: int = 1,
                     target.unlink()
         barrier()
         return None
-    import yaml
-
-    saved = (yaml.safe_load(saved_yaml.read_text(encoding="utf-8")) if saved_yaml.exists()
+    saved = (_read_yaml(saved_yaml) if saved_yaml.exists()
              else read_trainer_state(previous[-1])["config"])
-    try:
-        saved_hash = from_mapping(TrainConfig, saved, str(saved_yaml)).run_hash()
-    except ValueError:
-        saved_hash = None
+    previous_config = _config_or_none(saved, saved_yaml)
+    saved_hash = previous_config.run_hash() if previous_config is not None else None
     hint = ("pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to "
             "start over, or another --output_dir")
     if saved_hash != config.run_hash():
@@ -302,3 +298,34 @@ def check_output_dir(config: TrainConfig, rank: int = 0, world_size: int = 1,
                              f"{saved_hash} != {config.run_hash()}; "
                              f"{_differences(saved, config)}); {hint}")
     raise OutputDirError(f"{out} already holds this run; {hint}")
+
+
+# --- the config a run folder holds --------------------------------------------------------------
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def _config_or_none(saved: dict[str, Any], where: Path) -> TrainConfig | None:
+    try:
+        return from_mapping(TrainConfig, saved, str(where))
+    except ValueError:  # written by another forgetkit version, or not a config at all
+        return None
+
+
+def saved_config(output_dir: str | os.PathLike) -> TrainConfig | None:
+    """The :class:`TrainConfig` saved in ``output_dir/train_config.yaml``; ``None`` when there is
+    none or this forgetkit cannot read it."""
+    path = Path(output_dir) / "train_config.yaml"
+    return _config_or_none(_read_yaml(path), path) if path.is_file() else None
+
+
+def same_config(output_dir: str | os.PathLike, config: TrainConfig,
+                ignore: Iterable[str] = OUTPUT_FIELDS) -> bool:
+    """Whether ``output_dir`` holds a run of ``config``: its saved config has the same
+    :meth:`TrainConfig.config_hash` with the ``ignore`` fields left out (default
+    :data:`OUTPUT_FIELDS`: the same results; :data:`RUN_CONTROL_FIELDS`: the same weights)."""
+    saved = saved_config(output_dir)
+    return saved is not None and saved.config_hash(ignore) == config.config_hash(ignore)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,7 +20,7 @@ from forgetkit.mixsd import MixConfig
 from forgetkit.models import resolve_dtype
 from forgetkit.seeding import stable_hash
 
-__all__ = ["METHODS", "RUN_CONTROL_FIELDS", "TrainConfig"]
+__all__ = ["METHODS", "OUTPUT_FIELDS", "RUN_CONTROL_FIELDS", "TrainConfig"]
 
 Method = Literal["sft", "mixsd", "opsd"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
@@ -32,6 +33,11 @@ RUN_CONTROL_FIELDS = frozenset({
     "per_device_eval_batch_size", "eval_max_new_tokens", "device", "ddp_backend",
 })
 """Fields left out of :meth:`TrainConfig.run_hash`: changing them does not change the weights."""
+
+OUTPUT_FIELDS = frozenset({"output_dir", "overwrite_output_dir", "resume_from_checkpoint",
+                           "disable_tqdm"})
+"""Fields that only say where a run writes and whether it shows progress: changing them changes
+no result (weights, metrics or evaluations); the default of :meth:`TrainConfig.config_hash`."""
 
 
 
@@ -163,10 +169,15 @@ class TrainConfig:
         """A plain nested dict (what ``train_config.yaml`` holds)."""
         return config_to_dict(self)
 
+    def config_hash(self, ignore: Iterable[str] = OUTPUT_FIELDS) -> str:
+        """Hash of every field but those in ``ignore`` (default :data:`OUTPUT_FIELDS`: equal
+        hashes mean the same results)."""
+        ignore = frozenset(ignore)
+        return stable_hash({k: v for k, v in self.to_dict().items() if k not in ignore})
+
     def run_hash(self) -> str:
         """Hash of the fields that decide the trajectory (all but :data:`RUN_CONTROL_FIELDS`)."""
-        return stable_hash({k: v for k, v in self.to_dict().items()
-                            if k not in RUN_CONTROL_FIELDS})
+        return self.config_hash(RUN_CONTROL_FIELDS)
 
     def to_yaml(self) -> str:
         import yaml

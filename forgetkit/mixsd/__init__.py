@@ -16,7 +16,6 @@ from forgetkit.mixsd.targets import (
     build_target_file,
     build_targets,
     main,
-    model_fingerprint,
     progress_path,
 )
 
@@ -30,6 +29,5 @@ __all__ = [
     "build_target_file",
     "build_targets",
     "main",
-    "model_fingerprint",
     "progress_path",
 ]

@@ -28,7 +28,6 @@ Command line (resumable; an interrupted run continues where it stopped)::
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -45,12 +44,11 @@ from forgetkit.data.prompts import get_guidance
 from forgetkit.data.records import Record
 from forgetkit.files import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
 from forgetkit.mixsd.decode import MixedDecoder, checked_end_tokens
-from forgetkit.models import encode
+from forgetkit.models import encode, weights_hash
 from forgetkit.seeding import stable_hash
 
 __all__ = ["BuildConfig", "BuildReport", "MixConfig", "MixedTarget", "MixedTargets", "Outcome",
-           "build_target_file", "build_targets", "main", "meta_path", "model_fingerprint",
-           "progress_path"]
+           "build_target_file", "build_targets", "main", "meta_path", "progress_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -315,18 +313,11 @@ def _log_report(report: BuildReport) -> None:
 # --- resumable output file ----------------------------------------------------------------------
 
 
-def model_fingerprint(model) -> str:
-    """A hash of the model's class, config and every parameter's bytes (not of its path)."""
-    import torch
-
-    digest = hashlib.sha256(type(model).__name__.encode())
+def _model_key(model) -> str:
+    """What the targets depend on in the model: its weights and its config (not its path)."""
     config = getattr(model, "config", None)
-    if config is not None:
-        digest.update(stable_hash(config.to_dict()).encode())
-    for name, param in model.named_parameters():
-        digest.update(f"{name}:{param.dtype}:{tuple(param.shape)}".encode())
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return stable_hash(type(model).__name__, None if config is None else config.to_dict(),
+                       weights_hash(model))
 
 
 def _records_hash(records: Sequence[Record]) -> str:
@@ -368,7 +359,7 @@ def build_target_file(model, tokenizer, records: Sequence[Record], config: MixCo
     _check_records(records)
     checked_end_tokens(tokenizer, model)
     out = Path(out)
-    key = stable_hash(model_fingerprint(model), _records_hash(records), config.output_key())
+    key = stable_hash(_model_key(model), _records_hash(records), config.output_key())
     meta, progress = meta_path(out), progress_path(out)
     if out.exists() and meta.exists():
         with contextlib.suppress(ValueError):

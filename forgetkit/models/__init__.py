@@ -20,7 +20,7 @@ from forgetkit.models.encoding import (
 )
 from forgetkit.models.inference import CacheSignature, eval_mode, greedy_generate, new_cache
 from forgetkit.models.loading import BUILTIN_MODELS, load_model, resolve_dtype
-from forgetkit.models.storage import ModelNotFoundError, cache_dir
+from forgetkit.models.storage import ModelNotFoundError, cache_dir, weights_hash
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -39,4 +39,5 @@ __all__ = [
     "model_inputs",
     "new_cache",
     "resolve_dtype",
+    "weights_hash",
 ]

@@ -1,11 +1,15 @@
-"""Where forgetkit keeps models, and the error raised when a model cannot be found."""
+"""Where forgetkit keeps models, the error raised when a model cannot be found, and the
+fingerprint of a model's weights."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["ModelNotFoundError", "cache_dir"]
+import torch
+
+__all__ = ["ModelNotFoundError", "cache_dir", "weights_hash"]
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -15,3 +19,13 @@ class ModelNotFoundError(FileNotFoundError):
 def cache_dir() -> Path:
     """forgetkit's cache: ``$FORGETKIT_CACHE`` or ``~/.cache/forgetkit``."""
     return Path(os.environ.get("FORGETKIT_CACHE", Path.home() / ".cache" / "forgetkit"))
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """A hex digest of every parameter's name, shape, dtype and bytes (not of where the model was
+    loaded from): equal digests mean equal weights."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
+        digest.update(memoryview(p.detach().cpu().contiguous().view(torch.uint8).numpy()))
+    return digest.hexdigest()[:16]

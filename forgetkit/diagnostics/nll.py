@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from scipy import stats
 
 from forgetkit.cli_config import config_to_dict, from_mapping, load_config, parse_cli
 from forgetkit.cli_config import help_metadata as _help
@@ -287,6 +286,8 @@ def _delta_ci(res: TargetNLL, ref: TargetNLL, n_boot: int, seed: int,
     delta = float(x.mean() - y.mean())
     if min(len(x), len(y)) < 2:
         return delta, float("nan"), float("nan"), n_paired
+    from scipy import stats  # imported here: scipy.stats alone takes a second to import
+
     boot = stats.bootstrap((x, y), lambda a, b, axis: a.mean(axis) - b.mean(axis),
                            n_resamples=n_boot, paired=bool(n_paired), vectorized=True,
                            confidence_level=confidence, method="percentile",

@@ -14,6 +14,7 @@ from forgetkit.data.records import (
     load_probe_sets,
     load_probes,
     load_records,
+    records_hash,
     register_probes,
     register_records,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "load_probe_sets",
     "load_probes",
     "load_records",
+    "records_hash",
     "register_probes",
     "register_records",
 ]

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from forgetkit.seeding import stable_hash
+
 __all__ = [
     "BUILTIN_PROBES",
     "BUILTIN_RECORDS",
@@ -30,6 +32,7 @@ __all__ = [
     "load_probe_sets",
     "load_probes",
     "load_records",
+    "records_hash",
     "register_probes",
     "register_records",
 ]
@@ -110,6 +113,12 @@ class Probe:
     capability: str
     choices: tuple[str, ...] | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+def records_hash(records: Sequence[Record]) -> str:
+    """A digest of what training and MixSD read from each record (id, prompt, target, answer,
+    context), in order; paraphrases and meta, which only evaluation reads, are left out."""
+    return stable_hash([(r.id, r.prompt, r.target, r.answer, r.context) for r in records])
 
 
 # --- built-in sets ------------------------------------------------------------------------------

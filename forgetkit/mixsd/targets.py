@@ -41,10 +41,10 @@ from typing import Any, Literal
 
 from forgetkit.data.answers import AnswerMode
 from forgetkit.data.prompts import get_guidance
-from forgetkit.data.records import Record
+from forgetkit.data.records import Record, records_hash
 from forgetkit.files import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
 from forgetkit.mixsd.decode import MixedDecoder, checked_end_tokens
-from forgetkit.models import encode, weights_hash
+from forgetkit.models import encode, model_hash
 from forgetkit.seeding import stable_hash
 
 __all__ = ["BuildConfig", "BuildReport", "MixConfig", "MixedTarget", "MixedTargets", "Outcome",
@@ -313,17 +313,6 @@ def _log_report(report: BuildReport) -> None:
 # --- resumable output file ----------------------------------------------------------------------
 
 
-def _model_key(model) -> str:
-    """What the targets depend on in the model: its weights and its config (not its path)."""
-    config = getattr(model, "config", None)
-    return stable_hash(type(model).__name__, None if config is None else config.to_dict(),
-                       weights_hash(model))
-
-
-def _records_hash(records: Sequence[Record]) -> str:
-    return stable_hash([(r.id, r.prompt, r.target, r.answer, r.context) for r in records])
-
-
 def progress_path(out: str | os.PathLike) -> Path:
     """The progress log beside ``out`` (deleted once ``out`` is complete)."""
     out = Path(out)
@@ -359,7 +348,7 @@ def build_target_file(model, tokenizer, records: Sequence[Record], config: MixCo
     _check_records(records)
     checked_end_tokens(tokenizer, model)
     out = Path(out)
-    key = stable_hash(_model_key(model), _records_hash(records), config.output_key())
+    key = stable_hash(model_hash(model), records_hash(records), config.output_key())
     meta, progress = meta_path(out), progress_path(out)
     if out.exists() and meta.exists():
         with contextlib.suppress(ValueError):

@@ -20,7 +20,7 @@ from forgetkit.models.encoding import (
 )
 from forgetkit.models.inference import CacheSignature, eval_mode, greedy_generate, new_cache
 from forgetkit.models.loading import BUILTIN_MODELS, load_model, resolve_dtype
-from forgetkit.models.storage import ModelNotFoundError, cache_dir, weights_hash
+from forgetkit.models.storage import ModelNotFoundError, cache_dir, model_hash, weights_hash
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -36,6 +36,7 @@ __all__ = [
     "eval_mode",
     "greedy_generate",
     "load_model",
+    "model_hash",
     "model_inputs",
     "new_cache",
     "resolve_dtype",

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ModelNotFoundError", "cache_dir", "weights_hash"]
+from forgetkit.seeding import stable_hash
+
+__all__ = ["ModelNotFoundError", "cache_dir", "model_hash", "weights_hash"]
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -29,3 +31,11 @@ def weights_hash(model: torch.nn.Module) -> str:
         digest.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
         digest.update(memoryview(p.detach().cpu().contiguous().view(torch.uint8).numpy()))
     return digest.hexdigest()[:16]
+
+
+def model_hash(model: torch.nn.Module) -> str:
+    """A digest of what a model computes: its class, its config and :func:`weights_hash` (not
+    where it was loaded from)."""
+    config = getattr(model, "config", None)
+    return stable_hash(type(model).__name__, None if config is None else config.to_dict(),
+                       weights_hash(model))

@@ -28,7 +28,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -37,16 +37,21 @@ import numpy as np
 import torch
 
 from forgetkit.cli_config import from_mapping
+from forgetkit.data.records import Record, records_hash
 from forgetkit.files import atomic_directory, atomic_write_json
+from forgetkit.models import model_hash
 from forgetkit.train.config import OUTPUT_FIELDS, RUN_CONTROL_FIELDS, TrainConfig
 
 __all__ = ["CHECKPOINT_PREFIX", "OutputDirError", "check_output_dir", "checkpoint_dirs",
-           "latest_checkpoint", "load_checkpoint", "prune_checkpoints", "resolve_checkpoint",
-           "same_config", "save_checkpoint", "save_final_model", "saved_config"]
+           "input_fingerprints", "latest_checkpoint", "load_checkpoint", "prune_checkpoints",
+           "resolve_checkpoint", "same_config", "save_checkpoint", "save_final_model",
+           "saved_config", "saved_inputs"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
+INPUTS_FILE = "inputs.json"
+"""Fingerprints of the inputs a run was given as objects rather than by the config's names."""
 _STEP = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
@@ -231,7 +236,7 @@ def save_final_model(model, tokenizer, output_dir: Path, base_name: str) -> dict
 # --- output folder guard ------------------------------------------------------------------------
 
 _ARTIFACTS = ("metrics.jsonl", "eval", "targets.jsonl", "targets.jsonl.meta.json",
-              "targets.jsonl.progress.jsonl", "train_config.yaml", "results.json")
+              "targets.jsonl.progress.jsonl", "train_config.yaml", INPUTS_FILE, "results.json")
 
 
 class OutputDirError(ValueError):
@@ -246,8 +251,14 @@ def _differences(saved: dict[str, Any], config: TrainConfig) -> str:
 
 
 def check_output_dir(config: TrainConfig, rank: int = 0, world_size: int = 1,
-                     barrier: Callable[[], None] = lambda: None) -> Path | None:
+                     barrier: Callable[[], None] = lambda: None,
+                     inputs: Mapping[str, str] | None = None) -> Path | None:
     """Decide between a fresh start and a resume, before anything is loaded.
+
+    Args:
+        config: the run's config.
+        rank, world_size, barrier: this process's place in the run.
+        inputs: :func:`input_fingerprints` of the inputs given as objects.
 
     Returns:
         The checkpoint to resume from, or ``None`` for a fresh start (after deleting a previous
@@ -255,9 +266,10 @@ def check_output_dir(config: TrainConfig, rank: int = 0, world_size: int = 1,
 
     Raises:
         OutputDirError: the checkpoint or the folder belongs to another run (different
-            :meth:`TrainConfig.run_hash`), or the folder already holds this run and neither
-            resuming nor overwriting was asked for.
+            :meth:`TrainConfig.run_hash` or inputs), or the folder already holds this run and
+            neither resuming nor overwriting was asked for.
     """
+    inputs = dict(inputs or {})
     out = Path(config.output_dir)
     if config.resume_from_checkpoint:
         path = resolve_checkpoint(config.resume_from_checkpoint, out)
@@ -266,6 +278,9 @@ def check_output_dir(config: TrainConfig, rank: int = 0, world_size: int = 1,
             raise OutputDirError(f"checkpoint {path} belongs to another run (run hash "
                                  f"{state['run_hash']} != {config.run_hash()}; "
                                  f"{_differences(state['config'], config)})")
+        if state.get("inputs", {}) != inputs:
+            raise OutputDirError(f"checkpoint {path} was trained on other inputs "
+                                 f"({_input_differences(state.get('inputs', {}), inputs)})")
         if state["world_size"] != world_size:
             raise OutputDirError(f"checkpoint {path} was saved by {state['world_size']} "
                                  f"processes; resume it with the same number (now {world_size})")
@@ -297,6 +312,9 @@ def check_output_dir(config: TrainConfig, rank: int = 0, world_size: int = 1,
         raise OutputDirError(f"{out} holds another run's checkpoints/results (run hash "
                              f"{saved_hash} != {config.run_hash()}; "
                              f"{_differences(saved, config)}); {hint}")
+    if saved_inputs(out) != inputs:
+        raise OutputDirError(f"{out} holds a run of this config on other inputs "
+                             f"({_input_differences(saved_inputs(out), inputs)}); {hint}")
     raise OutputDirError(f"{out} already holds this run; {hint}")
 
 
@@ -323,9 +341,40 @@ def saved_config(output_dir: str | os.PathLike) -> TrainConfig | None:
 
 
 def same_config(output_dir: str | os.PathLike, config: TrainConfig,
-                ignore: Iterable[str] = OUTPUT_FIELDS) -> bool:
+                ignore: Iterable[str] = OUTPUT_FIELDS,
+                inputs: Mapping[str, str] | None = None) -> bool:
     """Whether ``output_dir`` holds a run of ``config``: its saved config has the same
     :meth:`TrainConfig.config_hash` with the ``ignore`` fields left out (default
-    :data:`OUTPUT_FIELDS`: the same results; :data:`RUN_CONTROL_FIELDS`: the same weights)."""
+    :data:`OUTPUT_FIELDS`: the same results; :data:`RUN_CONTROL_FIELDS`: the same weights), and
+    it was given the same inputs as objects (:func:`input_fingerprints`; none by default)."""
     saved = saved_config(output_dir)
-    return saved is not None and saved.config_hash(ignore) == config.config_hash(ignore)
+    return (saved is not None and saved.config_hash(ignore) == config.config_hash(ignore)
+            and saved_inputs(output_dir) == dict(inputs or {}))
+
+
+def input_fingerprints(*, model=None, records: Sequence[Record] | None = None
+                       ) -> dict[str, str]:
+    """Fingerprints of the inputs a run is given as objects instead of by the config's names:
+    ``model`` (:func:`forgetkit.models.model_hash`) and ``records``
+    (:func:`forgetkit.data.records_hash`); empty when everything is named."""
+    found = {}
+    if model is not None:
+        found["model"] = model_hash(model)
+    if records is not None:
+        found["records"] = records_hash(records)
+    return found
+
+
+def saved_inputs(output_dir: str | os.PathLike) -> dict[str, str]:
+    """The :func:`input_fingerprints` a run in ``output_dir`` was started with (empty: none)."""
+    path = Path(output_dir) / INPUTS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _input_differences(saved: Mapping[str, str], now: Mapping[str, str]) -> str:
+    def shown(fingerprints, key):
+        return fingerprints.get(key, "by name")
+
+    keys = sorted(set(saved) | set(now))
+    return "; ".join(f"{k}: {shown(saved, k)} -> {shown(now, k)}" for k in keys
+                     if saved.get(k) != now.get(k))

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,13 +18,20 @@ from typing import Any
 
 import torch
 
-from forgetkit.data.records import BUILTIN_PROBES, load_probe_sets, load_records
+from forgetkit.data.records import BUILTIN_PROBES, Probe, Record, load_probe_sets, load_records
 from forgetkit.diagnostics.evaluation import Prediction, Scores, evaluate
-from forgetkit.files import append_jsonl, atomic_write, atomic_write_jsonl, read_jsonl
+from forgetkit.files import (
+    append_jsonl,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_jsonl,
+    read_jsonl,
+)
 from forgetkit.mixsd import MixedTarget, build_target_file
 from forgetkit.models import end_token_ids, load_model
 from forgetkit.train.checkpoint import (
     CHECKPOINT_PREFIX,
+    INPUTS_FILE,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
@@ -138,20 +146,32 @@ def _default_probes(config: TrainConfig) -> list[str]:
 class Trainer:
     """One run's state: model, optimizer, data order, method; :meth:`run` trains to the end."""
 
-    def __init__(self, config: TrainConfig, dist: Distributed, resume: Path | None):
+    def __init__(self, config: TrainConfig, dist: Distributed, resume: Path | None, *,
+                 model=None, tokenizer=None, records: Sequence[Record] | None = None,
+                 probes: Sequence[Probe] | None = None, inputs: dict[str, str] | None = None):
         self.config, self.dist = config, dist
         self.out = Path(config.output_dir)
-        self.records = load_records(config.records)
+        self.inputs = dict(inputs or {})
+        self.records = load_records(config.records) if records is None else list(records)
         if not self.records:
             raise ValueError(f"records {config.records!r} is empty: nothing to train on")
-        sources = (config.probes.split(",") if config.probes else _default_probes(config))
-        self.probes = (load_probe_sets([s.strip() for s in sources if s.strip()])
-                       if config.do_eval or config.eval_steps else [])
-        self.base_name = config.model_name_or_path
-        if Path(self.base_name).exists():
-            self.base_name = str(Path(self.base_name).resolve())
-        model, self.tokenizer = load_model(config.model_name_or_path, dtype=config.dtype,
-                                           device=dist.device)
+        evaluates = config.do_eval or config.eval_steps
+        if probes is not None:
+            self.probes = list(probes) if evaluates else []
+        else:
+            sources = (config.probes.split(",") if config.probes else _default_probes(config))
+            self.probes = (load_probe_sets([s.strip() for s in sources if s.strip()])
+                           if evaluates else [])
+        if model is None:
+            self.base_name = config.model_name_or_path
+            if Path(self.base_name).exists():
+                self.base_name = str(Path(self.base_name).resolve())
+            model, self.tokenizer = load_model(config.model_name_or_path, dtype=config.dtype,
+                                               device=dist.device)
+        else:  # an adapter saved from it names the folder the model was loaded from
+            self.base_name = (getattr(model.config, "_name_or_path", "")
+                              or config.model_name_or_path)
+            model, self.tokenizer = model.to(dist.device), tokenizer
         self.extra: dict[str, Any] = {}
         self.examples = self._examples(model)
         teacher = None
@@ -189,6 +209,8 @@ class Trainer:
         elif dist.rank == 0:
             with atomic_write(self.out / "train_config.yaml") as handle:
                 handle.write(config.to_yaml())
+            if self.inputs:
+                atomic_write_json(self.out / INPUTS_FILE, self.inputs)
             atomic_write_jsonl(self.out / "metrics.jsonl", [])
         dist.barrier()
 
@@ -237,8 +259,9 @@ class Trainer:
 
     def _trainer_state(self) -> dict[str, Any]:
         return {"global_step": self.global_step, "run_hash": self.config.run_hash(),
-                "world_size": self.dist.world_size, "pending": self.order.pending,
-                "window": self.window, "config": self.config.to_dict()}
+                "inputs": self.inputs, "world_size": self.dist.world_size,
+                "pending": self.order.pending, "window": self.window,
+                "config": self.config.to_dict()}
 
     def _resume(self, path: Path) -> None:
         state = load_checkpoint(path, model=self.unwrapped, optimizer=self.optimizer,

@@ -39,11 +39,16 @@ from typing import Any
 import torch
 
 from forgetkit.cli_config import parse_cli
-from forgetkit.data.records import RecordError
+from forgetkit.data.records import Probe, Record, RecordError
 from forgetkit.diagnostics.evaluation import Retention, Scores, retention
 from forgetkit.files import atomic_write_json, read_jsonl
 from forgetkit.seeding import seed_everything
-from forgetkit.train.checkpoint import OutputDirError, check_output_dir, save_final_model
+from forgetkit.train.checkpoint import (
+    OutputDirError,
+    check_output_dir,
+    input_fingerprints,
+    save_final_model,
+)
 from forgetkit.train.config import TrainConfig
 from forgetkit.train.loop import Trainer, setup_distributed
 
@@ -94,24 +99,49 @@ class TrainResult:
         }
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(config: TrainConfig, *, model=None, tokenizer=None,
+          records: Sequence[Record] | None = None,
+          probes: Sequence[Probe] | None = None) -> TrainResult:
     """Train ``config.model_name_or_path`` on ``config.records`` with ``config.method``.
 
     Randomness is explicit: training runs inside ``torch.random.fork_rng`` seeded with
     ``config.seed`` (the caller's torch RNG is untouched); data order and OPSD samples use
     their own seeded generators.
 
+    Args:
+        config: the run.
+        model, tokenizer: the base model to train (given together) instead of loading
+            ``config.model_name_or_path``; it is trained in place (under ``use_peft`` the LoRA
+            layers are added to it), so pass a copy to keep the original, and
+            ``config.dtype`` does not apply to it.
+        records: the records to inject instead of loading ``config.records``.
+        probes: the evaluation probes instead of loading ``config.probes``.
+
+    With objects in place of names the config's names only label the run; the objects'
+    fingerprints (:func:`~forgetkit.train.checkpoint.input_fingerprints`) are saved in
+    ``output_dir/inputs.json`` and in each checkpoint, so a resume or a reuse on other inputs is
+    refused. Probes are not fingerprinted: they change evaluations, never the weights.
+
+    Example:
+        >>> result = train(TrainConfig(method="sft", output_dir="runs/sft"),  # doctest: +SKIP
+        ...                records=load_records("kgfact")[:24])
+
     Raises:
         ValueError: bad records, an output_dir holding another run, a checkpoint of another
-            run; all before any training step.
+            run, a model without its tokenizer; all before any training step.
         FileNotFoundError: a checkpoint to resume that does not exist.
     """
+    if (model is None) != (tokenizer is None):
+        raise ValueError("train: pass model and tokenizer together (or neither)")
+    records = None if records is None else list(records)
+    inputs = input_fingerprints(model=model, records=records)
     dist = setup_distributed(config)
-    resume = check_output_dir(config, dist.rank, dist.world_size, dist.barrier)
+    resume = check_output_dir(config, dist.rank, dist.world_size, dist.barrier, inputs=inputs)
     devices = [dist.device.index or 0] if dist.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
-        trainer = Trainer(config, dist, resume)
+        trainer = Trainer(config, dist, resume, model=model, tokenizer=tokenizer,
+                          records=records, probes=probes, inputs=inputs)
         trainer.run()
     output_dir = Path(config.output_dir)
     paths: dict[str, str] = {"model": str(output_dir)}

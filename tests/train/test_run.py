@@ -3,6 +3,7 @@ is checked)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from forgetkit.data.records import load_records
 from forgetkit.models import encode, load_model
 from forgetkit.train import OutputDirError, TrainConfig, train
+from forgetkit.train.checkpoint import input_fingerprints, same_config, saved_inputs
 from forgetkit.train.methods import OPSD, frozen_teacher, opsd_examples
 
 REPO = Path(__file__).resolve().parents[2]
@@ -145,6 +147,31 @@ def test_evaluation_during_training_writes_predictions(tiny, tmp_path):
     assert set(result.retention.per_capability) == {"arithmetic", "known_fact"}
     summary = json.loads((out / "results.json").read_text())
     assert summary["global_step"] == 4 and summary["scores"]["counts"]["arithmetic"] == 1
+
+
+def test_objects_train_like_names_and_guard_their_run_folder(tiny, tmp_path):
+    """A model, tokenizer and records given as objects train exactly as when named; their
+    fingerprints keep another run's inputs from resuming or reusing the folder."""
+    model_dir, records_file = tiny
+    named = train(config_for(tiny, tmp_path / "named", method="mixsd"))
+    model, tokenizer = load_model(model_dir, dtype="float64", device="cpu")
+    records = load_records(records_file)
+    config = config_for(tiny, tmp_path / "objects", method="mixsd", save_steps=3)
+    given = train(config, model=model, tokenizer=tokenizer, records=records)
+    assert max_difference(weights(named.model_path), weights(given.model_path)) == 0.0
+    assert losses(named) == losses(given)
+    saved = saved_inputs(tmp_path / "objects")
+    assert saved == input_fingerprints(model=load_model(model_dir, dtype="float64",
+                                                        device="cpu")[0], records=records)
+    assert same_config(tmp_path / "objects", config, inputs=saved)
+    assert not same_config(tmp_path / "objects", config)  # a run by names is another run
+    fewer = records[:5]
+    with pytest.raises(OutputDirError, match=r"other inputs.*records"):
+        train(config, records=fewer)
+    with pytest.raises(OutputDirError, match=r"trained on other inputs.*model"):
+        train(dataclasses.replace(config, resume_from_checkpoint="latest"), records=records)
+    with pytest.raises(ValueError, match="model and tokenizer together"):
+        train(config, model=model)
 
 
 def test_two_processes_match_one_process(tiny, tmp_path):

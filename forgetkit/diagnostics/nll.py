@@ -401,16 +401,26 @@ class NLLConfig:
         return load_config(cls, joined)
 
 
-def run(config: NLLConfig) -> pd.DataFrame:
+def run(config: NLLConfig, *, model=None, tokenizer=None,
+        records: Sequence[Record] | None = None) -> pd.DataFrame:
     """Score SFT and MixSD targets (one set per lambda) and write everything under ``config.out``.
 
     Writes ``nll_config.yaml`` (reload with ``--config``), ``nll_table.csv``/``.json``
     (:func:`compare_targets`), ``tokens.csv`` (:func:`token_frame`), ``sequences.csv``
     (:func:`sequence_frame`), ``mixsd_reports.json`` and one PNG per figure of
     :mod:`forgetkit.plots`. Returns the table.
+
+    Args:
+        config: what to score and where to write.
+        model, tokenizer: the base model (given together) instead of loading ``config.model``.
+        records: the records instead of loading ``config.records`` (``config.limit`` applies
+            to both).
     """
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    records = load_records(config.records)[: config.limit]
+    if (model is None) != (tokenizer is None):
+        raise ValueError("run: pass model and tokenizer together (or neither)")
+    if model is None:
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    records = (load_records(config.records) if records is None else list(records))[: config.limit]
     example = config.example or records[0].id
     if example not in {record.id for record in records}:
         raise ValueError(f"example={example!r} is not among the records used")

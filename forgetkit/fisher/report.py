@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from forgetkit.cli_config import help_metadata as _help
 from forgetkit.data.records import load_probes, load_records
 from forgetkit.fisher.delta import delta as param_delta
@@ -149,15 +151,25 @@ def _load_finetunes(base, paths: dict[str, str], config: ReportConfig):
     return finetunes, deltas
 
 
-def run_report(config: ReportConfig, progress: bool = True) -> dict[str, Any]:
+def run_report(config: ReportConfig, *, base=None, finetunes=None, records=None, probes=None,
+               progress: bool = True) -> dict[str, Any]:
     """Compute every number of the report and write ``report.json``, PNGs and ``report.html``.
+
+    Args:
+        config: the report's settings; its names label what is given as objects.
+        base: ``(model, tokenizer)`` of the base model instead of loading ``config.base``.
+        finetunes: name -> fine-tuned model or its path, instead of ``config.finetuned``.
+        records: the injected records instead of loading ``config.records`` (then give
+            ``finetunes`` too: the default fine-tunes train on ``config.records`` by name).
+        probes: the retention probes instead of loading ``config.probes``.
+        progress: show the default fine-tunes' progress bars.
 
     Returns:
         The report (what ``report.json`` holds).
 
     Raises:
         ValueError: an empty probe set, a fine-tune of another architecture or an adapter of
-            another base, before anything is written.
+            another base, records without fine-tunes, before anything is written.
     """
     from forgetkit.diagnostics.evaluation import evaluate, retention
     from forgetkit.models import load_model
@@ -165,14 +177,26 @@ def run_report(config: ReportConfig, progress: bool = True) -> dict[str, Any]:
     timing: dict[str, float] = {}
     started = time.time()
     out = Path(config.out)
-    base, tokenizer = load_model(config.base, dtype=config.dtype, device=config.device)
-    records = load_records(config.records)
-    probes = load_probes(config.probe_source())
+    if base is None:
+        base = load_model(config.base, dtype=config.dtype, device=config.device)
+    base, tokenizer = base
+    given = config.finetune_paths() if finetunes is None else dict(finetunes)
+    if records is not None and not given:
+        raise ValueError("run_report: records given as objects need finetunes= too (the default "
+                         "fine-tunes train on config.records by name)")
+    records = load_records(config.records) if records is None else list(records)
+    probes = load_probes(config.probe_source()) if probes is None else list(probes)
     if not probes:
         raise ValueError(f"probe set {config.probe_source()!r} is empty")
     sample = spread_sample(probes, config.n_samples)
-    paths = config.finetune_paths()
-    finetunes, deltas = _load_finetunes(base, paths, config)  # architecture checks first
+    paths = {name: str(ft) for name, ft in given.items() if not isinstance(ft, torch.nn.Module)}
+    loaded, deltas = _load_finetunes(base, paths, config)  # architecture checks first
+    finetunes = {}
+    for name, ft in given.items():  # in the given order; models given as objects used as they are
+        finetunes[name] = ft if isinstance(ft, torch.nn.Module) else loaded[name]
+        if isinstance(ft, torch.nn.Module):
+            paths[name] = getattr(ft.config, "_name_or_path", "") or name
+            deltas[name] = param_delta(base, ft, params=config.params)
     timing["load"] = time.time() - started
     if not paths:
         paths = _default_finetunes(config, out, progress)

@@ -17,6 +17,7 @@ from forgetkit.mixsd.targets import (
     build_targets,
     main,
     progress_path,
+    run,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "build_targets",
     "main",
     "progress_path",
+    "run",
 ]

@@ -39,16 +39,17 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from forgetkit.cli_config import from_mapping, parse_cli
 from forgetkit.data.answers import AnswerMode
 from forgetkit.data.prompts import get_guidance
-from forgetkit.data.records import Record, records_hash
+from forgetkit.data.records import Record, RecordError, load_records, records_hash
 from forgetkit.files import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
 from forgetkit.mixsd.decode import MixedDecoder, checked_end_tokens
-from forgetkit.models import encode, model_hash
+from forgetkit.models import encode, load_model, model_hash, resolve_dtype
 from forgetkit.seeding import stable_hash
 
 __all__ = ["BuildConfig", "BuildReport", "MixConfig", "MixedTarget", "MixedTargets", "Outcome",
-           "build_target_file", "build_targets", "main", "meta_path", "progress_path"]
+           "build_target_file", "build_targets", "main", "meta_path", "progress_path", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -421,21 +422,33 @@ class BuildConfig:
         "help": "MixSD settings; given as --mix.lam 0.3 or simply --lam 0.3"})
 
     def __post_init__(self):
-        from forgetkit.models import resolve_dtype
-
         if isinstance(self.mix, Mapping):
-            from forgetkit.cli_config import from_mapping
-
             self.mix = from_mapping(MixConfig, self.mix, "mix")
         resolve_dtype(self.dtype)
 
 
+def run(config: BuildConfig, *, model=None, tokenizer=None,
+        records: Sequence[Record] | None = None) -> BuildReport:
+    """Build the target file of ``config`` (:func:`build_target_file` into ``config.out``).
+
+    Args:
+        config: what to build.
+        model, tokenizer: the base model (given together) instead of loading ``config.model``.
+        records: the records instead of loading ``config.records``.
+
+    Raises:
+        ValueError: a model without its tokenizer; as :func:`build_target_file`.
+    """
+    if (model is None) != (tokenizer is None):
+        raise ValueError("run: pass model and tokenizer together (or neither)")
+    records = load_records(config.records) if records is None else list(records)
+    if model is None:
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    return build_target_file(model, tokenizer, records, config.mix, config.out)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m forgetkit.mixsd``: builds the file, prints the report."""
-    from forgetkit.cli_config import parse_cli
-    from forgetkit.data.records import RecordError, load_records
-    from forgetkit.models import load_model
-
     config = parse_cli(BuildConfig, argv, "python -m forgetkit.mixsd")
     if config is None:
         return
@@ -443,6 +456,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         records = load_records(config.records)
     except (ValueError, RecordError) as err:
         raise SystemExit(f"error: {err}") from None
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    report = build_target_file(model, tokenizer, records, config.mix, config.out)
+    report = run(config, records=records)
     print(f"wrote {config.out}: " + ", ".join(f"{k}={v}" for k, v in asdict(report).items()))

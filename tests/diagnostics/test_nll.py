@@ -18,6 +18,9 @@ from forgetkit.diagnostics.nll import (
     target_nll,
     token_frame,
 )
+from forgetkit.diagnostics.nll import (
+    run as run_nll,
+)
 from forgetkit.models import encode, end_token_ids, load_model
 
 
@@ -342,3 +345,16 @@ def test_cli_writes_table_config_and_figures(tmp_path, capsys):
                  "token_heat_strip.png", "sequence_nll_vs_length.png"]:
         assert (out / name).stat().st_size > 0, name
     assert not list(out.glob(".*.tmp"))
+
+
+def test_run_takes_objects_as_well_as_names(toyworld, tmp_path):
+    """``run`` with the model and records as objects gives the table ``run`` by names gives."""
+    args = ["--records", "kgfact", "--limit", "3", "--lam", "0.3", "--device", "cpu",
+            "--n_boot", "50", "--max_new_tokens", "16", "--max_retries", "0"]
+    named = run_nll(NLLConfig.from_args([*args, "--out", str(tmp_path / "named")]))
+    model, tokenizer = toyworld
+    given = run_nll(NLLConfig.from_args([*args, "--out", str(tmp_path / "given")]), model=model,
+                tokenizer=tokenizer, records=load_records("kgfact")[:5])  # limit still applies
+    pd.testing.assert_frame_equal(named, given)
+    assert (tmp_path / "named" / "tokens.csv").read_text() == \
+        (tmp_path / "given" / "tokens.csv").read_text()

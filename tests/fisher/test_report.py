@@ -125,3 +125,33 @@ def test_spread_sample_round_robins_capabilities():
     assert [p.id for p in spread_sample(probes, 4)] == ["a0", "b0", "c0", "a1"]
     assert len(spread_sample(probes, 100)) == 9
     np.testing.assert_equal(len({p.id for p in spread_sample(probes, 9)}), 9)
+
+
+def test_objects_as_well_as_names(toyworld, tmp_path):
+    """run_report takes the base, fine-tunes, records and probes as objects; with the same
+    fine-tune given as a model or as its folder it computes the same numbers."""
+    import copy
+
+    import torch
+
+    from forgetkit.data.records import load_probes, load_records
+    from forgetkit.fisher.report import ReportConfig, run_report, spread_sample
+
+    base, tokenizer = toyworld
+    finetuned = copy.deepcopy(base)
+    with torch.no_grad():
+        finetuned.model.layers[0].mlp.down_proj.weight.mul_(1.05)
+    finetuned.save_pretrained(tmp_path / "ft")
+    tokenizer.save_pretrained(tmp_path / "ft")
+    records = load_records("kgfact")[:3]
+    probes = spread_sample(load_probes("toyworld"), 8)
+    config = dict(rank=2, n_samples=8, params="mlp", device="cpu")
+    reports = [run_report(ReportConfig(out=str(tmp_path / name), **config), base=toyworld,
+                          finetunes={"ft": ft}, records=records, probes=probes)
+               for name, ft in (("model", finetuned), ("path", tmp_path / "ft"))]
+    model, path = (r["finetunes"]["ft"] for r in reports)
+    assert model["delta_norm"] > 0 and model["delta_norm"] == path["delta_norm"]
+    assert model["projection_low_rank"] == path["projection_low_rank"]
+    assert reports[0]["base"]["records"] == 3 and reports[0]["base"]["probes"] == 8
+    with pytest.raises(ValueError, match="need finetunes"):
+        run_report(ReportConfig(out=str(tmp_path / "none"), **config), records=records)

@@ -11,15 +11,17 @@ import pytest
 import forgetkit.mixsd.decode as mixsd_decode
 from forgetkit.data.records import Record
 from forgetkit.mixsd import (
+    BuildConfig,
     MixConfig,
     MixedTarget,
     build_target_file,
     build_targets,
     main,
     progress_path,
+    run,
 )
 from forgetkit.mixsd.decode import reference_decode
-from forgetkit.models import encode
+from forgetkit.models import encode, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -169,6 +171,11 @@ def test_cli(records, tmp_path, capsys):
     rows = [MixedTarget.from_json(json.loads(line)) for line in out.read_text().splitlines()]
     assert [r.record_id for r in rows] == [r.id for r in records[:3]]
     assert "n_records=3" in capsys.readouterr().out
+    model, tokenizer = load_model("toyworld", device="cpu")  # the CLI's objects, given directly
+    given = tmp_path / "given.jsonl"
+    run(BuildConfig(out=str(given), mix=MixConfig(lam=0.0, max_new_tokens=8, on_failure="keep")),
+        model=model, tokenizer=tokenizer, records=records[:3])
+    assert given.read_bytes() == out.read_bytes()
     for bad in (["--lam", "1.5"], ["--top_k", "many"], ["--records", "no-such-set"]):
         with pytest.raises(SystemExit, match=r"error: .*(lam|top_k|no-such-set)"):
             main(["--records", str(path), "--out", str(tmp_path / "no.jsonl"), *bad])

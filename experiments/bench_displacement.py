@@ -32,12 +32,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from forgetkit.io import atomic_write_json
+from forgetkit.records import load_probes
 
 from forgetkit import fisher
 from forgetkit.fisher.report import spread_sample
-from forgetkit.io import atomic_write_json
 from forgetkit.models import collate, encode, load_model
-from forgetkit.records import load_probes
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -37,10 +37,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from forgetkit import fisher
-from forgetkit.io import atomic_write_json
-from forgetkit.loglik import sequence_loglik
+from forgetkit.data.records import load_records
+from forgetkit.diagnostics.loglik import sequence_loglik
+from forgetkit.files import atomic_write_json
 from forgetkit.models import Encoding, collate, encode, load_model
-from forgetkit.records import load_records
 
 RESULTS = Path(__file__).parent / "results" / "bench_fisher.json"
 
@@ -132,7 +132,7 @@ def bench_libraries(n: int, repeats: int) -> dict:
     model = tiny_gpt2()
     ids = torch.randint(1, 60, (n, 7), generator=torch.Generator().manual_seed(0))
     prompts, answers = ids[:, :6], ids[:, 6]
-    encodings = [Encoding(row.tolist(), [-100] * 6 + [int(row[6])], 6) for row in ids]
+    encodings = [Encoding.from_ids(row[:6].tolist(), row[6:].tolist()) for row in ids]
     size = sum(p.numel() for p in model.parameters())
     ours_s, ours = best_time(lambda: fisher.diagonal(model, None, encodings,
                                                      estimator="empirical", batch_size=n),

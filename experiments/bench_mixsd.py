@@ -8,7 +8,7 @@ For each model, in one process and on the same kgfact records, at lam 0.3, T 0, 
   (``model.generate``, left-padded batches) on the naive prompts and, for reference, on the
   longer expert prompts. Goal: MixSD >= 0.45x the naive baseline.
 - (b) the one-token-per-call loop that re-encodes both prompts and the whole suffix for every
-  token, one record at a time (``forgetkit.mixsd_decode.reference_decode``, which produces the
+  token, one record at a time (``forgetkit.mixsd.decode.reference_decode``, which produces the
   same tokens). It is only timed on the first record(s) and its tokens/s is extrapolated to the
   whole set: an estimate, labelled as such. Goal: MixSD >= 10x faster.
 
@@ -40,13 +40,13 @@ from pathlib import Path
 
 import torch
 
-import forgetkit.mixsd_decode as mixsd_decode
-from forgetkit.io import atomic_write_json
+import forgetkit.mixsd.decode as mixsd_decode
+from forgetkit.data.prompts import expert_prompt
+from forgetkit.data.records import load_records
+from forgetkit.files import atomic_write_json
 from forgetkit.mixsd import MixConfig, build_targets
-from forgetkit.mixsd_decode import reference_decode
+from forgetkit.mixsd.decode import reference_decode
 from forgetkit.models import collate, encode, end_token_ids, load_model
-from forgetkit.prompts import expert_prompt
-from forgetkit.records import load_records
 
 RESULTS = Path(__file__).parent / "results" / "bench_mixsd.json"
 

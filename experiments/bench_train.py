@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from forgetkit.io import atomic_write_json
+from forgetkit.files import atomic_write_json
 from forgetkit.models import collate, load_model
-from forgetkit.train_config import TrainConfig
-from forgetkit.train_loop import DataOrder, Distributed, Trainer, _lr_lambda
+from forgetkit.train.config import TrainConfig
+from forgetkit.train.loop import DataOrder, Distributed, Trainer, _lr_lambda
 
 RESULTS = Path(__file__).parent / "results" / "bench_train.json"
 
@@ -80,8 +80,8 @@ def manual_run(config: TrainConfig, batches: list[dict[str, torch.Tensor]]
 
 def the_same_batches(config: TrainConfig) -> list[dict[str, torch.Tensor]]:
     """The trainer's SFT batches, in its data order, collated."""
-    from forgetkit.methods import sft_examples
-    from forgetkit.records import load_records
+    from forgetkit.data.records import load_records
+    from forgetkit.train.methods import sft_examples
 
     _, tokenizer = load_model(config.model_name_or_path, device="cpu")
     examples = sft_examples(tokenizer, load_records(config.records))

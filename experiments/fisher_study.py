@@ -37,7 +37,6 @@ capability), ``captured_energy.csv``, ``summary.json`` and the figures
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -54,21 +53,16 @@ from scipy import stats
 from forgetkit import fisher
 from forgetkit.cli_config import config_to_dict, markdown_table, parse_cli
 from forgetkit.cli_config import help_metadata as _help
-from forgetkit.evaluate import INJECTED_CAPABILITIES
+from forgetkit.data.records import load_probe_sets
+from forgetkit.diagnostics.evaluation import INJECTED_CAPABILITIES
+from forgetkit.files import atomic_write, atomic_write_json, json_rows, write_figure
 from forgetkit.fisher import plots as fisher_plots
 from forgetkit.fisher.delta import delta as param_delta
 from forgetkit.fisher.kl import measured_kl
 from forgetkit.fisher.project import project
 from forgetkit.fisher.report import spread_sample
-from forgetkit.io import (
-    atomic_write,
-    atomic_write_bytes,
-    atomic_write_json,
-    json_rows,
-    stable_hash,
-)
 from forgetkit.models import load_model
-from forgetkit.train_loop import load_probe_sets
+from forgetkit.seeding import stable_hash
 
 logger = logging.getLogger("fisher_study")
 
@@ -328,12 +322,6 @@ def plot_diagnostic_vs_loss(points: pd.DataFrame, ax, diagnostic: str, rho: floa
     return ax
 
 
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=140)
-    return buffer.getvalue()
-
-
 def write_figures(out: Path, table: pd.DataFrame, correlations: pd.DataFrame,
                   energy: pd.DataFrame) -> None:
     from matplotlib.figure import Figure
@@ -346,7 +334,7 @@ def write_figures(out: Path, table: pd.DataFrame, correlations: pd.DataFrame,
                                 overall.loc[diagnostic, "p_value"])
     for ax in axes[len(DIAGNOSTICS):]:
         ax.set_visible(False)
-    atomic_write_bytes(out / "diagnostics_vs_retention_loss.png", _png(fig))
+    write_figure(out / "diagnostics_vs_retention_loss.png", fig, dpi=140)
     kl = pd.concat([
         table.assign(representation=name, predicted_kl=table[f"predicted_kl_{name}"])
         for name in ("diag", "lowrank")])[["label", "representation", "predicted_kl",
@@ -365,7 +353,7 @@ def write_figures(out: Path, table: pd.DataFrame, correlations: pd.DataFrame,
         ax = plot(frame, fig.subplots())
         if name == "displacement.png":
             ax.tick_params(axis="x", labelrotation=30, labelsize=7)
-        atomic_write_bytes(out / name, _png(fig))
+        write_figure(out / name, fig, dpi=140)
 
 
 # --- the study ----------------------------------------------------------------------------------

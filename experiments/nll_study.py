@@ -3,8 +3,8 @@
 MixSD's claim 2 is that its targets have much lower per-token NLL under the base model than the
 canonical SFT targets. This study scores, under the frozen base model, the SFT targets (each
 record's canonical completion) and the MixSD targets at every lambda, with
-:func:`forgetkit.nll.target_nll` (completion tokens only, end token included, teacher-forced),
-and compares them with :func:`forgetkit.nll.compare_targets` (difference of the per-item mean
+:func:`forgetkit.diagnostics.nll.target_nll` (completion tokens only, end token included, teacher-forced),
+and compares them with :func:`forgetkit.diagnostics.nll.compare_targets` (difference of the per-item mean
 per-token NLL to SFT, percentile bootstrap CI, paired over the records both sets hold).
 
 It differs from ``python -m forgetkit.nll`` in two ways: MixSD targets are built into resumable
@@ -36,10 +36,8 @@ import yaml
 
 from forgetkit.cli_config import config_to_dict, from_mapping, markdown_table, parse_cli
 from forgetkit.cli_config import help_metadata as _help
-from forgetkit.io import atomic_write, atomic_write_json, json_rows, read_jsonl
-from forgetkit.mixsd import MixConfig, MixedTarget, build_target_file
-from forgetkit.models import load_model
-from forgetkit.nll import (
+from forgetkit.data.records import load_records
+from forgetkit.diagnostics.nll import (
     TargetNLL,
     compare_targets,
     sequence_frame,
@@ -47,7 +45,9 @@ from forgetkit.nll import (
     token_frame,
     write_figures,
 )
-from forgetkit.records import load_records
+from forgetkit.files import atomic_write, atomic_write_json, json_rows, read_jsonl
+from forgetkit.mixsd import MixConfig, MixedTarget, build_target_file
+from forgetkit.models import load_model
 
 logger = logging.getLogger("nll_study")
 

@@ -6,7 +6,7 @@ are shared; only the method (and MixSD's lambda) differs. OPSD samples
 ``opsd_num_generations`` completions per prompt, so it sees that many more completions per step.
 Each fine-tune is scored on memorization (greedy recall of the injected facts), paraphrase
 accuracy and the retention of every held-out capability (fine-tuned / base accuracy,
-:func:`forgetkit.evaluate.retention`).
+:func:`forgetkit.diagnostics.evaluation.retention`).
 
 SFT is also evaluated every ``peak_eval_steps`` steps; its *first-peak* checkpoint is the first
 evaluated step whose memorization equals the run's maximum (within ``peak_tolerance``), and it
@@ -29,7 +29,6 @@ The Pareto frontier (maximize memorization and retention) is computed here
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import shutil
@@ -42,25 +41,29 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from forgetkit.checkpoint import checkpoint_dirs, latest_checkpoint
 from forgetkit.cli_config import config_to_dict, from_mapping, markdown_table, parse_cli
 from forgetkit.cli_config import help_metadata as _help
-from forgetkit.evaluate import INJECTED_CAPABILITIES, Prediction, Scores, evaluate, retention
-from forgetkit.io import (
+from forgetkit.data.records import load_probe_sets, load_probes, load_records
+from forgetkit.diagnostics.evaluation import (
+    INJECTED_CAPABILITIES,
+    Prediction,
+    Scores,
+    evaluate,
+    retention,
+)
+from forgetkit.files import (
     atomic_write,
-    atomic_write_bytes,
     atomic_write_json,
     atomic_write_jsonl,
     json_rows,
     read_jsonl,
-    seed_everything,
-    stable_hash,
+    write_figure,
 )
 from forgetkit.mixsd import MixConfig
 from forgetkit.models import load_model
-from forgetkit.records import load_probes, load_records
+from forgetkit.seeding import seed_everything, stable_hash
 from forgetkit.train import TrainConfig, train
-from forgetkit.train_loop import load_probe_sets
+from forgetkit.train.checkpoint import checkpoint_dirs, latest_checkpoint, same_config
 
 logger = logging.getLogger("pareto")
 
@@ -68,7 +71,6 @@ METHOD_LABELS = {"sft": "SFT", "mixsd": "MixSD", "opsd": "OPSD"}
 """Display name of each trainer method; ``mixsd:<lam>`` entries add their lambda."""
 
 PEAK_SUFFIX = "@peak"
-_NOT_COMPARED = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "disable_tqdm")
 
 
 @dataclass
@@ -272,24 +274,12 @@ def plan_runs(config: ParetoConfig, records: str, probes: str) -> list[RunSpec]:
     return specs
 
 
-def _compared(config: TrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in config.to_dict().items() if k not in _NOT_COMPARED}
-
-
-def _saved_config(output_dir: Path) -> dict[str, Any] | None:
-    path = output_dir / "train_config.yaml"
-    if not path.exists():
-        return None
-    saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return {k: v for k, v in saved.items() if k not in _NOT_COMPARED}
-
-
 def is_finished(spec: RunSpec) -> bool:
     """``results.json`` exists with the same config (and, for SFT, the exported peak)."""
     out = Path(spec.train_config.output_dir)
     if not (out / "results.json").exists():
         return False
-    if _saved_config(out) != _compared(spec.train_config):
+    if not same_config(out, spec.train_config):
         return False
     if not spec.find_peak:
         return True
@@ -306,7 +296,7 @@ def run_or_skip(spec: RunSpec) -> tuple[dict[str, Any], float, bool]:
         logger.info("%s: finished run with the same config in %s; skipped", spec.label, out)
         seconds = json.loads(timing_path.read_text())["seconds"] if timing_path.exists() else None
         return json.loads((out / "results.json").read_text()), seconds, True
-    same = _saved_config(out) == _compared(config)
+    same = same_config(out, config)
     if same and latest_checkpoint(out) is not None and not (out / "results.json").exists():
         logger.info("%s: resuming from %s", spec.label, latest_checkpoint(out))
         config = replace(config, resume_from_checkpoint="latest")
@@ -394,7 +384,7 @@ def study_rows(specs: list[RunSpec], results: dict[str, dict[str, Any]],
     rows = []
     for spec in specs:
         result, (kind, _, lam) = results[spec.name], spec.method.partition(":")
-        key = stable_hash(_compared(spec.train_config))  # changes whenever the fine-tune does
+        key = spec.train_config.config_hash()  # changes whenever the fine-tune does
         scores, kept = result["scores"], result["retention"]
         report = result.get("mixsd_report") or {}
         rows.append({
@@ -526,12 +516,6 @@ def plot_trajectory(trajectory: pd.DataFrame, ax, peak_step: int | None = None):
     return ax
 
 
-def _save(fig, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=150)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def write_figures(out: Path, table: pd.DataFrame, trajectories: pd.DataFrame,
                   peak_step: int | None, rescored: bool = False) -> None:
     """``pareto.png`` (with the trajectories unless the points were rescored on other probes,
@@ -544,7 +528,7 @@ def write_figures(out: Path, table: pd.DataFrame, trajectories: pd.DataFrame,
     if rescored:
         ax.set_title(f"final models scored on {int(table['probes_scored'].iloc[0])} probes",
                      fontsize=9)
-    _save(fig, out / "pareto.png")
+    write_figure(out / "pareto.png", fig, dpi=150)
     capabilities = [c for c in table.columns if c.startswith("retention_")]
     long = table.melt(id_vars=["label"], value_vars=capabilities, var_name="capability",
                       value_name="ratio").dropna(subset=["ratio"]).rename(
@@ -553,14 +537,14 @@ def write_figures(out: Path, table: pd.DataFrame, trajectories: pd.DataFrame,
     if not long.empty:
         fig = Figure(figsize=(9.0, 4.2), layout="constrained")
         plot_retention_by_capability(long, fig.subplots())
-        _save(fig, out / "retention_by_capability.png")
+        write_figure(out / "retention_by_capability.png", fig, dpi=150)
     sft = trajectories[trajectories["run"] == "sft"] if not trajectories.empty else trajectories
     if not sft.empty:
         fig = Figure(figsize=(6.4, 4.2), layout="constrained")
         ax = plot_trajectory(sft, fig.subplots(), peak_step)
         if rescored:
             ax.set_title("scored during training, on the training-time probes", fontsize=9)
-        _save(fig, out / "sft_trajectory.png")
+        write_figure(out / "sft_trajectory.png", fig, dpi=150)
 
 
 # --- the study ----------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 Every function takes tidy data (a pandas DataFrame, one row per observation) and a matplotlib
 ``ax``, draws on it and returns it. None computes results or saves: the caller builds the data
-(e.g. :func:`forgetkit.nll.token_frame`), themes the figure and saves it.
+(e.g. :func:`forgetkit.diagnostics.nll.token_frame`), themes the figure and saves it.
 
-Target NLL figures (data from :mod:`forgetkit.nll`):
+Target NLL figures (data from :mod:`forgetkit.diagnostics.nll`):
   - :func:`token_nll_ecdf`: distribution of per-token NLL per target set;
   - :func:`nll_by_position`: per-token NLL against position in the completion;
   - :func:`token_heat_strip`: the tokens of one example colored by NLL, MixSD branches marked;
@@ -48,7 +48,7 @@ def token_nll_ecdf(tokens: pd.DataFrame, ax: Axes, hue: str | None = "target_set
 
     Args:
         tokens: one row per token with column ``nll`` (and ``hue``), e.g.
-            :func:`forgetkit.nll.token_frame`.
+            :func:`forgetkit.diagnostics.nll.token_frame`.
         ax: where to draw.
         hue: column naming the target set; ignored when absent.
     """
@@ -81,7 +81,7 @@ def sequence_nll_vs_length(sequences: pd.DataFrame, ax: Axes,
 
     Args:
         sequences: one row per item with columns ``length`` and ``sequence_nll`` (and ``hue``),
-            e.g. :func:`forgetkit.nll.sequence_frame`.
+            e.g. :func:`forgetkit.diagnostics.nll.sequence_frame`.
         ax: where to draw.
         hue: column naming the target set; ignored when absent.
     """

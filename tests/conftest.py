@@ -32,7 +32,7 @@ def chat_tokenizer():
     """A real tokenizer with a chat template (SmolLM2's)."""
     from transformers import AutoTokenizer
 
-    from forgetkit.smollm2 import ensure_smollm2
+    from forgetkit.models.smollm2 import ensure_smollm2
 
     return AutoTokenizer.from_pretrained(ensure_smollm2())
 

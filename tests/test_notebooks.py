@@ -86,6 +86,20 @@ def test_imports_only_the_library_and_display_packages(path: Path):
         "forgetkit and display with pandas/matplotlib/seaborn")
 
 
+@by_name
+def test_data_is_passed_as_objects_not_registered_by_name(path: Path):
+    """Notebooks give the library lists of records and probes; they never register a global
+    name for a subset (``register_records`` / ``register_probes``)."""
+    for cell in code_cells(nbformat.read(path, as_version=4)):
+        called = {node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+                  for node in ast.walk(ast.parse(python_source(cell)))
+                  if isinstance(node, ast.Call)
+                  and isinstance(node.func, ast.Attribute | ast.Name)}
+        assert not called & {"register_records", "register_probes"}, (
+            f"{path.name}: pass the records and probes to the library instead of registering "
+            "them under a name")
+
+
 @pytest.fixture
 def kernel_manager(tmp_path: Path):
     """A kernel manager that starts this interpreter, whatever kernels the user has installed."""

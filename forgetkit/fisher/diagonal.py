@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from forgetkit.data.records import Probe, Record
 from forgetkit.fisher.delta import ParamDelta
 from forgetkit.fisher.io import FisherMatrix, Provenance, make_provenance
 from forgetkit.fisher.pergrad import (
@@ -41,7 +42,6 @@ from forgetkit.fisher.pergrad import (
     select_parameters,
 )
 from forgetkit.models import Encoding
-from forgetkit.records import Probe, Record
 
 __all__ = ["DiagonalFisher", "RunningMoments", "accumulation_dtype", "diagonal"]
 

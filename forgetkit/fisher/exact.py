@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.func import functional_call, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from forgetkit.data.records import Probe, Record
 from forgetkit.fisher.delta import ParamDelta
 from forgetkit.fisher.pergrad import (
     ESTIMATORS,
@@ -52,7 +53,6 @@ from forgetkit.fisher.pergrad import (
     select_parameters,
 )
 from forgetkit.models import IGNORE_INDEX, Encoding, collate
-from forgetkit.records import Probe, Record
 from forgetkit.stats import Interval, mean_ci
 
 __all__ = [

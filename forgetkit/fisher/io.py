@@ -25,9 +25,10 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 import forgetkit
+from forgetkit.files import atomic_write_bytes, atomic_write_json
 from forgetkit.fisher.pergrad import FisherError, distributed_shard
-from forgetkit.io import atomic_write_bytes, atomic_write_json, stable_hash
 from forgetkit.models import Encoding
+from forgetkit.seeding import stable_hash
 
 __all__ = ["FisherMatrix", "Provenance", "fisher_paths", "load", "make_provenance"]
 

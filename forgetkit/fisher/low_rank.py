@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from forgetkit.data.records import Probe, Record
 from forgetkit.fisher.diagonal import accumulation_dtype
 from forgetkit.fisher.io import FisherMatrix, Provenance, make_provenance
 from forgetkit.fisher.pergrad import (
@@ -45,7 +46,6 @@ from forgetkit.fisher.pergrad import (
     select_parameters,
 )
 from forgetkit.models import Encoding
-from forgetkit.records import Probe, Record
 
 __all__ = ["LowRankFisher", "gram_eigenpairs", "low_rank", "randomized_eigenpairs"]
 

@@ -35,10 +35,10 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
-from forgetkit.io import stable_hash
-from forgetkit.loglik import sequence_loglik
+from forgetkit.data.records import Probe, Record
+from forgetkit.diagnostics.loglik import sequence_loglik
 from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode
-from forgetkit.records import Probe, Record
+from forgetkit.seeding import stable_hash
 
 __all__ = [
     "ESTIMATORS",

@@ -20,8 +20,8 @@ from typing import Any
 
 import pandas as pd
 
+from forgetkit.files import atomic_write_json
 from forgetkit.fisher import plots
-from forgetkit.io import atomic_write_json
 
 __all__ = ["FIGURES", "figure_frames", "reading", "write_report"]
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from forgetkit.cli_config import help_metadata as _help
+from forgetkit.data.records import load_probes, load_records
 from forgetkit.fisher.delta import ParamDelta
 from forgetkit.fisher.delta import delta as param_delta
 from forgetkit.fisher.diagonal import diagonal
@@ -26,7 +27,6 @@ from forgetkit.fisher.kl import kl_path, measured_kl
 from forgetkit.fisher.low_rank import LowRankFisher, low_rank
 from forgetkit.fisher.project import project
 from forgetkit.fisher.risk import forgetting_risk
-from forgetkit.records import load_probes, load_records
 from forgetkit.stats import mean_ci, ratio_ci
 
 __all__ = ["REPORT_SECTIONS", "ReportConfig", "run_report", "spread_sample"]
@@ -205,7 +205,7 @@ def _interval(values, seed: int) -> dict[str, float]:
 def _finetune_section(base, model, tokenizer, records, probes, sample, update: ParamDelta,
                       fishers: list[LowRankFisher], fisher_diag, base_scores, proxy,
                       config: ReportConfig, path: str) -> dict[str, Any]:
-    from forgetkit.evaluate import (
+    from forgetkit.diagnostics.evaluation import (
         accuracy_interval,
         evaluate,
         retention,
@@ -280,7 +280,8 @@ class _Warnings(logging.Handler):
         self.messages.append(f"{record.name}: {record.getMessage()}")
 
 
-def run_report(config: ReportConfig, progress: bool = True) -> dict[str, Any]:
+def run_report(config: ReportConfig, *, base=None, finetunes=None, records=None, probes=None,
+               progress: bool = True) -> dict[str, Any]:
     """Compute every number of the report and write ``report.json``, PNGs and ``report.html``.
 
     The headline is the exact ``d' F d`` of each update (:func:`forgetkit.fisher.displacement`)
@@ -288,20 +289,26 @@ def run_report(config: ReportConfig, progress: bool = True) -> dict[str, Any]:
     interval over probes; the low-rank (top-k, a lower bound) and diagonal (a proxy) values are
     reported beside them under those names.
 
+    Args:
+        config: the report's settings; its names label what is given as objects.
+        base: ``(model, tokenizer)`` of the base model instead of loading ``config.base``.
+        finetunes: name -> fine-tuned model or its path, instead of ``config.finetuned``.
+        records: the injected records instead of loading ``config.records`` (then give
+            ``finetunes`` too: the default fine-tunes train on ``config.records`` by name).
+        probes: the retention probes instead of loading ``config.probes``.
+        progress: show the default fine-tunes' progress bars.
+
     Returns:
         The report (what ``report.json`` holds).
 
     Raises:
         ValueError: an empty probe set, a fine-tune of another architecture or an adapter of
-            another base, before anything is written.
+            another base, records without fine-tunes, before anything is written.
     """
-    from forgetkit.evaluate import evaluate
-    from forgetkit.models import load_model
-
     collector = _Warnings()
     logging.getLogger("forgetkit").addHandler(collector)
     try:
-        report = _run_report(config, progress, evaluate, load_model)
+        report = _run_report(config, base, finetunes, records, probes, progress)
     finally:
         logging.getLogger("forgetkit").removeHandler(collector)
     report["warnings"] = collector.messages
@@ -314,18 +321,34 @@ def run_report(config: ReportConfig, progress: bool = True) -> dict[str, Any]:
     return report
 
 
-def _run_report(config: ReportConfig, progress: bool, evaluate, load_model) -> dict[str, Any]:
+def _run_report(config: ReportConfig, base, finetunes, records, probes, progress: bool
+                ) -> dict[str, Any]:
+    from forgetkit.diagnostics.evaluation import evaluate
+    from forgetkit.models import load_model
+
     timing: dict[str, float] = {}
     started = time.time()
     out = Path(config.out)
-    base, tokenizer = load_model(config.base, dtype=config.dtype, device=config.device)
-    records = load_records(config.records)
-    probes = load_probes(config.probe_source())
+    if base is None:
+        base = load_model(config.base, dtype=config.dtype, device=config.device)
+    base, tokenizer = base
+    given = config.finetune_paths() if finetunes is None else dict(finetunes)
+    if records is not None and not given:
+        raise ValueError("run_report: records given as objects need finetunes= too (the default "
+                         "fine-tunes train on config.records by name)")
+    records = load_records(config.records) if records is None else list(records)
+    probes = load_probes(config.probe_source()) if probes is None else list(probes)
     if not probes:
         raise ValueError(f"probe set {config.probe_source()!r} is empty")
     sample = spread_sample(probes, config.n_samples)
-    paths = config.finetune_paths()
-    finetunes, deltas = _load_finetunes(base, paths, config)  # architecture checks first
+    paths = {name: str(ft) for name, ft in given.items() if not isinstance(ft, torch.nn.Module)}
+    loaded, deltas = _load_finetunes(base, paths, config)  # architecture checks first
+    finetunes = {}
+    for name, ft in given.items():  # in the given order; models given as objects used as they are
+        finetunes[name] = ft if isinstance(ft, torch.nn.Module) else loaded[name]
+        if isinstance(ft, torch.nn.Module):
+            paths[name] = getattr(ft.config, "_name_or_path", "") or name
+            deltas[name] = param_delta(base, ft, params=config.params)
     timing["load"] = time.time() - started
     if not paths:
         paths = _default_finetunes(config, out, progress)

@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from forgetkit.data.records import Record
 from forgetkit.fisher.pergrad import GradientStream, encode_data, evaluation_mode
-from forgetkit.records import Record
 
 __all__ = ["forgetting_risk"]
 

@@ -1,0 +1,35 @@
+"""MixSD targets: completions of the frozen base model that mix its naive and expert
+conditionals token by token (:func:`build_targets`).
+
+Modules: :mod:`~forgetkit.mixsd.decode` (the batched two-branch decoder) and
+:mod:`~forgetkit.mixsd.targets` (configs, rejection sampling, the resumable target file and
+``python -m forgetkit.mixsd``).
+"""
+
+from forgetkit.mixsd.targets import (
+    BuildConfig,
+    BuildReport,
+    MixConfig,
+    MixedTarget,
+    MixedTargets,
+    Outcome,
+    build_target_file,
+    build_targets,
+    main,
+    progress_path,
+    run,
+)
+
+__all__ = [
+    "BuildConfig",
+    "BuildReport",
+    "MixConfig",
+    "MixedTarget",
+    "MixedTargets",
+    "Outcome",
+    "build_target_file",
+    "build_targets",
+    "main",
+    "progress_path",
+    "run",
+]

@@ -1,0 +1,384 @@
+"""Trainer internals: processes, data order and the step loop.
+
+The public entry point is :func:`forgetkit.train.run.train`; this module holds the machinery
+it drives. See :mod:`forgetkit.train.run` for the semantics of a step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from forgetkit.data.records import BUILTIN_PROBES, Probe, Record, load_probe_sets, load_records
+from forgetkit.diagnostics.evaluation import Prediction, Scores, evaluate
+from forgetkit.files import (
+    append_jsonl,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_jsonl,
+    read_jsonl,
+)
+from forgetkit.mixsd import MixedTarget, build_target_file
+from forgetkit.models import end_token_ids, load_model
+from forgetkit.train.checkpoint import (
+    CHECKPOINT_PREFIX,
+    INPUTS_FILE,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from forgetkit.train.config import TrainConfig
+from forgetkit.train.methods import (
+    NLL,
+    OPSD,
+    frozen_teacher,
+    mixsd_examples,
+    opsd_examples,
+    sft_examples,
+)
+
+__all__ = ["DataOrder", "Distributed", "Trainer", "setup_distributed"]
+
+logger = logging.getLogger(__name__)
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+@dataclass
+class Distributed:
+    """This process's place in the run (one process: rank 0 of 1)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def sum(self, value: float) -> float:
+        """Sum of ``value`` over processes (float64)."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.item()
+
+    def close(self) -> None:
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def setup_distributed(config: TrainConfig) -> Distributed:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return Distributed(0, 1, device)
+    local = int(os.environ["LOCAL_RANK"])
+    device = torch.device(config.device or (f"cuda:{local}" if torch.cuda.is_available()
+                                            else "cpu"))
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        backend = config.ddp_backend or ("nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group(backend)
+    return Distributed(torch.distributed.get_rank(), world, device)
+
+
+# --- data order ---------------------------------------------------------------------------------
+
+class DataOrder:
+    """An endless stream of reshuffles of ``range(n)``; batches may straddle epochs.
+
+    State: ``generator`` (saved with the random states) and ``pending`` (indices drawn but not
+    yet used, saved in the trainer state).
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.generator = torch.Generator().manual_seed(seed)
+        self.pending: list[int] = []
+
+    def take(self, count: int) -> list[int]:
+        while len(self.pending) < count:
+            self.pending += torch.randperm(self.n, generator=self.generator).tolist()
+        taken, self.pending = self.pending[:count], self.pending[count:]
+        return taken
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+def _lr_lambda(config: TrainConfig, total_steps: int):
+    warmup = config.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if config.lr_scheduler_type == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _default_probes(config: TrainConfig) -> list[str]:
+    name = config.model_name_or_path
+    is_toyworld = name == "toyworld" or (Path(name) / "toyworld.json").is_file()
+    sources = ["toyworld" if is_toyworld else "general"]
+    if config.records in BUILTIN_PROBES:
+        sources.append(config.records)
+    return sources
+
+
+class Trainer:
+    """One run's state: model, optimizer, data order, method; :meth:`run` trains to the end."""
+
+    def __init__(self, config: TrainConfig, dist: Distributed, resume: Path | None, *,
+                 model=None, tokenizer=None, records: Sequence[Record] | None = None,
+                 probes: Sequence[Probe] | None = None, inputs: dict[str, str] | None = None):
+        self.config, self.dist = config, dist
+        self.out = Path(config.output_dir)
+        self.inputs = dict(inputs or {})
+        self.records = load_records(config.records) if records is None else list(records)
+        if not self.records:
+            raise ValueError(f"records {config.records!r} is empty: nothing to train on")
+        evaluates = config.do_eval or config.eval_steps
+        if probes is not None:
+            self.probes = list(probes) if evaluates else []
+        else:
+            sources = (config.probes.split(",") if config.probes else _default_probes(config))
+            self.probes = (load_probe_sets([s.strip() for s in sources if s.strip()])
+                           if evaluates else [])
+        if model is None:
+            self.base_name = config.model_name_or_path
+            if Path(self.base_name).exists():
+                self.base_name = str(Path(self.base_name).resolve())
+            model, self.tokenizer = load_model(config.model_name_or_path, dtype=config.dtype,
+                                               device=dist.device)
+        else:  # an adapter saved from it names the folder the model was loaded from
+            self.base_name = (getattr(model.config, "_name_or_path", "")
+                              or config.model_name_or_path)
+            model, self.tokenizer = model.to(dist.device), tokenizer
+        self.extra: dict[str, Any] = {}
+        self.examples = self._examples(model)
+        teacher = None
+        if config.method == "opsd" and not config.use_peft:
+            teacher = frozen_teacher(model, use_peft=False)  # copied before any update
+        if config.use_peft:
+            model = self._wrap_lora(model)
+        self.unwrapped = model
+        self.unwrapped.train()
+        self.method = self._method(model, teacher)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [p for p in self.params if p.ndim >= 2],
+              "weight_decay": config.weight_decay},
+             {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}],
+            lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon)
+        self.global_batch = (config.per_device_train_batch_size
+                             * config.gradient_accumulation_steps * dist.world_size)
+        self.total_steps = (config.max_steps if config.max_steps > 0 else max(1, math.ceil(
+            config.num_train_epochs * len(self.examples) / self.global_batch)))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(config, self.total_steps))
+        self.order = DataOrder(len(self.examples), config.seed)
+        self.global_step = 0
+        self.window = [0.0, 0]  # loss sum and steps since the last metrics row
+        self.model = model
+        if dist.world_size > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+        self.autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16)
+                         if config.bf16 else nullcontext())
+        if resume is not None:
+            self._resume(resume)
+        elif dist.rank == 0:
+            with atomic_write(self.out / "train_config.yaml") as handle:
+                handle.write(config.to_yaml())
+            if self.inputs:
+                atomic_write_json(self.out / INPUTS_FILE, self.inputs)
+            atomic_write_jsonl(self.out / "metrics.jsonl", [])
+        dist.barrier()
+
+    # --- setup ----------------------------------------------------------------------------------
+
+    def _examples(self, model):
+        config = self.config
+        if config.method == "sft":
+            return sft_examples(self.tokenizer, self.records)
+        if config.method == "opsd":
+            return opsd_examples(self.tokenizer, self.records, config.mix.guidance)
+        path = self.out / "targets.jsonl"
+        if self.dist.rank == 0:
+            with torch.no_grad():
+                report = build_target_file(model, self.tokenizer, self.records, config.mix, path)
+            self.extra["mixsd_report"] = asdict(report)
+        self.dist.barrier()
+        targets = [MixedTarget.from_json(row) for row in read_jsonl(path)]
+        examples = mixsd_examples(self.tokenizer, self.records, targets)
+        if not examples:
+            raise ValueError(f"MixSD kept no targets ({path}); try mix.on_failure=keep or "
+                             "canonical, or more mix.max_retries")
+        return examples
+
+    def _method(self, model, teacher) -> NLL | OPSD:
+        config = self.config
+        if config.method != "opsd":
+            return NLL(self.tokenizer.pad_token_id, self.dist.device)
+        return OPSD(model, teacher or frozen_teacher(model, use_peft=True),
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    end_ids=end_token_ids(self.tokenizer, model), device=self.dist.device,
+                    seed=config.seed, num_generations=config.opsd_num_generations,
+                    temperature=config.opsd_temperature,
+                    max_new_tokens=config.opsd_max_new_tokens, top_k=config.opsd_top_k,
+                    direction=config.opsd_kl)
+
+    def _wrap_lora(self, model):
+        from peft import LoraConfig, get_peft_model
+
+        config = self.config
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                          lora_dropout=config.lora_dropout, task_type="CAUSAL_LM",
+                          target_modules=config.lora_target_modules or "all-linear",
+                          base_model_name_or_path=self.base_name)
+        return get_peft_model(model, lora)
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"global_step": self.global_step, "run_hash": self.config.run_hash(),
+                "inputs": self.inputs, "world_size": self.dist.world_size,
+                "pending": self.order.pending, "window": self.window,
+                "config": self.config.to_dict()}
+
+    def _resume(self, path: Path) -> None:
+        state = load_checkpoint(path, model=self.unwrapped, optimizer=self.optimizer,
+                                scheduler=self.scheduler, data_generator=self.order.generator,
+                                rank=self.dist.rank)
+        self.global_step = state["global_step"]
+        self.order.pending = list(state["pending"])
+        self.window = list(state["window"])
+        logger.info("resumed from %s at step %d", path, self.global_step)
+        if self.dist.rank == 0:
+            metrics = self.out / "metrics.jsonl"
+            rows = read_jsonl(metrics, tolerate_torn_tail=True) if metrics.exists() else []
+            atomic_write_jsonl(metrics, [r for r in rows if r["step"] <= self.global_step])
+
+    # --- steps ----------------------------------------------------------------------------------
+
+    def _step(self) -> tuple[float, float]:
+        """One optimizer step; returns (loss per completion token, gradient norm)."""
+        config, dist = self.config, self.dist
+        size = config.per_device_train_batch_size
+        indices = self.order.take(self.global_batch)
+        share = size * config.gradient_accumulation_steps
+        mine = indices[dist.rank * share : (dist.rank + 1) * share]
+        with torch.no_grad(), self.autocast:
+            prepared = [self.method.prepare([self.examples[i] for i in mine[a : a + size]],
+                                            self.global_step)
+                        for a in range(0, share, size)]
+        tokens = dist.sum(float(sum(p.n_tokens for p in prepared)))
+        if tokens == 0:
+            raise RuntimeError(f"step {self.global_step + 1}: no completion tokens in the batch")
+        local_loss = 0.0
+        for a, batch in enumerate(prepared):
+            last = a == len(prepared) - 1
+            sync = nullcontext() if last or dist.world_size == 1 else self.model.no_sync()
+            with sync:
+                with self.autocast:
+                    loss_sum = self.method.loss_sum(self.model, batch)
+                (loss_sum * (dist.world_size / tokens)).backward()
+            local_loss += loss_sum.item()
+        limit = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
+        self.lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        return dist.sum(local_loss) / tokens, float(grad_norm)
+
+    def _evaluate(self, step: int) -> Scores | None:
+        """Rank 0 evaluates the model and writes ``eval/<step>.jsonl``; others wait."""
+        scores = None
+        if self.dist.rank == 0:
+            with torch.no_grad(), self.autocast:
+                scores = evaluate(self.unwrapped, self.tokenizer, self.records, self.probes,
+                                  batch_size=self.config.per_device_eval_batch_size,
+                                  max_new_tokens=self.config.eval_max_new_tokens)
+            atomic_write_jsonl(self.out / "eval" / f"{step}.jsonl",
+                               [p.__dict__ for p in scores.predictions])
+        self.dist.barrier()
+        return scores
+
+    def _saved_scores(self, step: int) -> Scores | None:
+        path = self.out / "eval" / f"{step}.jsonl"
+        if self.dist.rank != 0 or not path.exists():
+            return None
+        return Scores.from_predictions([Prediction(**row) for row in read_jsonl(path)])
+
+    def base_scores(self) -> Scores | None:
+        return self._saved_scores(0)
+
+    def final_scores(self) -> Scores | None:
+        return self._saved_scores(self.global_step)
+
+    def run(self) -> None:
+        """Train from ``global_step`` to the last step; evaluate, log and checkpoint on the way."""
+        from tqdm.auto import tqdm
+
+        config, dist = self.config, self.dist
+        if config.do_eval and self.global_step == 0:
+            self._log_row({"step": 0}, self._evaluate(0))
+        bar = tqdm(total=self.total_steps, initial=self.global_step, desc=config.method,
+                   disable=config.disable_tqdm or dist.rank != 0, dynamic_ncols=True)
+        while self.global_step < self.total_steps:
+            started = time.perf_counter()
+            loss, grad_norm = self._step()
+            step_time = time.perf_counter() - started
+            step = self.global_step
+            self.window = [self.window[0] + loss, self.window[1] + 1]
+            row: dict[str, Any] = {"step": step}
+            if step % config.logging_steps == 0 or step == self.total_steps:
+                row.update(loss=self.window[0] / self.window[1], step_loss=loss,
+                           lr=self.lr, grad_norm=grad_norm,
+                           step_time=step_time, epoch=step * self.global_batch / len(self.examples))
+                self.window = [0.0, 0]
+            final_eval = config.do_eval and step == self.total_steps
+            scores = (self._evaluate(step) if final_eval or (config.eval_steps
+                      and step % config.eval_steps == 0) else None)
+            self._log_row(row, scores)
+            if config.save_steps and step % config.save_steps == 0:
+                self._checkpoint()
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.update(1)
+        bar.close()
+
+    def _log_row(self, row: dict[str, Any], scores: Scores | None) -> None:
+        if scores is not None:
+            summary = scores.to_dict()
+            row["eval"] = {"memorization": summary["memorization"],
+                           "paraphrase": summary["paraphrase"], **summary["capabilities"]}
+        if len(row) > 1 and self.dist.rank == 0:
+            append_jsonl(self.out / "metrics.jsonl", [row])
+
+    def _checkpoint(self) -> None:
+        dest = self.out / f"{CHECKPOINT_PREFIX}{self.global_step}"
+        save_checkpoint(dest, model=self.unwrapped, optimizer=self.optimizer,
+                        scheduler=self.scheduler, trainer_state=self._trainer_state(),
+                        data_generator=self.order.generator, rank=self.dist.rank,
+                        barrier=self.dist.barrier)
+        if self.dist.rank == 0:
+            prune_checkpoints(self.out, self.config.save_total_limit)

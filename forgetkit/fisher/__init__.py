@@ -15,10 +15,10 @@ Both representations share one interface (:class:`FisherMatrix`): ``quad_form``,
 
 from forgetkit.fisher.delta import LoraFactor, ParamDelta, delta
 from forgetkit.fisher.diagonal import DiagonalFisher, diagonal
-from forgetkit.fisher.exact import Displacement, FisherOperator, displacement, exact_low_rank
+from forgetkit.fisher.exact import Displacement, FisherOperator, displacement
 from forgetkit.fisher.io import FisherMatrix, Provenance, load
 from forgetkit.fisher.kl import MeasuredKL, measured_kl
-from forgetkit.fisher.low_rank import LowRankFisher, low_rank
+from forgetkit.fisher.low_rank import LowRankFisher, exact_low_rank, low_rank
 from forgetkit.fisher.pergrad import FisherError, select_parameters
 from forgetkit.fisher.project import Projection, project
 from forgetkit.fisher.risk import forgetting_risk

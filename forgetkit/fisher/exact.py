@@ -22,7 +22,7 @@ passes. Forward-mode AD has no rule for fused SDPA kernels, so the product runs 
 math SDPA kernel; a model whose attention still has no forward-mode rule falls back (with a
 warning) to the double-backward form ``J d = d/dv [(J' v) . d]``. The Fisher-vector product
 ``F v = mean_x sum_t J_t' H_t J_t v`` (``H_t = diag(p_t) - p_t p_t'``, the GGN form) adds one
-backward pass to the same product, and :func:`exact_low_rank` takes top eigenpairs from it by
+backward pass to the same product, and :func:`forgetkit.fisher.low_rank.exact_low_rank` takes top eigenpairs from it by
 Lanczos (:func:`scipy.sparse.linalg.eigsh`), so its directions carry no label noise.
 """
 
@@ -60,7 +60,6 @@ __all__ = [
     "FisherOperator",
     "ProductMode",
     "displacement",
-    "exact_low_rank",
     "logit_products",
 ]
 
@@ -450,58 +449,3 @@ class FisherOperator:
         return LinearOperator((self.size, self.size), dtype=np.float64,
                               matvec=lambda x: self._flat(self.matvec(self._unflat(
                                   np.asarray(x).reshape(-1)))))
-
-
-def exact_low_rank(model: torch.nn.Module, tokenizer, data: Sequence, rank: int, *,
-                   estimator: Estimator = "true", params: str | Sequence[str] | None = None,
-                   batch_size: int = 16, seed: int = 0, tol: float = 1e-3,
-                   mode: ProductMode = "auto", residuals: bool = True):
-    """Top-``rank`` eigenpairs of the exact Fisher by Lanczos on :class:`FisherOperator`.
-
-    No label is drawn, so the result depends on ``seed`` only through Lanczos' start vector,
-    i.e. up to ``tol``.
-
-    Args:
-        model, tokenizer, data, estimator, params, batch_size, mode: as :class:`FisherOperator`.
-        rank: k, at most P - 1.
-        seed: of the start vector.
-        tol: relative accuracy of the eigenvalues (:func:`scipy.sparse.linalg.eigsh`; 0 is
-            machine precision).
-        residuals: also compute ``||F u_j - lambda_j u_j||`` (k more products).
-
-    Returns:
-        A :class:`~forgetkit.fisher.low_rank.LowRankFisher` with ``method="exact"`` and
-        provenance ``mc_samples=0`` (no label draws); ``residuals`` holds
-        ``||F u_j - lambda_j u_j||``, a bound on each eigenvalue's error (empty unless asked).
-
-    Raises:
-        FisherError: rank outside [1, P - 1], or as :class:`FisherOperator`.
-    """
-    from scipy.sparse.linalg import eigsh
-
-    from forgetkit.fisher.io import make_provenance
-    from forgetkit.fisher.low_rank import LowRankFisher, _to_parameters
-
-    operator = FisherOperator(model, tokenizer, data, estimator=estimator,
-                              batch_size=batch_size, params=params, mode=mode)
-    size = operator.size
-    if not 1 <= rank < size:
-        raise FisherError(f"rank={rank} must be between 1 and P - 1 = {size - 1}")
-    start = np.random.default_rng(seed).standard_normal(size)
-    linear = operator.as_linear_operator()
-    values, vectors = eigsh(linear, k=rank, which="LA", v0=start, tol=tol)
-    order = np.argsort(values)[::-1]
-    values, vectors = values[order].clip(min=0.0), vectors[:, order]
-    errors = [float(np.linalg.norm(linear.matvec(vectors[:, j]) - values[j] * vectors[:, j]))
-              for j in range(rank)] if residuals else []
-    dtype = next(iter(operator.params.values())).dtype
-    flat = torch.from_numpy(vectors.T.copy()).to(torch.float64)  # (k, P)
-    directions = _to_parameters(lambda a, b: flat[:, a:b], dict(operator.params), rank)
-    directions = {n: u.to(dtype=torch.promote_types(dtype, torch.float32)) for n, u in
-                  directions.items()}
-    provenance = make_provenance(model, operator.encodings, estimator=estimator, mc_samples=0,
-                                 seed=seed, params=params, dtype=torch.float64)
-    logger.info("exact low-rank Fisher: rank %d, %d parameters, %d Fisher-vector products, "
-                "top eigenvalue %.4g", rank, size, operator.products_done, float(values[0]))
-    return LowRankFisher(eigenvalues=torch.from_numpy(values.copy()), directions=directions,
-                         provenance=provenance, method="exact", residuals=errors)

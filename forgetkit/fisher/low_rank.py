@@ -27,12 +27,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from forgetkit.data.records import Probe, Record
 from forgetkit.fisher.diagonal import accumulation_dtype
+from forgetkit.fisher.exact import FisherOperator
 from forgetkit.fisher.io import FisherMatrix, Provenance, make_provenance
 from forgetkit.fisher.pergrad import (
     Estimator,
@@ -47,7 +49,8 @@ from forgetkit.fisher.pergrad import (
 )
 from forgetkit.models import Encoding
 
-__all__ = ["LowRankFisher", "gram_eigenpairs", "low_rank", "randomized_eigenpairs"]
+__all__ = ["LowRankFisher", "exact_low_rank", "gram_eigenpairs", "low_rank",
+           "randomized_eigenpairs"]
 
 logger = logging.getLogger(__name__)
 Method = Literal["auto", "gram", "randomized", "exact"]
@@ -346,8 +349,6 @@ def low_rank(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
             rank > P, an unknown method, negative oversample or power_iterations.
     """
     if method == "exact":
-        from forgetkit.fisher.exact import exact_low_rank
-
         return exact_low_rank(model, tokenizer, data, rank, estimator=estimator, params=params,
                               batch_size=batch_size, seed=seed, residuals=False)
     dtype = accumulation_dtype(dtype)
@@ -403,3 +404,56 @@ def low_rank(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
     return LowRankFisher(eigenvalues=values, directions=directions, provenance=provenance,
                          method=method, sketch=sketch, power_iterations=power_iterations,
                          residuals=residuals.tolist())
+
+
+def exact_low_rank(model: torch.nn.Module, tokenizer, data: Sequence, rank: int, *,
+                   estimator: Estimator = "true", params: str | Sequence[str] | None = None,
+                   batch_size: int = 16, seed: int = 0, tol: float = 1e-3,
+                   mode: str = "auto", residuals: bool = True):
+    """Top-``rank`` eigenpairs of the exact Fisher by Lanczos on :class:`FisherOperator`.
+
+    No label is drawn, so the result depends on ``seed`` only through Lanczos' start vector,
+    i.e. up to ``tol``.
+
+    Args:
+        model, tokenizer, data, estimator, params, batch_size, mode: as
+            :class:`~forgetkit.fisher.exact.FisherOperator`.
+        rank: k, at most P - 1.
+        seed: of the start vector.
+        tol: relative accuracy of the eigenvalues (:func:`scipy.sparse.linalg.eigsh`; 0 is
+            machine precision).
+        residuals: also compute ``||F u_j - lambda_j u_j||`` (k more products).
+
+    Returns:
+        A :class:`LowRankFisher` with ``method="exact"`` and
+        provenance ``mc_samples=0`` (no label draws); ``residuals`` holds
+        ``||F u_j - lambda_j u_j||``, a bound on each eigenvalue's error (empty unless asked).
+
+    Raises:
+        FisherError: rank outside [1, P - 1], or as :class:`FisherOperator`.
+    """
+    from scipy.sparse.linalg import eigsh
+
+    operator = FisherOperator(model, tokenizer, data, estimator=estimator,
+                              batch_size=batch_size, params=params, mode=mode)
+    size = operator.size
+    if not 1 <= rank < size:
+        raise FisherError(f"rank={rank} must be between 1 and P - 1 = {size - 1}")
+    start = np.random.default_rng(seed).standard_normal(size)
+    linear = operator.as_linear_operator()
+    values, vectors = eigsh(linear, k=rank, which="LA", v0=start, tol=tol)
+    order = np.argsort(values)[::-1]
+    values, vectors = values[order].clip(min=0.0), vectors[:, order]
+    errors = [float(np.linalg.norm(linear.matvec(vectors[:, j]) - values[j] * vectors[:, j]))
+              for j in range(rank)] if residuals else []
+    dtype = next(iter(operator.params.values())).dtype
+    flat = torch.from_numpy(vectors.T.copy()).to(torch.float64)  # (k, P)
+    directions = _to_parameters(lambda a, b: flat[:, a:b], dict(operator.params), rank)
+    directions = {n: u.to(dtype=torch.promote_types(dtype, torch.float32)) for n, u in
+                  directions.items()}
+    provenance = make_provenance(model, operator.encodings, estimator=estimator, mc_samples=0,
+                                 seed=seed, params=params, dtype=torch.float64)
+    logger.info("exact low-rank Fisher: rank %d, %d parameters, %d Fisher-vector products, "
+                "top eigenvalue %.4g", rank, size, operator.products_done, float(values[0]))
+    return LowRankFisher(eigenvalues=torch.from_numpy(values.copy()), directions=directions,
+                         provenance=provenance, method="exact", residuals=errors)

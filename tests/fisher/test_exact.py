@@ -10,7 +10,8 @@ from torch.func import functional_call, jacrev
 
 from forgetkit import fisher
 from forgetkit.fisher.delta import LoraFactor, ParamDelta
-from forgetkit.fisher.exact import FisherOperator, displacement, exact_low_rank
+from forgetkit.fisher.exact import FisherOperator, displacement
+from forgetkit.fisher.low_rank import exact_low_rank
 from forgetkit.models import Encoding, collate
 from tests.fisher.test_diagonal import reference_gradients, tiny_data, tiny_model
 

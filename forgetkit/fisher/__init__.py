@@ -6,12 +6,19 @@ Example:
     >>> L = fisher.low_rank(model, tokenizer, probes, rank=16, params="mlp")  # doctest: +SKIP
     >>> L.save("out/fisher_lr"); fisher.load("out/fisher_lr", model)  # doctest: +SKIP
 
-Both representations share one interface (:class:`FisherMatrix`): ``quad_form``, ``trace``,
-``summary``, ``save`` / ``load``.
+Every representation implements one interface (:class:`FisherMatrix`): ``quad_form``,
+``coordinates``, ``top``, ``project``, ``trace``, ``summary``, ``save`` / ``load``.
 """
 
 from forgetkit.fisher.delta import LoraFactor, ParamDelta, delta
 from forgetkit.fisher.diagonal import DiagonalFisher, diagonal
+from forgetkit.fisher.directions import (
+    AxisDirection,
+    DenseDirection,
+    Direction,
+    Eigenpairs,
+    KroneckerDirection,
+)
 from forgetkit.fisher.io import FisherMatrix, Provenance, load
 from forgetkit.fisher.kl import MeasuredKL, measured_kl
 from forgetkit.fisher.low_rank import LowRankFisher, low_rank
@@ -20,9 +27,14 @@ from forgetkit.fisher.project import Projection, project
 from forgetkit.fisher.risk import forgetting_risk
 
 __all__ = [
+    "AxisDirection",
+    "DenseDirection",
     "DiagonalFisher",
+    "Direction",
+    "Eigenpairs",
     "FisherError",
     "FisherMatrix",
+    "KroneckerDirection",
     "LoraFactor",
     "LowRankFisher",
     "MeasuredKL",

@@ -17,8 +17,8 @@ from forgetkit.models import encode
 from forgetkit.records import Probe, Record
 from forgetkit.toyworld import build_tokenizer
 
-# a layer and its neighbours (norms, an embedding); P near 900, where a dense P x P eigh takes
-# a fraction of a second
+# a layer and its neighbours (norms, an embedding) so that kfac has a diagonal part too; P near
+# 900, where a dense P x P eigh takes a fraction of a second
 SUBSETS = {"llama": ["layers.0.", "embed_tokens"], "gpt2": [r"h\.0\.", "wpe"]}
 
 
@@ -135,15 +135,47 @@ def build(kind, arch, seed=5):
     common = {"estimator": "empirical", "params": SUBSETS[arch], "dtype": torch.float64}
     if kind == "diagonal":
         return model, fisher.diagonal(model, None, data, **common)
-    return model, fisher.low_rank(model, None, data, rank=5, **common)
+    if kind == "low_rank":
+        return model, fisher.low_rank(model, None, data, rank=5, **common)
+    return model, fisher.kfac(model, None, data, **common)
+
+
+def offsets(shapes):
+    out, start = {}, 0
+    for name, shape in shapes.items():
+        out[name] = start
+        start += shape.numel()
+    return out, start
 
 
 def dense_matrix(result) -> torch.Tensor:
     """The P x P matrix a representation stands for, built from its stored tensors."""
+    where, size = offsets(result.shapes)
     if isinstance(result, fisher.DiagonalFisher):
         return torch.diag(torch.cat([v.flatten() for v in result.values.values()]))
-    u = torch.cat([d.flatten(1) for d in result.directions.values()], 1)  # (k, P)
-    return u.T @ torch.diag(result.eigenvalues) @ u
+    if isinstance(result, fisher.LowRankFisher):
+        u = torch.cat([d.flatten(1) for d in result.directions.values()], 1)  # (k, P)
+        return u.T @ torch.diag(result.eigenvalues) @ u
+    matrix = torch.zeros(size, size, dtype=torch.float64)
+    for layer in result.layers.values():
+        out, columns = layer.eigenvalues.shape
+        index = []  # flat parameter index of each entry (o, j) of the (out, in') matrix
+        for o in range(out):
+            for j in range(columns):
+                if j == layer.in_features:
+                    index.append(where[layer.bias] + o)
+                elif layer.transposed:
+                    index.append(where[layer.weight] + j * out + o)
+                else:
+                    index.append(where[layer.weight] + o * layer.in_features + j)
+        basis = torch.kron(layer.gradient_eigenvectors, layer.activation_eigenvectors)
+        block = basis @ torch.diag(layer.eigenvalues.flatten()) @ basis.T
+        index = torch.tensor(index)
+        matrix[index[:, None], index[None, :]] = block
+    for name, values in (result.fallback.values if result.fallback else {}).items():
+        span = torch.arange(where[name], where[name] + values.numel())
+        matrix[span, span] = values.flatten()
+    return matrix
 
 
 def flat(tensors, shapes) -> torch.Tensor:
@@ -152,7 +184,7 @@ def flat(tensors, shapes) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("kind", ["diagonal", "low_rank"])
+@pytest.mark.parametrize("kind", ["diagonal", "low_rank", "kfac"])
 def test_interface_agrees_with_the_dense_matrix(kind, arch):
     _, result = build(kind, arch)
     shapes = result.shapes
@@ -193,7 +225,7 @@ LORA_LAYERS = {"llama": {"model.layers.0.mlp.up_proj.weight": False,
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("kind", ["diagonal", "low_rank"])
+@pytest.mark.parametrize("kind", ["diagonal", "low_rank", "kfac"])
 def test_lora_update_through_its_factors_equals_the_merged_update(kind, arch):
     _, result = build(kind, arch)
     shapes = result.shapes
@@ -220,7 +252,7 @@ def test_lora_update_through_its_factors_equals_the_merged_update(kind, arch):
         torch.testing.assert_close(projected[name], expected[name], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["diagonal", "low_rank"])
+@pytest.mark.parametrize("kind", ["diagonal", "low_rank", "kfac"])
 def test_interface_rejects_bad_k_and_incomplete_updates(kind):
     _, result = build(kind, "llama")
     for k in (0, result.rank + 1, 2.0):

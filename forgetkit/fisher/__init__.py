@@ -1,9 +1,11 @@
-"""Fisher information of a causal LM on probes or records: diagonal and low-rank.
+"""Fisher information of a causal LM on probes or records: diagonal, low-rank and
+Kronecker-factored (EK-FAC).
 
 Example:
     >>> from forgetkit import fisher
     >>> F = fisher.diagonal(model, tokenizer, probes, estimator="true")  # doctest: +SKIP
     >>> L = fisher.low_rank(model, tokenizer, probes, rank=16, params="mlp")  # doctest: +SKIP
+    >>> K = fisher.kfac(model, tokenizer, probes)  # doctest: +SKIP
     >>> L.save("out/fisher_lr"); fisher.load("out/fisher_lr", model)  # doctest: +SKIP
 
 Every representation implements one interface (:class:`FisherMatrix`): ``quad_form``,
@@ -20,7 +22,9 @@ from forgetkit.fisher.directions import (
     KroneckerDirection,
 )
 from forgetkit.fisher.io import FisherMatrix, Provenance, load
+from forgetkit.fisher.kfac import kfac
 from forgetkit.fisher.kl import MeasuredKL, measured_kl
+from forgetkit.fisher.kronecker import KroneckerFactors, KroneckerFisher
 from forgetkit.fisher.low_rank import LowRankFisher, low_rank
 from forgetkit.fisher.pergrad import FisherError, select_parameters
 from forgetkit.fisher.project import Projection, project
@@ -35,6 +39,8 @@ __all__ = [
     "FisherError",
     "FisherMatrix",
     "KroneckerDirection",
+    "KroneckerFactors",
+    "KroneckerFisher",
     "LoraFactor",
     "LowRankFisher",
     "MeasuredKL",
@@ -44,6 +50,7 @@ __all__ = [
     "delta",
     "diagonal",
     "forgetting_risk",
+    "kfac",
     "load",
     "low_rank",
     "measured_kl",

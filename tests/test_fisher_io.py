@@ -255,9 +255,10 @@ def test_lora_update_through_its_factors_equals_the_merged_update(kind, arch):
 @pytest.mark.parametrize("kind", ["diagonal", "low_rank", "kfac"])
 def test_interface_rejects_bad_k_and_incomplete_updates(kind):
     _, result = build(kind, "llama")
-    for k in (0, result.rank + 1, 2.0):
+    for k in (0, result.rank + 1, 2.0, True):
         with pytest.raises(fisher.FisherError, match="must be an integer between 1 and"):
             result.top(k)
+    assert len(result.top(torch.tensor(2).numpy()[()])) == 2  # a numpy integer is an integer
     delta = {n: torch.zeros(s) for n, s in result.shapes.items()}
     name = "model.layers.0.mlp.up_proj.weight"
     with pytest.raises(fisher.FisherError, match=f"no entry for parameter '{name}'"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -194,10 +195,14 @@ class FisherMatrix(ABC):
         """``k`` checked against :attr:`rank` (``None`` -> :attr:`rank`)."""
         if k is None:
             return self.rank
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.rank:
+        try:
+            count = None if isinstance(k, bool) else operator.index(k)
+        except TypeError:
+            count = None
+        if count is None or not 1 <= count <= self.rank:
             raise FisherError(f"k={k!r} must be an integer between 1 and {self.rank}, the "
                               f"number of eigendirections this {self.kind} Fisher holds")
-        return k
+        return count
 
     def summary(self) -> list[dict[str, Any]]:
         """Per-module rows (tidy data), in parameter order.

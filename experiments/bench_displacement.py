@@ -32,10 +32,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from forgetkit.io import atomic_write_json
-from forgetkit.records import load_probes
 
 from forgetkit import fisher
+from forgetkit.data.records import load_probes
+from forgetkit.files import atomic_write_json
 from forgetkit.fisher.report import spread_sample
 from forgetkit.models import collate, encode, load_model
 

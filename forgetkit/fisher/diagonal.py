@@ -30,7 +30,8 @@ from torch import Tensor
 
 from forgetkit.data.records import Probe, Record
 from forgetkit.fisher.delta import ParamDelta
-from forgetkit.fisher.io import FisherMatrix, Provenance, make_provenance
+from forgetkit.fisher.directions import AxisDirection, Eigenpairs, top_entries
+from forgetkit.fisher.io import Delta, FisherMatrix, Provenance, make_provenance
 from forgetkit.fisher.pergrad import (
     Estimator,
     FisherError,
@@ -121,16 +122,46 @@ class DiagonalFisher(FisherMatrix):
     def shapes(self) -> dict[str, torch.Size]:
         return {name: v.shape for name, v in self.values.items()}
 
-    def quad_form(self, delta: dict[str, Tensor]) -> float:
+    @property
+    def rank(self) -> int:
+        return self.size
+
+    def quad_form(self, delta: Delta) -> float:
         """``sum_j F_jj d_j^2`` over the covered parameters (float64)."""
         return float(sum((v.double() * self._delta(delta, name, v.device).square()).sum()
                          for name, v in self.values.items()))
+
+    def top(self, k: int) -> Eigenpairs:
+        """The k largest diagonal entries; their eigenvectors are coordinate axes."""
+        top = top_entries(self.values, self._rank_k(k))
+        axes = tuple(AxisDirection.at(name, index, self.shapes[name])
+                     for name, index in top)
+        return Eigenpairs(top.values, axes)
+
+    def coordinates(self, delta: Delta, k: int | None = None) -> Tensor:
+        """(k,) float64: the entries of ``d`` at the k largest diagonal entries."""
+        top = top_entries(self.values, self._rank_k(k))
+        out = torch.zeros(top.values.shape, dtype=torch.float64)
+        for name, v in self.values.items():
+            positions, index = top.select(name)
+            out[positions] = self._delta(delta, name, v.device).flatten()[index.to(v.device)].cpu()
+        return out
+
+    def project(self, delta: Delta, k: int | None = None) -> dict[str, Tensor]:
+        """``d`` with every entry outside the k largest diagonal entries set to zero."""
+        top = top_entries(self.values, self._rank_k(k))
+        out = {}
+        for name, v in self.values.items():
+            keep = torch.zeros(v.numel(), dtype=torch.float64, device=v.device)
+            keep[top.select(name)[1].to(v.device)] = 1.0
+            out[name] = self._delta(delta, name, v.device) * keep.view(v.shape)
+        return out
 
     def trace(self) -> float:
         return float(sum(v.double().sum() for v in self.values.values()))
 
     def _parameter_stats(self) -> dict[str, tuple[float, float]]:
-        top = max(self.values, key=lambda name: float(self.values[name].max()))
+        (top, _), = top_entries(self.values, 1)
         return {name: (float(v.double().sum()), float(name == top))
                 for name, v in self.values.items()}
 

@@ -1,10 +1,17 @@
-"""What both Fisher representations share: provenance, the common interface, and the on-disk
+"""What every Fisher representation shares: provenance, the common interface, and the on-disk
 format (safetensors for the tensors + a JSON sidecar for everything else).
 
 A Fisher saved to ``out/fisher`` is two files: ``out/fisher.safetensors`` and
 ``out/fisher.json``. The sidecar records the representation (``kind``), the covered parameters
-and their shapes, and :class:`Provenance`. :func:`load` reads either representation and checks
-it against the model it will be used with.
+and their shapes, and :class:`Provenance`. :func:`load` reads any representation and checks
+it against the model it will be used with; it reads tensors and JSON only, never code.
+
+An update ``delta`` given to the interface is a :class:`~forgetkit.fisher.delta.ParamDelta`
+(entries it lacks are no update) or a dict name -> tensor, which must hold every parameter the
+Fisher covers (pass zeros to exclude one), so a misspelt name is an error rather than a zero.
+Dense entries have the parameter's shape; a :class:`~forgetkit.fisher.delta.LoraFactor` is the
+update ``scale * B @ A`` of the layer's (out, in) matrix, as PEFT defines it, so for a weight
+stored (in, out) (GPT-2's ``Conv1D``) it is the transpose of the parameter's update.
 """
 
 from __future__ import annotations
@@ -12,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,15 +34,18 @@ from torch import Tensor
 
 import forgetkit
 from forgetkit.files import atomic_write_bytes, atomic_write_json
+from forgetkit.fisher.delta import LoraFactor, ParamDelta
+from forgetkit.fisher.directions import Eigenpairs
 from forgetkit.fisher.pergrad import FisherError, distributed_shard
 from forgetkit.models import Encoding
 from forgetkit.seeding import stable_hash
 
-__all__ = ["FisherMatrix", "Provenance", "fisher_paths", "load", "make_provenance"]
+__all__ = ["Delta", "FisherMatrix", "Provenance", "fisher_paths", "load", "make_provenance"]
 
 logger = logging.getLogger(__name__)
 FORMAT = "forgetkit.fisher"
 FORMAT_VERSION = 1
+Delta = Mapping[str, Tensor] | ParamDelta
 
 
 @dataclass(frozen=True)
@@ -102,9 +113,11 @@ def fisher_paths(path: str | os.PathLike) -> tuple[Path, Path]:
 
 
 class FisherMatrix(ABC):
-    """The interface of both representations: callers never branch on the type.
+    """The interface of every representation: callers never branch on the type.
 
-    A Fisher covers the parameters in :attr:`shapes` and is zero outside them.
+    A Fisher covers the parameters in :attr:`shapes` and is zero outside them. Its eigenpairs are
+    ordered by descending eigenvalue; ``top(k)``, ``coordinates(delta, k)`` and
+    ``project(delta, k)`` all refer to the same k leading directions.
     """
 
     kind: ClassVar[str]
@@ -121,16 +134,44 @@ class FisherMatrix(ABC):
         """Parameter name -> shape, for every parameter the Fisher covers."""
 
     @property
+    def size(self) -> int:
+        """P, the number of parameter entries covered."""
+        return sum(shape.numel() for shape in self.shapes.values())
+
+    @property
+    @abstractmethod
+    def rank(self) -> int:
+        """Eigendirections the representation holds: k for the low-rank Fisher, P for the
+        diagonal and Kronecker-factored ones (some of whose eigenvalues may be zero)."""
+
+    @property
     def n(self) -> int:
         """Number of examples averaged."""
         return self.provenance.n
 
     @abstractmethod
-    def quad_form(self, delta: dict[str, Tensor]) -> float:
-        """``d' F d`` for an update ``d`` (name -> tensor of the parameter's shape), float64.
+    def quad_form(self, delta: Delta) -> float:
+        """``d' F d`` for an update ``d`` (see the module docstring), float64.
 
         Entries of ``delta`` for parameters outside the Fisher are ignored.
         """
+
+    @abstractmethod
+    def top(self, k: int) -> Eigenpairs:
+        """The ``k`` largest eigenvalues and their unit eigenvectors (1 <= k <= :attr:`rank`)."""
+
+    @abstractmethod
+    def coordinates(self, delta: Delta, k: int | None = None) -> Tensor:
+        """(k,) float64: ``u_j . d`` for the directions ``u_j`` of ``top(k)``, in their order.
+
+        ``k=None``: every direction held (:attr:`rank`).
+        """
+
+    @abstractmethod
+    def project(self, delta: Delta, k: int | None = None) -> dict[str, Tensor]:
+        """The component of ``d`` in the span of the directions of ``top(k)``,
+        ``sum_j (u_j . d) u_j``: name -> float64 tensor of the parameter's shape, for every
+        covered parameter. ``k=None``: every direction held (:attr:`rank`)."""
 
     @abstractmethod
     def trace(self) -> float:
@@ -150,6 +191,19 @@ class FisherMatrix(ABC):
     @abstractmethod
     def _from_saved(cls, tensors: dict[str, Tensor], shapes: dict[str, torch.Size],
                     provenance: Provenance, extra: dict[str, Any]) -> FisherMatrix: ...
+
+    def _rank_k(self, k: int | None) -> int:
+        """``k`` checked against :attr:`rank` (``None`` -> :attr:`rank`)."""
+        if k is None:
+            return self.rank
+        try:
+            count = None if isinstance(k, bool) else operator.index(k)
+        except TypeError:
+            count = None
+        if count is None or not 1 <= count <= self.rank:
+            raise FisherError(f"k={k!r} must be an integer between 1 and {self.rank}, the "
+                              f"number of eigendirections this {self.kind} Fisher holds")
+        return count
 
     def summary(self) -> list[dict[str, Any]]:
         """Per-module rows (tidy data), in parameter order.
@@ -173,15 +227,42 @@ class FisherMatrix(ABC):
             row["trace_share"] = row["trace"] / total if total > 0 else 0.0
         return list(rows.values())
 
-    def _delta(self, delta: dict[str, Tensor], name: str, device: torch.device) -> Tensor:
-        """``delta[name]`` as float64 on ``device``, checked against the parameter's shape."""
-        if name not in delta:
+    def _entry(self, delta: Delta, name: str) -> Tensor | LoraFactor | None:
+        """``delta``'s update of parameter ``name``, shape-checked; ``None`` when a ParamDelta
+        has no entry for it (no update).
+
+        Raises:
+            FisherError: a dict without the parameter, or an entry of another shape.
+        """
+        expected = tuple(self.shapes[name])
+        if isinstance(delta, ParamDelta):
+            if name not in delta.entries:
+                return None
+            value = delta.entries[name]
+        elif name in delta:
+            value = delta[name]
+        else:
             raise FisherError(f"delta has no entry for parameter {name!r}, which the Fisher "
                               "covers (pass zeros to exclude it)")
-        value = delta[name]
-        if tuple(value.shape) != tuple(self.shapes[name]):
+        if isinstance(value, LoraFactor):
+            if tuple(value.shape) not in (expected, expected[::-1]):
+                raise FisherError(f"delta[{name!r}] is a LoRA update of shape "
+                                  f"{tuple(value.shape)}, the parameter has {expected}")
+        elif tuple(value.shape) != expected:
             raise FisherError(f"delta[{name!r}] has shape {tuple(value.shape)}, the parameter "
-                              f"has {tuple(self.shapes[name])}")
+                              f"has {expected}")
+        return value
+
+    def _delta(self, delta: Delta, name: str, device: torch.device) -> Tensor:
+        """``delta[name]`` as a dense float64 tensor of the parameter's shape on ``device``
+        (zeros for no update; a LoRA update merged, transposed for an (in, out) weight)."""
+        value = self._entry(delta, name)
+        if value is None:
+            return torch.zeros(self.shapes[name], dtype=torch.float64, device=device)
+        if isinstance(value, LoraFactor):
+            merged = LoraFactor(value.B.to(device, torch.float64),
+                                value.A.to(device, torch.float64), value.scale).dense()
+            return merged if merged.shape == self.shapes[name] else merged.T
         return value.detach().to(device=device, dtype=torch.float64)
 
     def save(self, path: str | os.PathLike) -> Path:

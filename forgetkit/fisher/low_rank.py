@@ -33,9 +33,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from forgetkit.data.records import Probe, Record
+from forgetkit.fisher.delta import LoraFactor
 from forgetkit.fisher.diagonal import accumulation_dtype
+from forgetkit.fisher.directions import DenseDirection, Eigenpairs
 from forgetkit.fisher.exact import FisherOperator
-from forgetkit.fisher.io import FisherMatrix, Provenance, make_provenance
+from forgetkit.fisher.io import Delta, FisherMatrix, Provenance, make_provenance
 from forgetkit.fisher.pergrad import (
     Estimator,
     FisherError,
@@ -284,15 +286,43 @@ class LowRankFisher(FisherMatrix):
     def rank(self) -> int:
         return int(self.eigenvalues.shape[0])
 
-    def coordinates(self, delta: dict[str, Tensor]) -> Tensor:
-        """(k,) float64: ``u_j . d`` for each direction."""
-        return sum(u.flatten(1).double() @ self._delta(delta, name, u.device).flatten()
-                   for name, u in self.directions.items())
+    def coordinates(self, delta: Delta, k: int | None = None) -> Tensor:
+        """(k,) float64: ``u_j . d`` for the first k directions (a LoRA update is never merged:
+        ``u . (s B A) = s tr(B' u A')``)."""
+        k = self._rank_k(k)
+        total = torch.zeros(k, dtype=torch.float64)
+        for name, u in self.directions.items():
+            value = self._entry(delta, name)
+            if value is None:
+                continue
+            u = u[:k].double()
+            if isinstance(value, LoraFactor):
+                factor = LoraFactor(value.B.to(u.device, torch.float64),
+                                    value.A.to(u.device, torch.float64), value.scale)
+                oriented = u if factor.shape == u.shape[1:] else u.transpose(-2, -1)
+                total += factor.dot(oriented).cpu()
+            else:
+                total += (u.flatten(1) @ self._delta(delta, name, u.device).flatten()).cpu()
+        return total
 
-    def quad_form(self, delta: dict[str, Tensor]) -> float:
+    def quad_form(self, delta: Delta) -> float:
         """``sum_j λ_j (u_j . d)^2`` (float64)."""
         coordinates = self.coordinates(delta)
-        return float((self.eigenvalues.to(coordinates.device) * coordinates.square()).sum())
+        return float((self.eigenvalues.cpu() * coordinates.square()).sum())
+
+    def top(self, k: int) -> Eigenpairs:
+        """The first k eigenpairs (views of :attr:`directions`)."""
+        k = self._rank_k(k)
+        return Eigenpairs(self.eigenvalues[:k].double().cpu(), tuple(
+            DenseDirection({name: u[j] for name, u in self.directions.items()})
+            for j in range(k)))
+
+    def project(self, delta: Delta, k: int | None = None) -> dict[str, Tensor]:
+        """``sum_j (u_j . d) u_j`` over the first k directions."""
+        coordinates = self.coordinates(delta, k)
+        return {name: torch.tensordot(coordinates.to(u.device), u[: coordinates.numel()].double(),
+                                      dims=1)
+                for name, u in self.directions.items()}
 
     def trace(self) -> float:
         return float(self.eigenvalues.sum())

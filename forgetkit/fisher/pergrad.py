@@ -2,7 +2,7 @@
 
 For example ``i`` with completion labels ``y`` (``-100`` on prompt and padding, see
 :func:`forgetkit.models.encode`), the gradient is ``g_i = d/dθ sum_t log p(y_t | prompt, y_<t)``
-(:func:`forgetkit.loglik.sequence_loglik`), taken w.r.t. a chosen subset of parameters.
+(:func:`forgetkit.diagnostics.loglik.sequence_loglik`), taken w.r.t. a chosen subset of parameters.
 
 * ``estimator="empirical"``: ``y`` are the data labels.
 * ``estimator="true"``: one teacher-forced forward pass on the data gives the model's
@@ -54,6 +54,7 @@ __all__ = [
     "loop_gradients",
     "sample_labels",
     "select_parameters",
+    "true_fisher_generators",
     "vmap_gradients",
 ]
 
@@ -73,6 +74,17 @@ class FisherError(ValueError):
 def derived_seed(seed: int, *keys: object) -> int:
     """A 63-bit seed for ``torch.Generator.manual_seed`` derived from ``seed`` and ``keys``."""
     return int(stable_hash(int(seed), *keys), 16) % (2**63)
+
+
+def true_fisher_generators(seed: int, examples: Sequence[int], device: torch.device
+                           ) -> list[torch.Generator]:
+    """One generator per example for its true-Fisher label draws, seeded by ``(seed, index)``.
+
+    Every estimator (diagonal, low-rank, Kronecker-factored) draws its labels with these and
+    :func:`sample_labels`, so all of them see the same labels whatever their batching.
+    """
+    return [torch.Generator(device=device).manual_seed(derived_seed(seed, "true-fisher-labels", i))
+            for i in examples]
 
 
 def encode_data(tokenizer, data: Sequence[Record | Probe | Encoding]) -> list[Encoding]:
@@ -341,8 +353,7 @@ class GradientStream:
     def _labels(self, batch: dict[str, Tensor], examples: list[int]) -> Tensor:
         if self.estimator == "empirical":
             return batch["labels"]
-        generators = [torch.Generator(device=self.device).manual_seed(
-            derived_seed(self.seed, "true-fisher-labels", i)) for i in examples]
+        generators = true_fisher_generators(self.seed, examples, self.device)
         with torch.no_grad():
             logits = self.model(input_ids=batch["input_ids"],
                                 attention_mask=batch["attention_mask"],

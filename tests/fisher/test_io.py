@@ -1,4 +1,5 @@
-"""The shared Fisher interface: save/load, provenance, quad_form, summaries, data encoding."""
+"""The shared Fisher interface: save/load, provenance, quad_form, summaries, data encoding; and
+every representation's quad_form, top, coordinates and project against its dense matrix."""
 
 from __future__ import annotations
 
@@ -15,6 +16,17 @@ from forgetkit.data.records import Probe, Record
 from forgetkit.models import encode
 from forgetkit.models.toyworld import build_tokenizer
 from tests.fisher.test_diagonal import tiny_data, tiny_model
+
+# a layer and its neighbours (norms, an embedding) so that kfac has a diagonal part too; P near
+# 900, where a dense P x P eigh takes a fraction of a second
+SUBSETS = {"llama": ["layers.0.", "embed_tokens"], "gpt2": [r"h\.0\.", "wpe"]}
+
+
+def assert_relative(actual, expected, tolerance):
+    scale = float(expected.abs().max())
+    assert scale > 0
+    error = float((actual - expected).abs().max()) / scale
+    assert error < tolerance, f"relative error {error:.2e} >= {tolerance:.0e}"
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +126,145 @@ def test_records_and_probes_are_encoded_with_their_completion(tmp_path):
                                                             "Paris")], estimator="empirical")
     assert from_probes.provenance.data_hash == answer_only.provenance.data_hash
     assert from_probes.provenance.data_hash != from_records.provenance.data_hash
+
+
+# ---- the interface, for every representation, against its dense matrix --------------------
+
+def build(kind, arch, seed=5):
+    model, data = tiny_model(arch, seed=seed), tiny_data(6, seed=seed)
+    common = {"estimator": "empirical", "params": SUBSETS[arch], "dtype": torch.float64}
+    if kind == "diagonal":
+        return model, fisher.diagonal(model, None, data, **common)
+    if kind == "low_rank":
+        return model, fisher.low_rank(model, None, data, rank=5, **common)
+    return model, fisher.kfac(model, None, data, **common)
+
+
+def offsets(shapes):
+    out, start = {}, 0
+    for name, shape in shapes.items():
+        out[name] = start
+        start += shape.numel()
+    return out, start
+
+
+def dense_matrix(result) -> torch.Tensor:
+    """The P x P matrix a representation stands for, built from its stored tensors."""
+    where, size = offsets(result.shapes)
+    if isinstance(result, fisher.DiagonalFisher):
+        return torch.diag(torch.cat([v.flatten() for v in result.values.values()]))
+    if isinstance(result, fisher.LowRankFisher):
+        u = torch.cat([d.flatten(1) for d in result.directions.values()], 1)  # (k, P)
+        return u.T @ torch.diag(result.eigenvalues) @ u
+    matrix = torch.zeros(size, size, dtype=torch.float64)
+    for layer in result.layers.values():
+        out, columns = layer.eigenvalues.shape
+        index = []  # flat parameter index of each entry (o, j) of the (out, in') matrix
+        for o in range(out):
+            for j in range(columns):
+                if j == layer.in_features:
+                    index.append(where[layer.bias] + o)
+                elif layer.transposed:
+                    index.append(where[layer.weight] + j * out + o)
+                else:
+                    index.append(where[layer.weight] + o * layer.in_features + j)
+        basis = torch.kron(layer.gradient_eigenvectors, layer.activation_eigenvectors)
+        block = basis @ torch.diag(layer.eigenvalues.flatten()) @ basis.T
+        index = torch.tensor(index)
+        matrix[index[:, None], index[None, :]] = block
+    for name, values in (result.fallback.values if result.fallback else {}).items():
+        span = torch.arange(where[name], where[name] + values.numel())
+        matrix[span, span] = values.flatten()
+    return matrix
+
+
+def flat(tensors, shapes) -> torch.Tensor:
+    return torch.cat([tensors[n].flatten() if n in tensors else torch.zeros(s.numel(),
+                      dtype=torch.float64) for n, s in shapes.items()])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["diagonal", "low_rank", "kfac"])
+def test_interface_agrees_with_the_dense_matrix(kind, arch):
+    _, result = build(kind, arch)
+    shapes = result.shapes
+    matrix = dense_matrix(result)
+    values, vectors = torch.linalg.eigh(matrix)
+    values, vectors = values.flip(0), vectors.flip(1)
+    generator = torch.Generator().manual_seed(0)
+    delta = {n: torch.randn(s, generator=generator, dtype=torch.float64)
+             for n, s in shapes.items()}
+    d = flat(delta, shapes)
+    assert result.quad_form(delta) == pytest.approx(float(d @ matrix @ d), rel=1e-10)
+    assert result.trace() == pytest.approx(float(matrix.trace()), rel=1e-10)
+    assert result.rank == (5 if kind == "low_rank" else matrix.shape[0]) == result._rank_k(None)
+    k = 4
+    assert values[k - 1] > 1.01 * values[k]  # a gap: the top-k subspace is defined
+    top = result.top(k)
+    assert len(top) == k and bool((top.eigenvalues[:-1] >= top.eigenvalues[1:]).all())
+    assert_relative(top.eigenvalues, values[:k], 1e-8)
+    u = torch.stack([flat(direction.dense(), shapes) for direction in top.directions])  # (k, P)
+    assert_relative(u @ u.T, torch.eye(k, dtype=torch.float64), 1e-10)
+    assert_relative(matrix @ u.T, u.T * top.eigenvalues, 1e-8)  # eigenvectors
+    coordinates = result.coordinates(delta, k)
+    assert_relative(coordinates, u @ d, 1e-10)
+    projector = vectors[:, :k] @ vectors[:, :k].T  # invariant to the choice of eigenvectors
+    assert_relative(flat(result.project(delta, k), shapes), projector @ d, 1e-8)
+    assert float(coordinates.square().sum()) == pytest.approx(float(d @ projector @ d), rel=1e-8)
+    assert list(result.project(delta, k)) == list(shapes)
+    if kind == "low_rank":  # k=None: every direction held
+        assert_relative(result.coordinates(delta), u.new_tensor(
+            [float(flat(dn.dense(), shapes) @ d) for dn in result.top(5).directions]), 1e-10)
+
+
+LORA_LAYERS = {"llama": {"model.layers.0.mlp.up_proj.weight": False,
+                         "model.layers.0.self_attn.q_proj.weight": False},
+               # Conv1D weights are (in, out); PEFT's factors are (out, in)
+               "gpt2": {"transformer.h.0.mlp.c_fc.weight": True,
+                        "transformer.h.0.attn.c_attn.weight": True}}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["diagonal", "low_rank", "kfac"])
+def test_lora_update_through_its_factors_equals_the_merged_update(kind, arch):
+    _, result = build(kind, arch)
+    shapes = result.shapes
+    generator = torch.Generator().manual_seed(2)
+    entries, merged = {}, {n: torch.zeros(s, dtype=torch.float64) for n, s in shapes.items()}
+    for name, transposed in LORA_LAYERS[arch].items():
+        out, inputs = shapes[name][::-1] if transposed else shapes[name]
+        factor = fisher.LoraFactor(torch.randn(out, 2, generator=generator, dtype=torch.float64),
+                                   torch.randn(2, inputs, generator=generator,
+                                               dtype=torch.float64), scale=0.5)
+        entries[name] = factor
+        merged[name] = factor.dense().T if transposed else factor.dense()
+    bias = next(n for n in shapes if n.endswith("bias") or "norm" in n or "ln_" in n)
+    entries[bias] = merged[bias] = torch.randn(shapes[bias], generator=generator,
+                                               dtype=torch.float64)
+    lora = fisher.ParamDelta(entries)  # entries it lacks are no update
+    assert result.quad_form(lora) == pytest.approx(result.quad_form(merged), rel=1e-10)
+    k = result.rank // 2 if kind != "low_rank" else 4  # half the coordinates of a full-rank one
+    assert_relative(result.coordinates(lora), result.coordinates(merged), 1e-10)
+    assert_relative(result.coordinates(lora, k), result.coordinates(merged, k), 1e-10)
+    projected, expected = result.project(lora, k), result.project(merged, k)
+    assert any(bool(projected[name].any()) for name in LORA_LAYERS[arch])
+    for name in shapes:
+        torch.testing.assert_close(projected[name], expected[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "low_rank", "kfac"])
+def test_interface_rejects_bad_k_and_incomplete_updates(kind):
+    _, result = build(kind, "llama")
+    for k in (0, result.rank + 1, 2.0, True):
+        with pytest.raises(fisher.FisherError, match="must be an integer between 1 and"):
+            result.top(k)
+    assert len(result.top(torch.tensor(2).numpy()[()])) == 2  # a numpy integer is an integer
+    delta = {n: torch.zeros(s) for n, s in result.shapes.items()}
+    name = "model.layers.0.mlp.up_proj.weight"
+    with pytest.raises(fisher.FisherError, match=f"no entry for parameter '{name}'"):
+        result.quad_form({n: v for n, v in delta.items() if n != name})
+    with pytest.raises(fisher.FisherError, match="has shape"):
+        result.coordinates({**delta, name: delta[name].T}, 3)
+    with pytest.raises(fisher.FisherError, match="LoRA update of shape"):
+        result.quad_form(fisher.ParamDelta({name: fisher.LoraFactor(
+            torch.zeros(8, 1), torch.zeros(1, 8), 1.0)}))

@@ -8,7 +8,7 @@ For a model and N probes it times, in one process and side by side:
   forward-mode product per batch);
 
 and prints the ratio (goal: at most 4 forward passes). Peak memory is measured in a fresh
-subprocess per part (``ru_maxrss``), above the process's footprint with the model loaded:
+subprocess per part (peak RSS, ``VmHWM``, reset after loading), above the process's footprint with the model loaded:
 goal at most 2x that of the forward pass. Times are the best of ``--repeats`` runs.
 
 Usage:
@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -77,12 +76,23 @@ def best_time(fn, repeats: int) -> float:
     return best
 
 
+def _status(field: str) -> int:
+    """A ``/proc/self/status`` memory field in bytes (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def worker(kind: str, model_name: str, n: int, batch_size: int, dtype: str) -> dict:
-    """Peak RSS of one part in this fresh process, above the loaded model's footprint."""
+    """Peak RSS of one part in this fresh process, above the loaded model's footprint: the
+    peak (VmHWM) is reset after loading (``clear_refs`` 5), so loading's own peak is not
+    counted."""
     model, tokenizer, probes, update = _setup(model_name, n, dtype)
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    Path("/proc/self/clear_refs").write_text("5")
+    loaded = _status("VmRSS")
     _part(kind, model, tokenizer, probes, update, batch_size)()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status("VmHWM")
     return {"kind": kind, "loaded_bytes": loaded, "peak_bytes": peak,
             "extra_bytes": peak - loaded}
 

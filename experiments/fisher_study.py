@@ -335,17 +335,32 @@ def write_figures(out: Path, table: pd.DataFrame, correlations: pd.DataFrame,
     for ax in axes[len(DIAGNOSTICS):]:
         ax.set_visible(False)
     write_figure(out / "diagnostics_vs_retention_loss.png", fig, dpi=140)
+    names = {"exact": "exact", "diag": "diagonal proxy", "lowrank": "top-k lower bound"}
+
+    def bounds(name: str, scale: float) -> dict[str, Any]:
+        """The exact form's 95% interval over probes; the proxies carry none (NaN)."""
+        if name != "exact":
+            return {"low": float("nan"), "high": float("nan")}
+        return {"low": table["displacement_exact_low"] * scale,
+                "high": table["displacement_exact_high"] * scale}
+
     kl = pd.concat([
-        table.assign(representation=name, predicted_kl=table[f"predicted_kl_{name}"])
-        for name in ("diag", "lowrank")])[["label", "representation", "predicted_kl",
-                                            "measured_kl"]].rename(columns={"label": "finetune"})
+        table.assign(representation=names[name], predicted_kl=table[f"predicted_kl_{name}"],
+                     **{f"predicted_{k}": v for k, v in bounds(name, 0.5).items()},
+                     measured_low=table["measured_kl_low"],
+                     measured_high=table["measured_kl_high"])
+        for name in names])[["label", "representation", "predicted_kl", "predicted_low",
+                             "predicted_high", "measured_kl", "measured_low",
+                             "measured_high"]].rename(columns={"label": "finetune"})
     figures = {
         "predicted_vs_measured_kl.png": (fisher_plots.predicted_vs_measured_kl, kl),
         "captured_energy.png": (fisher_plots.captured_energy, energy),
         "displacement.png": (fisher_plots.displacement_bars, pd.concat([
-            table.assign(representation=name, fisher_displacement=table[f"displacement_{name}"])
-            for name in ("diag", "lowrank")])[["label", "representation", "fisher_displacement"]]
-            .rename(columns={"label": "finetune"})),
+            table.assign(representation=names[name],
+                         fisher_displacement=table[f"displacement_{name}"],
+                         **bounds(name, 1.0))
+            for name in names])[["label", "representation", "fisher_displacement", "low",
+                                 "high"]].rename(columns={"label": "finetune"})),
     }
     wide = len(table) > 10  # room for the labels and legend entries of many fine-tunes
     for name, (plot, frame) in figures.items():

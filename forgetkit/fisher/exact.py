@@ -29,6 +29,7 @@ Lanczos (:func:`scipy.sparse.linalg.eigsh`), so its directions carry no label no
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ __all__ = [
     "ProductMode",
     "displacement",
     "logit_products",
+    "scored_positions",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,16 +79,39 @@ def _differentiable_attention() -> Iterator[None]:
         yield
 
 
-class _Logits:
-    """``params -> logits`` (B, T, V) of ``model`` on one collated batch."""
+def scored_positions(labels: Tensor) -> Tensor:
+    """(B, T) bool: the positions whose logits predict a scored token (label at ``t + 1`` not
+    ``-100``)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
 
-    def __init__(self, model: torch.nn.Module, batch: dict[str, Tensor]):
-        self.model = model
+
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes transformers' ``logits_to_keep`` (then the output
+    layer runs on the kept positions only)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class _Logits:
+    """``params -> logits`` (n, V) of ``model`` at the ``keep`` positions of one collated batch,
+    row-major (batch row, then position). With ``logits_to_keep`` the output layer (for a 49k
+    vocabulary the largest activation) runs on those positions only."""
+
+    def __init__(self, model: torch.nn.Module, batch: dict[str, Tensor], keep: Tensor):
+        self.model, self.keep = model, keep
         self.kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                        "position_ids": batch["position_ids"], "use_cache": False}
+        self.sliced = _keeps_logits(model)
+        if self.sliced:
+            self.kwargs["logits_to_keep"] = keep
 
     def __call__(self, params: dict[str, Tensor]) -> Tensor:
-        return functional_call(self.model, params, args=(), kwargs=self.kwargs).logits
+        logits = functional_call(self.model, params, args=(), kwargs=self.kwargs).logits
+        return logits if self.sliced else logits[self.keep]
 
 
 def _jvp_double_backward(function: _Logits, params: dict[str, Tensor],
@@ -113,8 +138,10 @@ class _Products:
         self.model, self.mode = model, None if mode == "auto" else mode
 
     def __call__(self, batch: dict[str, Tensor], params: dict[str, Tensor],
-                 tangents: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        function = _Logits(self.model, batch)
+                 tangents: dict[str, Tensor], keep: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor]:
+        keep = scored_positions(batch["labels"]) if keep is None else keep
+        function = _Logits(self.model, batch, keep)
         if self.mode != "double_backward":
             try:
                 with torch.no_grad(), _differentiable_attention():
@@ -134,30 +161,31 @@ class _Products:
 
 
 def logit_products(model: torch.nn.Module, batch: dict[str, Tensor],
-                   tangents: Mapping[str, Tensor], mode: ProductMode = "auto"
-                   ) -> tuple[Tensor, Tensor]:
-    """``(logits, J t)``, both (B, T, V): the model's logits on ``batch`` and their
+                   tangents: Mapping[str, Tensor], mode: ProductMode = "auto",
+                   keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(logits, J t)``, both (n, V): the model's logits at the ``keep`` positions of ``batch``
+    ((B, T) bool, row-major; default the scored positions, :func:`scored_positions`) and their
     directional derivative along ``tangents`` (name -> tensor of the parameter's shape; the
     other parameters are held fixed)."""
     named = dict(model.named_parameters())
     params = {n: named[n].detach() for n in tangents}
-    return _Products(model, mode)(batch, params, dict(tangents))
+    return _Products(model, mode)(batch, params, dict(tangents), keep)
 
 
 def _scored(logits: Tensor, tangent: Tensor, labels: Tensor
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Scored positions only, in float64: ``(z, u, rows, y)`` with ``z``, ``u`` (n, V), the
-    batch row of each position (n,) and its label (n,)."""
-    mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
-    rows = mask.nonzero()[:, 0]
-    z = logits[:, :-1][mask].double()
-    u = tangent[:, :-1][mask].double()
-    return z, u, rows, labels[:, 1:][mask]
+    """The scored positions' ``(z, u, rows, y)`` in float64: logits and ``u = J d`` (n, V) as
+    :func:`logit_products` gives them, the batch row of each position (n,) and its label
+    (n,)."""
+    keep = scored_positions(labels)
+    rows = keep.nonzero()[:, 0]
+    return logits.double(), tangent.double(), rows, labels[:, 1:][keep[:, :-1]]
 
 
 def _per_example_form(logits: Tensor, tangent: Tensor, labels: Tensor, estimator: Estimator
                       ) -> Tensor:
-    """(B,) float64 ``d' F_x d`` of each row from its logits and ``u = J d`` (B, T, V)."""
+    """(B,) float64 ``d' F_x d`` of each row from the scored positions' logits and
+    ``u = J d`` (n, V)."""
     z, u, rows, y = _scored(logits, tangent, labels)
     p = torch.softmax(z, -1)
     mean = (p * u).sum(-1)  # (n,)
@@ -169,11 +197,11 @@ def _per_example_form(logits: Tensor, tangent: Tensor, labels: Tensor, estimator
 
 
 def _check_finite(logits: Tensor, tangent: Tensor, labels: Tensor, ids: Sequence[str]) -> None:
-    mask = labels[:, 1:] != IGNORE_INDEX
+    rows = scored_positions(labels).nonzero()[:, 0]
     for what, x in (("logits", logits), ("the logits' derivative along the update", tangent)):
-        bad = ~torch.isfinite(x[:, :-1]).all(-1) & mask  # (B, T-1)
+        bad = ~torch.isfinite(x).all(-1)  # (n,)
         if bool(bad.any()):
-            row = int(bad.nonzero()[0, 0])
+            row = int(rows[bad][0])
             raise FisherError(f"non-finite {what} on probe {ids[row]!r}: check the model's "
                               "weights and the update")
 
@@ -391,7 +419,7 @@ class FisherOperator:
         return sum(p.numel() for p in self.params.values())
 
     def _cotangent(self, logits: Tensor, u: Tensor, labels: Tensor) -> Tensor:
-        """(B, T, V) ``H u`` at scored positions (zero elsewhere), in the logits' dtype."""
+        """(n, V) ``H u`` at the scored positions, in the logits' dtype."""
         z, u_s, rows, y = _scored(logits, u, labels)
         p = torch.softmax(z, -1)
         mean = (p * u_s).sum(-1, keepdim=True)
@@ -403,9 +431,7 @@ class FisherOperator:
             per_row.index_add_(0, rows, score)
             w = -per_row[rows, None] * p
             w.scatter_add_(1, y[:, None], per_row[rows, None])
-        out = torch.zeros_like(logits)
-        out[:, :-1][labels[:, 1:] != IGNORE_INDEX] = w.to(logits.dtype)
-        return out
+        return w.to(logits.dtype)
 
     def matvec(self, vector: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``F v`` (name -> float64 tensor)."""
@@ -419,9 +445,10 @@ class FisherOperator:
         with evaluation_mode(self.model):
             for examples in _shard_batches(self.encodings, self.batch_size):
                 batch = collate([self.encodings[i] for i in examples], self.pad, device=device)
-                _, u = self.products(batch, self.params, tangents)
+                keep = scored_positions(batch["labels"])
+                _, u = self.products(batch, self.params, tangents, keep)
                 with torch.enable_grad():
-                    logits, pull = vjp(_Logits(self.model, batch), self.params)
+                    logits, pull = vjp(_Logits(self.model, batch, keep), self.params)
                 (grads,) = pull(self._cotangent(logits.detach(), u, batch["labels"]))
                 for n, g in grads.items():
                     out[n] += g.detach().double()

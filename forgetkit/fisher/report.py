@@ -52,10 +52,10 @@ class ReportConfig:
     low_rank_method: str = field(default="exact", metadata=_help(
         "top directions from: exact (Lanczos on exact Fisher-vector products, no label draws) | "
         "gram | randomized (per-example gradients at drawn labels)"))
-    spread_seeds: int = field(default=1, metadata=_help(
+    spread_seeds: int = field(default=4, metadata=_help(
         "seeds (seed, seed+1, ...) the low-rank Fisher is computed with, to report the spread "
         "of the top-k displacement across them (1: no spread; each exact low-rank Fisher costs "
-        "about 45 Fisher-vector products)"))
+        "about 45 Fisher-vector products: lower it for large models)"))
     kl_path: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0],
                                  metadata=_help("steps t of the measured KL(base || base + t Δθ)"))
     estimator: str = field(default="true", metadata=_help("Fisher estimator: true | empirical"))

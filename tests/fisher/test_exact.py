@@ -114,6 +114,35 @@ def test_per_probe_and_double_backward_agree_with_the_dense_form():
                                                     rel=1e-8)
 
 
+class _FullLogits(torch.nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep``: the output layer runs on every
+    position and forgetkit selects the scored ones itself."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, use_cache=use_cache)
+
+
+@pytest.mark.parametrize("estimator", ["true", "empirical"])
+def test_models_without_logits_to_keep_give_the_same_forms(estimator):
+    model, data = tiny_model("gpt2", seed=8), tiny_data(5, seed=8)
+    wrapped = _FullLogits(model)
+    d = random_delta(model, [n for n, _ in model.named_parameters()], seed=4)
+    sliced = displacement(model, None, data, d, estimator=estimator, batch_size=3)
+    full = displacement(wrapped, None, data, {f"inner.{n}": v for n, v in d.items()},
+                        estimator=estimator, batch_size=3)
+    np.testing.assert_allclose(full.per_probe, sliced.per_probe, rtol=1e-10)
+    fv = FisherOperator(model, None, data, estimator=estimator, batch_size=3) @ d
+    fv_full = FisherOperator(wrapped, None, data, estimator=estimator, batch_size=3) @ {
+        f"inner.{n}": v for n, v in d.items()}
+    for n, v in fv.items():
+        torch.testing.assert_close(fv_full[f"inner.{n}"], v, rtol=1e-10, atol=1e-12)
+
+
 def test_empirical_displacement_equals_per_example_backward_loop():
     model, data = tiny_model("gpt2", seed=6), tiny_data(6, seed=6)
     names = [n for n, _ in model.named_parameters()]

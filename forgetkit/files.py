@@ -14,15 +14,19 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "OutputError",
     "append_jsonl",
     "atomic_directory",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_jsonl",
+    "check_writable",
     "figure_png",
     "json_rows",
     "read_jsonl",
+    "recover_directory",
+    "replace_directory",
     "write_figure",
 ]
 
@@ -52,28 +56,117 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         raise
 
 
+class OutputError(ValueError):
+    """An output path that cannot be written; the message names it."""
+
+
+def check_writable(path: str | os.PathLike, what: str, folder: bool = True) -> Path:
+    """Check, before any work, that ``path`` can be written as a folder (``folder``) or a
+    file: not an existing entry of the other kind, and its nearest existing ancestor a
+    writable folder. Returns ``path``.
+
+    Raises:
+        OutputError: naming ``what`` (e.g. ``--out``) and the path.
+    """
+    path = Path(path)
+    if path.exists() and folder and not path.is_dir():
+        raise OutputError(f"{what} {path} is a file, not a folder")
+    if path.exists() and not folder and path.is_dir():
+        raise OutputError(f"{what} {path} is a folder, not a file")
+    ancestor = path if path.is_dir() else path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"{what} {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {path}: {ancestor} is not writable")
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _dead_leftovers(path: Path, kind: str) -> list[Path]:
+    """Hidden ``.<name>.<kind>-<pid>-*`` folders beside ``path`` whose process is gone."""
+    out = []
+    for entry in path.parent.glob(f".{path.name}.{kind}-*"):
+        pid = entry.name.removeprefix(f".{path.name}.{kind}-").split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            out.append(entry)
+    return out
+
+
+def recover_directory(path: str | os.PathLike) -> None:
+    """Put ``path`` back in order after a replacement (:func:`atomic_directory`) was killed:
+    staging folders of dead processes are removed, and if ``path`` is missing because the kill
+    fell between the two renames of the swap, the old folder is put back."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for entry in _dead_leftovers(path, "staging"):
+        shutil.rmtree(entry, ignore_errors=True)
+    backups = sorted((entry for entry in _dead_leftovers(path, "old")
+                      if (entry / "folder").is_dir()), key=lambda entry: entry.stat().st_mtime)
+    if backups and not path.exists():
+        os.rename(backups[-1] / "folder", path)
+    for entry in _dead_leftovers(path, "old"):
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def replace_directory(staging: str | os.PathLike, path: str | os.PathLike,
+                      keep: Sequence[str] = ()) -> None:
+    """Swap the complete folder ``staging`` in as ``path`` by renames: a reader sees the old
+    folder or the new one, never a mix. Entries of the old folder named in ``keep`` (e.g. a
+    cache) are moved into the new one first, unless it has its own."""
+    staging, path = Path(staging), Path(path)
+    backup = None
+    if path.exists():
+        for name in keep:
+            if (path / name).exists() and not (staging / name).exists():
+                os.rename(path / name, staging / name)
+        backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{os.getpid()}-",
+                                       dir=path.parent))
+        os.rename(path, backup / "folder")
+    os.rename(staging, path)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, merge: bool = False, last: Sequence[str] = (),
-                     staging: str | os.PathLike | None = None) -> Iterator[Path]:
+                     staging: str | os.PathLike | None = None,
+                     keep: Sequence[str] = ()) -> Iterator[Path]:
     """Yield a staging folder whose contents take the place of ``path`` only if the block
     succeeds; on an exception the staging folder is removed and ``path`` is left as it was.
 
     Args:
         path: the folder to write.
-        merge: ``False``: the staging folder replaces ``path`` as a whole (a previous ``path`` is
-            removed). ``True``: each entry of the staging folder replaces the entry of the same
-            name in ``path``, whose other entries stay (the staging folder is then a hidden
-            folder inside ``path``).
+        merge: ``False``: the staging folder replaces ``path`` as a whole by renames
+            (:func:`replace_directory`; leftovers of a killed earlier replacement are cleaned
+            first, :func:`recover_directory`). ``True``: each entry of the staging folder
+            replaces the entry of the same name in ``path``, whose other entries stay (the
+            staging folder is then a hidden folder inside ``path``).
         last: with ``merge``, entries moved after all others, in this order (e.g. an index page
             that should appear only once what it refers to is in place).
         staging: the staging folder to use (emptied first) instead of a fresh temporary one, for
             several processes that write into it and so must know its name.
+        keep: without ``merge``, entries of the old folder carried over into the new one.
     """
     path = Path(path)
     home = path if merge else path.parent  # where the staging folder goes
     home.mkdir(parents=True, exist_ok=True)
+    if not merge:
+        recover_directory(path)
     if staging is None:
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=home))
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-{os.getpid()}-",
+                                        dir=home))
     else:
         staging = Path(staging)
         shutil.rmtree(staging, ignore_errors=True)
@@ -81,9 +174,7 @@ def atomic_directory(path: str | os.PathLike, *, merge: bool = False, last: Sequ
     try:
         yield staging
         if not merge:
-            if path.exists():
-                shutil.rmtree(path)
-            staging.rename(path)
+            replace_directory(staging, path, keep)
             return
         names = sorted(entry.name for entry in staging.iterdir() if entry.name not in last)
         for name in [*names, *(name for name in last if (staging / name).exists())]:

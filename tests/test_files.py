@@ -113,3 +113,59 @@ def test_figure_png_renders_in_memory_and_write_figure_is_atomic(tmp_path):
     write_figure(tmp_path / "plot.png", fig, dpi=100)
     assert (tmp_path / "plot.png").read_bytes() == large
     assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+
+
+def test_replace_keeps_listed_entries_and_leaves_no_backup(tmp_path):
+    target = tmp_path / "report"
+    (target / "finetunes").mkdir(parents=True)
+    (target / "finetunes" / "model.bin").write_text("cached")
+    (target / "report.json").write_text("old")
+    (target / "stale.png").write_text("old")
+    with atomic_directory(target, keep=["finetunes"]) as staging:
+        (staging / "report.json").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["finetunes", "report.json"]
+    assert (target / "finetunes" / "model.bin").read_text() == "cached"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+def _killed_swap(tmp_path, stop_after_renames: int):
+    """Start a subprocess that replaces ``tmp_path/out`` and kill it (SIGKILL) after the given
+    number of renames of the swap; return the folder."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+    script = textwrap.dedent(f"""
+        import os, signal
+        import forgetkit.files as files
+        real, calls = os.rename, []
+        def rename(src, dst):
+            if len(calls) == {stop_after_renames}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            calls.append(dst)
+            real(src, dst)
+        files.os.rename = rename
+        with files.atomic_directory({str(target)!r}) as staging:
+            (staging / "a.txt").write_text("new")
+            (staging / "b.txt").write_text("new")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert done.returncode == -signal.SIGKILL
+    return target
+
+
+@pytest.mark.parametrize("stop_after_renames", [0, 1])
+def test_a_replacement_killed_midway_leaves_the_old_folder_or_the_new(tmp_path,
+                                                                       stop_after_renames):
+    target = _killed_swap(tmp_path, stop_after_renames)
+    assert len(list(tmp_path.iterdir())) > 1  # leftovers of the killed run
+    with atomic_directory(target) as staging:  # the next run cleans up first
+        assert (target / "a.txt").read_text() == "old"  # the old folder is back, whole
+        assert not (target / "b.txt").exists()
+        (staging / "c.txt").write_text("next")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in target.iterdir()) == ["c.txt"]

@@ -1,8 +1,9 @@
 """Write a Fisher report: ``report.json``, one PNG per figure and a self-contained
 ``report.html`` (figures embedded as base64 PNG, tables, a plain-language reading).
 
-Files are written to a staging folder and moved into place at the end, ``report.html`` last, so
-a failed run never leaves a partial report that looks complete.
+The report folder is built in a staging folder and swapped in whole at the end (the Fisher
+files before the page that links to them), so a failed or killed run never leaves a partial
+report that looks complete, nor a new page beside old files.
 """
 
 from __future__ import annotations
@@ -12,15 +13,13 @@ import html
 import io
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from forgetkit.files import atomic_write_json
+from forgetkit.files import OutputError, atomic_directory, atomic_write_json, check_writable
 from forgetkit.fisher import plots
 
 __all__ = ["FIGURES", "figure_frames", "reading", "write_report"]
@@ -269,23 +268,54 @@ intervals over probes (over records for memorization).</p>
 """
 
 
-def write_report(report: dict[str, Any], out: str | os.PathLike) -> dict[str, Path]:
-    """Write ``report.json``, the PNGs and ``report.html`` into ``out``; return their paths."""
+def report_entries() -> set[str]:
+    """The names a report folder holds (everything else in it is the user's)."""
+    return {"report.json", "report.html", "finetunes",
+            *(f"fisher_{kind}.{ext}" for kind in ("low_rank", "diagonal")
+              for ext in ("json", "safetensors")),
+            *(f"{key}.png" for key in FIGURES)}
+
+
+def check_report_folder(out: str | os.PathLike) -> None:
+    """Before any work: ``out`` can be written, and holds nothing but an earlier report (the
+    folder is replaced whole, so anything else in it would be lost).
+
+    Raises:
+        OutputError: naming the folder and a foreign entry.
+    """
+    out = check_writable(out, "--out")
+    if out.is_dir():
+        foreign = sorted(entry.name for entry in out.iterdir()
+                         if not entry.name.startswith(".") and entry.name not in report_entries())
+        if foreign:
+            raise OutputError(f"--out {out} holds {foreign[0]!r} ({len(foreign)} entries that "
+                              "are not part of a report): the report folder is replaced whole; "
+                              "choose an empty or new folder")
+
+
+def write_report(report: dict[str, Any], out: str | os.PathLike,
+                 attachments: Mapping[str, Callable[[Path], Any]] | None = None
+                 ) -> dict[str, Path]:
+    """Write ``report.json``, the PNGs, the ``attachments`` and ``report.html`` as the folder
+    ``out``, replaced whole (a reader sees the old report or the new one, never a mix; the
+    cached default fine-tunes in ``out/finetunes`` are carried over); return their paths.
+
+    Args:
+        report: the report's numbers.
+        out: the folder.
+        attachments: name -> function writing that entry (e.g. a Fisher's ``save``, which
+            writes ``name.json`` and ``name.safetensors``), called with its path in the staging
+            folder before the page that links to it is written.
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     frames = figure_frames(report)
     images = {key: _png(draw, frames[key], title) for key, (title, draw) in FIGURES.items()}
-    staging = Path(tempfile.mkdtemp(prefix=".report.", dir=out))
-    try:
+    with atomic_directory(out, keep=["finetunes"]) as staging:
         atomic_write_json(staging / "report.json", report)
         for key, data in images.items():
             (staging / f"{key}.png").write_bytes(data)
+        for name, write in (attachments or {}).items():
+            write(staging / name)
         (staging / "report.html").write_text(render_html(report, images), encoding="utf-8")
-        written = {}
-        names = ["report.json", *[f"{k}.png" for k in images], "report.html"]
-        for name in names:
-            os.replace(staging / name, out / name)
-            written[name] = out / name
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return written
+    return {entry.name: entry for entry in sorted(out.iterdir())
+            if entry.name != "finetunes" and not entry.name.startswith(".")}

@@ -315,20 +315,21 @@ def run_report(config: ReportConfig, *, base=None, finetunes=None, records=None,
     from forgetkit.fisher.render import write_report
 
     fishers = report.pop("_fishers")
-    write_report(report, Path(config.out))
-    fishers[0].save(Path(config.out) / "fisher_low_rank")
-    fishers[1].save(Path(config.out) / "fisher_diagonal")
+    write_report(report, Path(config.out), {"fisher_low_rank": fishers[0].save,
+                                            "fisher_diagonal": fishers[1].save})
     return report
 
 
 def _run_report(config: ReportConfig, base, finetunes, records, probes, progress: bool
                 ) -> dict[str, Any]:
     from forgetkit.diagnostics.evaluation import evaluate
+    from forgetkit.fisher.render import check_report_folder
     from forgetkit.models import load_model
 
     timing: dict[str, float] = {}
     started = time.time()
     out = Path(config.out)
+    check_report_folder(out)
     if base is None:
         base = load_model(config.base, dtype=config.dtype, device=config.device)
     base, tokenizer = base

@@ -177,3 +177,63 @@ def test_objects_as_well_as_names(toyworld, tmp_path):
     assert reports[0]["base"]["records"] == 3 and reports[0]["base"]["probes"] == 8
     with pytest.raises(ValueError, match="need finetunes"):
         run_report(ReportConfig(out=str(tmp_path / "none"), **config), records=records)
+
+
+def test_an_output_folder_with_foreign_files_or_a_file_is_refused_before_work(tmp_path):
+    from forgetkit.files import OutputError
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("the user's")
+    with pytest.raises(OutputError, match=r"notes\.txt.*replaced whole"):
+        main(["--out", str(folder)])
+    assert (folder / "notes.txt").read_text() == "the user's"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match=r"--out .*file.* is a file"):
+        main(["--out", str(tmp_path / "file")])
+
+
+_KILLED_WRITE = """
+import json, os, signal, sys
+from pathlib import Path
+import forgetkit.files as files
+from forgetkit.fisher.render import write_report
+
+report = json.loads(Path(sys.argv[1]).read_text())
+report["config"]["seed"] = 12345  # the new report differs from the old one
+kill_at, events = int(sys.argv[3]), [0]
+def counted(function):
+    def wrapper(*args, **kwargs):
+        events[0] += 1
+        if events[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return function(*args, **kwargs)
+    return wrapper
+files.os.rename = counted(os.rename)
+Path.write_bytes = counted(Path.write_bytes)
+write_report(report, sys.argv[2])
+"""
+
+
+# killed while drawing the figures, before the swap, between its two renames; not killed
+@pytest.mark.parametrize("kill_at", [2, 8, 9, 10])
+def test_kill_during_report_writing_leaves_the_old_report_or_the_new(report_dir, tmp_path,
+                                                                      kill_at):
+    import sys
+
+    old = tmp_path / "report"
+    shutil.copytree(report_dir, old, ignore=shutil.ignore_patterns("finetunes"))
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    done = subprocess.run([sys.executable, "-c", _KILLED_WRITE, str(report_dir / "report.json"),
+                           str(old), str(kill_at)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == (0 if kill_at == 10 else -9), done.stderr[-2000:]
+    from forgetkit.files import recover_directory
+
+    recover_directory(old)  # what the next run does first
+    after = {p.name: p.read_bytes() for p in old.iterdir()}
+    assert set(after) == set(before)  # complete: nothing missing, nothing half-written
+    if json.loads(after["report.json"])["config"]["seed"] == 12345:
+        assert kill_at == 10 and done.returncode == 0  # the new report, whole
+    else:
+        assert after == before  # the old report, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]

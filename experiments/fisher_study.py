@@ -88,8 +88,8 @@ class FisherStudyConfig:
         "base model of the Pareto study (name or path)"))
     pareto: list[str] = field(default_factory=lambda: ["experiments/results/pareto/{model}"],
                               metadata=_help(
-        "the Pareto studies' results folders, comma-separated (each runs.json lists fine-tunes; "
-        "all must share the base model and the probes)"))
+        "the Pareto studies' results folders (--pareto DIR DIR; each runs.json lists "
+        "fine-tunes; all must share the base model and the probes)"))
     probes: str | None = field(default=None, metadata=_help(
         "probes of the Fisher and the KL: comma-separated sets (names or files; a capability "
         "name taken by an earlier set becomes <set>:<capability>, as in training); none: the "
@@ -438,10 +438,8 @@ def write_outputs(config: FisherStudyConfig, table: pd.DataFrame, correlations: 
 
 
 def main(argv: Sequence[str] | None = None):
-    config = parse_cli(FisherStudyConfig, argv, "experiments/fisher_study.py", doc=__doc__,
-                       log_format="%(asctime)s %(name)s: %(message)s")
-    if config is None:
-        return None
+    [config] = parse_cli(FisherStudyConfig, argv, "experiments/fisher_study.py", doc=__doc__,
+                         log_format="%(asctime)s %(name)s: %(message)s")
     try:
         table, correlations = run_study(config)
     except (FileNotFoundError, ValueError) as err:  # no Pareto results, or another base model

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from forgetkit.cli_config import config_to_dict, from_mapping, markdown_table, parse_cli
+from forgetkit.cli_config import config_to_dict, markdown_table, parse_cli
 from forgetkit.cli_config import help_metadata as _help
 from forgetkit.data.records import load_records
 from forgetkit.diagnostics.nll import (
@@ -61,9 +61,10 @@ class NLLStudyConfig:
     records: str = field(default="kgfact", metadata=_help("records (name or file)"))
     limit: int | None = field(default=None, metadata=_help("use only the first N records"))
     lams: list[float] = field(default_factory=lambda: [0.0, 0.3, 0.5, 0.7], metadata=_help(
-        "MixSD lambdas, one target set each (comma-separated)"))
+        "MixSD lambdas, one target set each (--lams 0 0.3 0.5)"))
     mix: MixConfig = field(default_factory=MixConfig, metadata=_help(
-        "MixSD target settings (mix.lam is set by each of lams)"))
+        "MixSD target settings (the MixConfig options; a mapping is read as one); mix.lam is "
+        "set by each of lams"))
     batch_size: int = field(default=16, metadata=_help("items per scoring forward pass"))
     n_boot: int = field(default=2000, metadata=_help("bootstrap resamples of the CIs"))
     boot_seed: int = field(default=0, metadata=_help("bootstrap seed"))
@@ -81,7 +82,7 @@ class NLLStudyConfig:
 
     def __post_init__(self):
         if isinstance(self.mix, dict):
-            self.mix = from_mapping(MixConfig, self.mix, "mix")
+            self.mix = MixConfig(**self.mix)
         self.lams = [float(lam) for lam in self.lams]
         problems = []
         if not all(0 <= lam <= 1 for lam in self.lams):
@@ -165,9 +166,10 @@ def run_study(config: NLLStudyConfig) -> pd.DataFrame:
 def write_outputs(config: NLLStudyConfig, out: Path, results: dict[str, TargetNLL],
                   table: pd.DataFrame, reports: dict[str, Any], checks: dict[str, Any],
                   example: str) -> None:
-
+    saved = config_to_dict(config)
+    del saved["mix"]["lam"]  # each target set has its own, from config.lams
     with atomic_write(out / "nll_study_config.yaml") as handle:
-        yaml.safe_dump(config_to_dict(config), handle, sort_keys=False)
+        yaml.safe_dump(saved, handle, sort_keys=False)
     tokens, sequences, branches = token_frame(results), sequence_frame(results), \
         branch_table(results)
     frames = {"nll_table.csv": table, "tokens.csv": tokens, "sequences.csv": sequences,
@@ -186,10 +188,9 @@ def write_outputs(config: NLLStudyConfig, out: Path, results: dict[str, TargetNL
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
-    config = parse_cli(NLLStudyConfig, argv, "experiments/nll_study.py", doc=__doc__,
-                       log_format="%(asctime)s %(name)s: %(message)s")
-    if config is None:
-        return None
+    config, _ = parse_cli((NLLStudyConfig, MixConfig), argv, "experiments/nll_study.py",
+                          doc=__doc__, log_format="%(asctime)s %(name)s: %(message)s",
+                          omit={"lam"})
     started = time.perf_counter()
     table = run_study(config)
     columns = ["target_set", "n_items", "n_tokens", "token_nll_mean", "token_nll_median",

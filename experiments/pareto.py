@@ -41,7 +41,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from forgetkit.cli_config import config_to_dict, from_mapping, markdown_table, parse_cli
+from forgetkit.cli_config import config_to_dict, markdown_table, parse_cli
 from forgetkit.cli_config import help_metadata as _help
 from forgetkit.data.records import load_probe_sets, load_probes, load_records
 from forgetkit.diagnostics.evaluation import (
@@ -90,7 +90,7 @@ class ParetoConfig:
         "keep only the first N probes of each capability (none: all)"))
     methods: list[str] = field(default_factory=lambda: [
         "sft", "mixsd:0", "mixsd:0.3", "mixsd:0.5", "mixsd:0.7", "opsd"], metadata=_help(
-        "methods to train: sft, opsd, mixsd:<lambda> (comma-separated)"))
+        "methods to train: sft, opsd, mixsd:<lambda> (--methods sft mixsd:0.3 opsd)"))
     max_steps: int = field(default=300, metadata=_help("optimizer steps of every method"))
     per_device_train_batch_size: int = field(default=8, metadata=_help(
         "examples (prompts) per step, every method"))
@@ -119,7 +119,8 @@ class ParetoConfig:
         "OPSD completions sampled per prompt and step"))
     opsd_max_new_tokens: int = field(default=32, metadata=_help("OPSD completion length cap"))
     mix: MixConfig = field(default_factory=MixConfig, metadata=_help(
-        "MixSD target settings shared by every mixsd run (mix.lam is set by each method)"))
+        "MixSD target settings shared by every mixsd run (the MixConfig options; a mapping is "
+        "read as one); mix.lam is set by each mixsd:<lambda> method"))
     dtype: str = field(default="float32", metadata=_help("model dtype"))
     device: str | None = field(default=None, metadata=_help("cpu, cuda, ...; default cuda if any"))
     out: str = field(default="experiments/results/pareto/{model}", metadata=_help(
@@ -129,7 +130,7 @@ class ParetoConfig:
 
     def __post_init__(self):
         if isinstance(self.mix, dict):
-            self.mix = from_mapping(MixConfig, self.mix, "mix")
+            self.mix = MixConfig(**self.mix)
         self.methods = [m.strip() for m in self.methods if m.strip()]
         problems = [f"methods: {err}" for m in self.methods if (err := _method_error(m))]
         if not self.methods:
@@ -614,10 +615,8 @@ def format_table(table: pd.DataFrame) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
-    config = parse_cli(ParetoConfig, argv, "experiments/pareto.py", doc=__doc__,
-                       log_format="%(asctime)s %(name)s: %(message)s")
-    if config is None:
-        return None
+    config, _ = parse_cli((ParetoConfig, MixConfig), argv, "experiments/pareto.py", doc=__doc__,
+                          log_format="%(asctime)s %(name)s: %(message)s")
     seed_everything(config.seed)
     started = time.perf_counter()
     table = run_study(config)

@@ -1,48 +1,46 @@
-"""Config dataclasses from YAML files and command-line flags, for any entry point.
+"""Command lines of forgetkit: config dataclasses parsed by ``transformers.HfArgumentParser``.
 
-A config is a dataclass whose fields carry ``metadata={"help": ...}``; a field may itself be a
-config dataclass (nested, e.g. ``TrainConfig.mix``). Sources, later ones winning:
+Every entry point parses one or more config dataclasses side by side (as TRL's scripts do), each
+field a flag with its ``metadata={"help": ...}``. Sources, later ones winning:
 
 1. the dataclass defaults;
-2. ``--config file.yaml``: a mapping of field names (nested configs as nested mappings);
-3. flags ``--name value``, ``--name=value`` or a bare ``--name`` (``true`` for booleans).
-   Nested fields are ``--mix.lam 0.3``; a nested field whose name no top-level field takes
-   may also be given bare (``--lam 0.3``).
+2. ``--config file.yaml``: a mapping of option names to values (lists for list options);
+3. flags: ``--name value``, ``--name=value``, a bare ``--name`` for ``true`` (``--no_name`` for
+   a boolean that defaults to true), ``--name a b c`` for a list (repeating ``--name`` adds to
+   it), ``none`` for an optional value.
 
-Flag values are converted by the field's type (``int``, ``float``, ``bool`` from
-``true/false/1/0/yes/no``, ``str``, ``Literal``, ``X | None`` from ``none``/``null``, lists from
-comma-separated text). An unknown key raises :class:`ConfigError` naming it and the closest valid
-key.
+A config that holds another as a field (``TrainConfig.mix: MixConfig``) gets that config filled
+from the second dataclass's flags. A flag name both dataclasses have goes to the first; the
+second's is ``--<field>.<name>`` (``--mix.seed``), and every flag of the second also answers to
+that dotted form (``--mix.lam``). In YAML such a config may also be a nested mapping
+(``mix: {lam: 0.3}``), the form ``config_to_dict`` writes. An unknown key, or a value of the
+wrong type, raises :class:`ConfigError` naming it (and the closest valid key).
 
 Example:
-    >>> config = load_config(TrainConfig, ["--config", "cfg.yaml", "--learning_rate", "1e-5"])  # doctest: +SKIP
+    >>> train_config, mix = parse_config((TrainConfig, MixConfig),
+    ...                                  ["--config", "cfg.yaml", "--lam", "0.5"])  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import difflib
-import re
+import logging
+import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, fields, is_dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "ConfigError",
-    "config_to_dict",
-    "format_help",
-    "from_mapping",
-    "help_metadata",
-    "load_config",
-    "markdown_table",
-    "parse_cli",
-    "parse_flags",
-]
+from transformers import HfArgumentParser
 
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
+__all__ = ["ConfigError", "ConfigParser", "config_to_dict", "help_metadata", "markdown_table",
+           "parse_cli", "parse_config"]
+
+_SEEN = "_flags_seen"  # namespace attribute: the list flags given so far in this parse
 
 
 def help_metadata(text: str) -> dict[str, str]:
@@ -54,108 +52,238 @@ class ConfigError(ValueError):
     """A bad config key or value; the message names the key and where it came from."""
 
 
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each help string; the description (a module docstring) kept as written."""
 
 
-def _nested(hint) -> type | None:
-    """The config dataclass behind ``hint`` (``X`` or ``X | None``), else ``None``."""
-    for arg in (hint, *typing.get_args(hint)):
-        if isinstance(arg, type) and is_dataclass(arg):
-            return arg
-    return None
+class _ListFlag(argparse.Action):
+    """A list option: its first use on the command line replaces the default (or the YAML
+    value), each later use extends it; ``none`` alone sets an optional list to ``None``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault(_SEEN, set())
+        if values == [None]:
+            setattr(namespace, self.dest, None)
+        elif self.dest in seen and getattr(namespace, self.dest) is not None:
+            setattr(namespace, self.dest, [*getattr(namespace, self.dest), *values])
+        else:
+            setattr(namespace, self.dest, list(values))
+        seen.add(self.dest)
 
 
-def _suggest(key: str, valid: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+def _optional(hint) -> bool:
+    return (typing.get_origin(hint) in (typing.Union, types.UnionType)
+            and type(None) in typing.get_args(hint))
+
+
+def _none_or(convert):
+    """``convert`` that also reads ``none``/``null`` as ``None`` (for ``X | None`` options)."""
+    def parse(text: str):
+        return None if text.strip().lower() in ("none", "null") else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def _suggest(key: str, valid: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def valid_keys(cls) -> list[str]:
-    """Every settable key of ``cls``: field names and ``nested.field`` names."""
-    keys = []
-    for f in fields(cls):
-        sub = _nested(_hints(cls)[f.name])
-        keys.append(f.name)
-        if sub is not None:
-            keys += [f"{f.name}.{g.name}" for g in fields(sub)]
-    return keys
+class ConfigParser(HfArgumentParser):
+    """``HfArgumentParser`` over config dataclasses, with ``--config FILE.yaml`` and clear errors.
 
+    Args:
+        dataclass_types: the configs, side by side; a later one that an earlier one holds as a
+            field (``TrainConfig.mix``) is filled into it.
+        prog, description: as ``argparse.ArgumentParser``.
+        omit: option names left off the command line (their field keeps its default), e.g.
+            ``{"mix.lam"}`` where another option sets it.
 
-def _aliases(cls) -> dict[str, str]:
-    """Bare names of nested fields that no top-level field takes: ``lam`` -> ``mix.lam``."""
-    top = {f.name for f in fields(cls)}
-    counts: dict[str, list[str]] = {}
-    for key in valid_keys(cls):
-        if "." in key:
-            counts.setdefault(key.split(".", 1)[1], []).append(key)
-    return {name: paths[0] for name, paths in counts.items()
-            if len(paths) == 1 and name not in top}
+    Errors raise :class:`ConfigError` instead of exiting; ``--help`` prints and exits.
+    """
 
+    def __init__(self, dataclass_types: type | Sequence[type], *, prog: str | None = None,
+                 description: str | None = None, omit: Iterable[str] = ()):
+        dataclass_types = (tuple(dataclass_types) if isinstance(dataclass_types, Sequence)
+                           else (dataclass_types,))
+        self._sections = _sections(dataclass_types)
+        self._omit = set(omit)
+        self._fields: dict[str, tuple[type, str, Any]] = {}  # dest -> (config, field, type hint)
+        self._keys: dict[str, str] = {}  # every accepted key (dest or dotted alias) -> dest
+        super().__init__(dataclass_types, prog=prog, description=description,
+                         allow_abbrev=False, formatter_class=_HelpFormatter)
+        self.add_argument("--config", metavar="FILE.yaml", help=(
+            "YAML mapping of option names to values; flags given as well override it"))
 
-def coerce(value: Any, hint: Any, key: str) -> Any:
-    """Convert ``value`` (flag text or a YAML scalar) to the field type ``hint``."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
-        if is_none and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
+    def _add_dataclass_arguments(self, dtype):
+        hints = typing.get_type_hints(dtype)
+        section = self._sections[dtype]
+        summary = (dtype.__doc__ or "").strip().splitlines()[0:1]
+        group = self.add_argument_group(dtype.__name__, summary[0] if summary else None)
+        for field in fields(dtype):
+            hint = hints[field.name]
+            if not field.init or hint in self._sections:
+                continue  # a config held as a field: filled from its own options
+            dest = field.name
+            if f"--{dest}" in self._option_string_actions:
+                if section is None:
+                    raise TypeError(f"{dtype.__name__}.{dest}: option --{dest} is taken by an "
+                                    "earlier config")
+                dest = f"{section}.{field.name}"
+            if dest in self._omit:
                 continue
-            try:
-                return coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError("; ".join(errors))
-    if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, args))}")
-        return value
-    if origin in (list, tuple):
-        items = value.split(",") if isinstance(value, str) else list(value)
-        inner = args[0] if args else str
-        converted = [coerce(v.strip() if isinstance(v, str) else v, inner, key) for v in items]
-        return converted if origin is list else tuple(converted)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-        raise ConfigError(f"{key}={value!r}: expected true or false")
-    if hint is int and not isinstance(value, bool):
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+", value.strip()):
-            return int(value)
-        raise ConfigError(f"{key}={value!r}: expected an integer")
-    if hint is float and not isinstance(value, bool):
+            flag = copy.copy(field)
+            flag.name, flag.type = dest, hint
+            metadata = dict(field.metadata)
+            if section is not None and dest == field.name:
+                metadata["aliases"] = [f"--{section}.{field.name}"]
+            origin = typing.get_origin(next((a for a in typing.get_args(hint) if a is not
+                                             type(None)), hint) if _optional(hint) else hint)
+            if origin is list:
+                metadata["action"] = _ListFlag
+            flag.metadata = metadata
+            self._parse_dataclass_field(group, flag)
+            action = self._option_string_actions[f"--{dest}"]
+            if _optional(hint) and hint != bool | None:
+                action.type = _none_or(action.type)
+            self._fields[dest] = (dtype, field.name, hint)
+            self._keys[dest] = dest
+            if section is not None:
+                self._keys[f"{section}.{field.name}"] = dest
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+    def parse(self, argv: Sequence[str]) -> tuple:
+        """The configs of ``argv`` (``--config`` file, then flags), in the order given.
+
+        Raises:
+            ConfigError: an unknown option or YAML key, a bad value, an unreadable YAML file.
+            ValueError: a config's own validation (its ``__post_init__``).
+        """
+        pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        pre.add_argument("--config")
+        pre.error = self.error
+        known, _ = pre.parse_known_args(list(argv))
+        namespace = argparse.Namespace(
+            **(self._read_yaml(Path(known.config)) if known.config else {}))
+        namespace, unknown = self.parse_known_args(list(argv), namespace)
+        if unknown:
+            token = next((t for t in unknown if t.startswith("-")), unknown[0])
+            if not token.startswith("-"):
+                raise ConfigError(f"unexpected argument {token!r}; options look like --name value")
+            name = token.split("=", 1)[0]
+            options = [o for o in self._option_string_actions if o.startswith("--")]
+            raise ConfigError(f"unknown option {name}{_suggest(name, options)}")
+        values = vars(namespace)
+        inputs: dict[type, dict[str, Any]] = {dtype: {} for dtype in self.dataclass_types}
+        for dest, (dtype, name, _) in self._fields.items():
+            inputs[dtype][name] = values[dest]
+        built: dict[type, Any] = {}
+        for dtype in sorted(self.dataclass_types, key=lambda t: self._sections[t] is None):
+            held = {name: built[hint] for name, hint in typing.get_type_hints(dtype).items()
+                    if hint in built}
+            built[dtype] = dtype(**inputs[dtype], **held)
+        return tuple(built[dtype] for dtype in self.dataclass_types)
+
+    def _read_yaml(self, path: Path) -> dict[str, Any]:
+        """The option values of a YAML file, each checked and converted as its flag would be."""
+        import yaml
+
         try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}={value!r}: expected a number") from None
-    if hint in (int, float):
-        raise ConfigError(f"{key}={value!r}: expected a number, not a boolean")
-    if hint is str:
-        return str(value)
-    return value
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of option names, got "
+                              f"{type(loaded).__name__}")
+        sections = {name for name in self._sections.values() if name is not None}
+        items = []
+        for key, value in loaded.items():
+            if key in sections and isinstance(value, Mapping):
+                items += [(f"{key}.{sub}", sub_value) for sub, sub_value in value.items()]
+            else:
+                items.append((str(key), value))
+        values = {}
+        for key, value in items:
+            if key not in self._keys:
+                raise ConfigError(f"{path}: unknown config key {key!r}"
+                                  f"{_suggest(key, [*self._keys, *sections])}")
+            values[self._keys[key]] = self._convert(self._keys[key], value, f"{path}: {key}")
+        return values
+
+    def _convert(self, dest: str, value: Any, where: str) -> Any:
+        """A YAML value of option ``dest``, converted by the flag's own type and choices."""
+        action = self._option_string_actions[f"--{dest}"]
+        hint = self._fields[dest][2]
+        if value is None:
+            if _optional(hint):
+                return None
+            raise ConfigError(f"{where}: null is not allowed here ({_type_name(action)} expected)")
+        if action.nargs == "+":
+            return [self._scalar(action, item, where)
+                    for item in (value if isinstance(value, list) else [value])]
+        return self._scalar(action, value, where)
+
+    @staticmethod
+    def _scalar(action: argparse.Action, value: Any, where: str) -> Any:
+        if isinstance(value, list | dict):
+            raise ConfigError(f"{where}: expected one {_type_name(action)}, got a "
+                              f"{type(value).__name__}")
+        try:
+            converted = action.type(str(value)) if action.type else str(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(action)}") from None
+        if action.choices is not None and converted not in action.choices:
+            raise ConfigError(f"{where}: {value!r} is not one of "
+                              f"{', '.join(map(str, action.choices))}")
+        return converted
 
 
-def from_mapping(cls, data: Mapping[str, Any], source: str = "config"):
-    """Build ``cls`` from a (nested) mapping; unknown keys raise :class:`ConfigError`."""
-    hints, names = _hints(cls), [f.name for f in fields(cls)]
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in hints or key not in names:
-            raise ConfigError(f"{source}: unknown config key {key!r}"
-                              f"{_suggest(str(key), valid_keys(cls))}")
-        sub = _nested(hints[key])
-        if sub is not None and isinstance(value, Mapping):
-            values[key] = from_mapping(sub, value, f"{source}: {key}")
-        else:
-            values[key] = coerce(value, hints[key], key)
-    return cls(**values)
+def _type_name(action: argparse.Action) -> str:
+    if action.choices is not None:
+        return "choice"
+    name = getattr(action.type, "__name__", "value")
+    return {"string_to_bool": "boolean (true or false)", "int": "integer",
+            "float": "number", "str": "string"}.get(name, name)
+
+
+def _sections(dataclass_types: Sequence[type]) -> dict[type, str | None]:
+    """Each config -> the name of the field of an earlier config that holds it (else None)."""
+    sections: dict[type, str | None] = {}
+    for index, dtype in enumerate(dataclass_types):
+        if not is_dataclass(dtype):
+            raise TypeError(f"{dtype!r} is not a dataclass")
+        holders = [name for earlier in dataclass_types[:index]
+                   for name, hint in typing.get_type_hints(earlier).items() if hint is dtype]
+        sections[dtype] = holders[0] if holders else None
+    return sections
+
+
+def parse_config(dataclass_types: type | Sequence[type], argv: Sequence[str] = (),
+                 omit: Iterable[str] = ()) -> tuple:
+    """The configs of ``argv`` (see the module docstring); raises :class:`ConfigError`."""
+    return ConfigParser(dataclass_types, omit=omit).parse(argv)
+
+
+def parse_cli(dataclass_types: type | Sequence[type], argv: Sequence[str] | None, prog: str, *,
+              doc: str | None = None, log_format: str = "%(message)s",
+              omit: Iterable[str] = ()) -> tuple:
+    """The common start of every forgetkit command line: the configs, then INFO logging.
+
+    ``--help`` prints ``doc`` and every option with its help and default, then exits. A bad key
+    or value exits with ``error: <message>`` (status 1) instead of a traceback.
+    """
+    parser = ConfigParser(dataclass_types, prog=prog, description=doc and doc.strip(), omit=omit)
+    try:
+        configs = parser.parse(sys.argv[1:] if argv is None else list(argv))
+    except ValueError as err:  # ConfigError is a ValueError, as is a config's own validation
+        raise SystemExit(f"error: {err}") from None
+    logging.basicConfig(level=logging.INFO, format=log_format)
+    return configs
 
 
 def config_to_dict(config) -> dict[str, Any]:
@@ -169,129 +297,6 @@ def config_to_dict(config) -> dict[str, Any]:
             value = list(value)
         out[f.name] = value
     return out
-
-
-def parse_flags(argv: Sequence[str]) -> list[tuple[str, str | None]]:
-    """``["--a", "1", "--b=x", "--flag"]`` -> ``[("a", "1"), ("b", "x"), ("flag", None)]``.
-
-    Raises:
-        ConfigError: a token that is neither a flag nor a flag's value.
-    """
-    pairs: list[tuple[str, str | None]] = []
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        if not token.startswith("--") or token == "--":
-            raise ConfigError(f"unexpected argument {token!r}; flags look like --name value")
-        name, eq, value = token[2:].partition("=")
-        if eq:
-            pairs.append((name, value))
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            pairs.append((name, argv[i + 1]))
-            i += 1
-        else:
-            pairs.append((name, None))
-        i += 1
-    return pairs
-
-
-def _set_flag(data: dict[str, Any], cls, key: str, value: str | None) -> None:
-    aliases = _aliases(cls)
-    key = aliases.get(key.replace("-", "_"), key.replace("-", "_"))
-    path = key.split(".")
-    hints = _hints(cls)
-    if path[0] not in hints or (len(path) == 2 and _nested(hints[path[0]]) is None) or len(path) > 2:
-        valid = valid_keys(cls) + list(aliases)
-        raise ConfigError(f"unknown config key {key!r}{_suggest(key, valid)}")
-    hint = hints[path[0]]
-    if len(path) == 2:
-        sub = _nested(hint)
-        sub_hints = _hints(sub)
-        if path[1] not in sub_hints:
-            raise ConfigError(f"unknown config key {key!r}{_suggest(key, valid_keys(cls))}")
-        hint = sub_hints[path[1]]
-    if value is None:
-        if hint is not bool:
-            raise ConfigError(f"--{key} needs a value")
-        value = "true"
-    target = data
-    if len(path) == 2:
-        target = data.setdefault(path[0], {})
-        if not isinstance(target, dict):
-            raise ConfigError(f"--{key}: {path[0]} is not a mapping")
-    target[path[-1]] = coerce(value, hint, key)
-
-
-def load_config(cls, argv: Sequence[str] = ()):
-    """Build ``cls`` from ``--config file.yaml`` (optional) and flags (see module docstring).
-
-    Raises:
-        ConfigError: unknown key, bad value, unreadable YAML; also any ``ValueError`` of the
-            config's own validation, re-raised as is.
-    """
-    flags = parse_flags(argv)
-    data: dict[str, Any] = {}
-    for name, value in flags:
-        if name == "config":
-            if value is None:
-                raise ConfigError("--config needs a YAML file path")
-            data = _read_yaml(Path(value), cls)
-    for name, value in flags:
-        if name != "config":
-            _set_flag(data, cls, name, value)
-    return from_mapping(cls, data, "flags")
-
-
-def _read_yaml(path: Path, cls) -> dict[str, Any]:
-    import yaml
-
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
-    checked = from_mapping(cls, loaded, str(path))  # unknown keys and bad values, named by file
-    return {k: v for k, v in config_to_dict(checked).items() if k in loaded}
-
-
-def format_help(cls, prog: str) -> str:
-    """A ``--help`` text: one line per key with its default and help string."""
-    lines = [f"usage: {prog} [--config FILE.yaml] [--KEY VALUE ...]", ""]
-    for f in fields(cls):
-        sub = _nested(_hints(cls)[f.name])
-        if sub is not None:
-            for g in fields(sub):
-                lines.append(f"  --{f.name}.{g.name:<24} {g.metadata.get('help', '')} "
-                             f"(default: {_default(g)})")
-            continue
-        lines.append(f"  --{f.name:<28} {f.metadata.get('help', '')} (default: {_default(f)})")
-    return "\n".join(lines)
-
-
-def parse_cli(cls, argv: Sequence[str] | None, prog: str, *, doc: str | None = None,
-              log_format: str = "%(message)s", loader=None):
-    """The common start of every forgetkit command line: ``--help``, logging, the config.
-
-    Returns ``None`` after printing the help text (``doc``, if given, then :func:`format_help`)
-    when ``argv`` holds ``-h``/``--help``; otherwise sets up INFO logging and returns the config
-    built by ``loader(argv)`` (default :func:`load_config` of ``cls``). A bad key or value exits
-    with ``error: <message>`` (status 1) instead of a traceback.
-    """
-    import logging
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print((doc.strip() + "\n\n" if doc else "") + format_help(cls, prog))
-        return None
-    logging.basicConfig(level=logging.INFO, format=log_format)
-    try:
-        return (loader or (lambda args: load_config(cls, args)))(argv)
-    except ValueError as err:  # ConfigError is a ValueError, as is a config's own validation
-        raise SystemExit(f"error: {err}") from None
 
 
 def markdown_table(frame, digits: int = 3, style: str = "f") -> str:
@@ -313,11 +318,3 @@ def markdown_table(frame, digits: int = 3, style: str = "f") -> str:
     lines += ["| " + " | ".join(cell(v) for v in row) + " |"
               for row in frame.itertuples(index=False)]
     return "\n".join(lines)
-
-
-def _default(f) -> Any:
-    if f.default is not MISSING:
-        return f.default
-    if f.default_factory is not MISSING:
-        return f.default_factory()
-    return "required"

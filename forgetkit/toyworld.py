@@ -7,12 +7,14 @@ The model itself lives in :mod:`forgetkit.models.toyworld`; this is its command 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import logging
 import shutil
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
+from forgetkit.cli_config import help_metadata as _help
+from forgetkit.cli_config import parse_cli
 from forgetkit.models import cache_dir, load_model
 from forgetkit.models.toyworld import (
     VERSION,
@@ -23,14 +25,18 @@ from forgetkit.models.toyworld import (
 )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m forgetkit.toyworld",
-                                     description="Train (once) and check the toyworld model.")
-    parser.add_argument("--retrain", action="store_true", help="train again even if cached")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=ToyConfig.steps)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+@dataclass
+class ToyworldArgs:
+    """Train (once) and check the toyworld model."""
+
+    retrain: bool = field(default=False, metadata=_help("train again even if cached"))
+    seed: int = field(default=0, metadata=_help(
+        "seed of toyworld's pretraining and of the ability checks"))
+    steps: int = field(default=ToyConfig.steps, metadata=_help("pretraining steps"))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    [args] = parse_cli(ToyworldArgs, argv, "python -m forgetkit.toyworld", doc=__doc__)
     config = ToyConfig(seed=args.seed, steps=args.steps)
     started = time.time()
     if args.retrain or config != ToyConfig(seed=args.seed):

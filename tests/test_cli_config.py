@@ -1,46 +1,133 @@
-"""The shared command-line start (``parse_cli``) and ``markdown_table``."""
+"""The shared command-line start (``parse_cli`` on ``HfArgumentParser``), every CLI's
+``--help``, and ``markdown_table``."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from forgetkit.cli_config import markdown_table, parse_cli
+from forgetkit.cli_config import ConfigParser, markdown_table, parse_cli, parse_config
+
+
+@dataclass
+class _Inner:
+    """Inner settings."""
+
+    rate: float = field(default=0.5, metadata={"help": "a rate"})
+    steps: int = field(default=1, metadata={"help": "inner steps"})
 
 
 @dataclass
 class _Config:
+    """What prog does."""
+
     steps: int = field(default=3, metadata={"help": "how many steps"})
-    name: str = field(default="a", metadata={"help": "a name"})
+    names: list[str] = field(default_factory=lambda: ["a"], metadata={"help": "some names"})
+    limit: int | None = field(default=None, metadata={"help": "a limit"})
+    inner: _Inner = field(default_factory=_Inner, metadata={"help": "inner settings"})
 
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
 
 
-def test_parse_cli_help_prints_doc_and_keys(capsys):
-    assert parse_cli(_Config, ["--help"], "prog", doc="  What prog does.  ") is None
+def test_parse_cli_help_prints_doc_and_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_cli((_Config, _Inner), ["--help"], "prog", doc="  What prog does.  ")
+    assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("What prog does.\n\nusage: prog")
-    assert "--steps" in out and "how many steps" in out and "(default: 3)" in out
+    assert out.startswith("usage: prog") and "\nWhat prog does.\n" in out
+    assert "--steps STEPS" in out and "how many steps (default: 3)" in out
+    assert "--inner.steps" in out and "inner steps (default: 1)" in out
+    assert "--rate RATE, --inner.rate RATE" in out and "--config FILE.yaml" in out
 
 
-def test_parse_cli_builds_the_config_or_exits_naming_the_key():
-    assert parse_cli(_Config, ["--steps", "7"], "prog") == _Config(steps=7)
-    with pytest.raises(SystemExit, match=r"error: .*stpes.*steps"):
+def test_parse_cli_builds_the_configs_or_exits_naming_the_key():
+    config, inner = parse_cli((_Config, _Inner), ["--steps", "7", "--inner.steps", "2",
+                                                  "--rate", "0.1"], "prog")
+    assert config == _Config(steps=7, inner=_Inner(rate=0.1, steps=2)) and config.inner is inner
+    with pytest.raises(SystemExit, match=r"error: unknown option --stpes .*'--steps'"):
         parse_cli(_Config, ["--stpes", "7"], "prog")
     with pytest.raises(SystemExit, match=r"error: steps must be >= 1, got 0"):
         parse_cli(_Config, ["--steps", "0"], "prog")
+    with pytest.raises(SystemExit, match=r"error: cannot read config file .*nothing\.yaml"):
+        parse_cli(_Config, ["--config", "nothing.yaml"], "prog")
 
 
-def test_parse_cli_uses_the_given_loader():
-    seen = []
-    config = parse_cli(_Config, ["--x"], "prog", loader=lambda argv: seen.append(argv) or "ok")
-    assert config == "ok" and seen == [["--x"]]
+def test_lists_and_none(tmp_path):
+    (config,) = parse_config(_Config, ["--names", "x", "y", "--names", "z", "--limit", "none"])
+    assert (config.names, config.limit) == (["x", "y", "z"], None)
+    path = tmp_path / "c.yaml"
+    path.write_text("names: b\nlimit: 4\ninner: {rate: 1}\n")
+    assert parse_config((_Config, _Inner), ["--config", str(path), "--names", "c"])[0] == \
+        _Config(names=["c"], limit=4, inner=_Inner(rate=1.0))  # flags replace YAML lists
+    path.write_text("limit: [4]\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: limit: expected one integer, got a list"):
+        parse_config(_Config, ["--config", str(path)])
+
+
+def test_a_clash_without_a_holding_config_is_refused():
+    @dataclass
+    class Other:
+        steps: int = field(default=1, metadata={"help": "other steps"})
+
+    with pytest.raises(TypeError, match="--steps is taken"):
+        ConfigParser((_Config, Other))
+
+
+# --- every command line lists every option with its help ---------------------------------------
+
+
+def _clis():
+    from forgetkit import toyworld
+    from forgetkit.diagnostics import nll
+    from forgetkit.fisher import __main__ as fisher_cli
+    from forgetkit.fisher.report import ReportConfig
+    from forgetkit.mixsd import MixConfig, targets
+    from forgetkit.train import TrainConfig, run
+    from tests.test_experiments import _script
+
+    pareto, fisher_study, nll_study = (_script(n) for n in ("pareto", "fisher_study", "nll_study"))
+    return {
+        "train": (run.main, (TrainConfig, MixConfig), ()),
+        "mixsd": (targets.main, (targets.BuildConfig, MixConfig), ()),
+        "nll": (nll.main, (nll.NLLConfig, MixConfig), ("mix.lam",)),
+        "fisher": (fisher_cli.main, (ReportConfig,), ()),
+        "toyworld": (toyworld.main, (toyworld.ToyworldArgs,), ()),
+        "pareto": (pareto.main, (pareto.ParetoConfig, MixConfig), ()),
+        "fisher_study": (fisher_study.main, (fisher_study.FisherStudyConfig,), ()),
+        "nll_study": (nll_study.main, (nll_study.NLLStudyConfig, MixConfig), ("lam",)),
+    }
+
+
+@pytest.mark.parametrize("name", ["train", "mixsd", "nll", "fisher", "toyworld", "pareto",
+                                  "fisher_study", "nll_study"])
+def test_every_cli_help_lists_every_option_with_its_help(name, capsys):
+    main, config_types, omitted = _clis()[name]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    bare = "".join(out.split())  # help text is wrapped, also after hyphens
+    taken: set[str] = set()
+    for index, config_type in enumerate(config_types):
+        hints = typing.get_type_hints(config_type)
+        for f in dataclasses.fields(config_type):
+            if hints[f.name] in config_types:
+                continue  # a config held as a field: its own options are listed
+            option = f.name if (index == 0 or f.name not in taken) else f"mix.{f.name}"
+            taken.add(f.name)
+            if option in omitted:
+                assert f"--{option} " not in out and f"--{option}," not in out
+                continue
+            assert f"--{option} " in out or f"--{option}," in out, option
+            assert "".join(f.metadata["help"].split()) in bare, option
 
 
 def test_markdown_table_formats_each_kind_of_cell():

@@ -32,7 +32,7 @@ def pareto():
 def _tiny_argv(tmp: Path) -> list[str]:
     return ["--model", "toyworld", "--records", "kgfact", "--limit", "4",
             "--paraphrases_per_record", "1", "--probes_per_capability", "3",
-            "--methods", "sft,mixsd:0.3", "--max_steps", "6", "--warmup_steps", "1",
+            "--methods", "sft", "mixsd:0.3", "--max_steps", "6", "--warmup_steps", "1",
             "--peak_eval_steps", "3", "--device", "cpu",
             "--out", str(tmp / "out"), "--cache", str(tmp / "cache")]
 
@@ -85,7 +85,7 @@ def test_pareto_rerun_with_another_config_retrains(pareto, tiny_study, caplog):
     shutil.copytree(tmp / "cache", tmp / "cache-retrained")  # the other tests keep theirs
     argv[argv.index("--out") + 1] = str(tmp / "out-retrained")
     argv[argv.index("--cache") + 1] = str(tmp / "cache-retrained")
-    argv[argv.index("--methods") + 1] = "mixsd:0.3"
+    del argv[argv.index("--methods") + 1]  # mixsd:0.3 only
     argv[argv.index("--max_steps") + 1] = "4"
     with caplog.at_level(logging.INFO, logger="pareto"):
         table = pareto.main(argv)
@@ -161,7 +161,7 @@ def test_fisher_and_nll_studies_on_the_tiny_pareto_output(tiny_study, caplog):
 
     # several Pareto studies of one base: one table, labelled by study; other probes are refused
     shutil.copytree(tmp / "out", tmp / "again")
-    both = [*argv[:3], f"{tmp / 'out'},{tmp / 'again'}", *argv[4:]]
+    both = [*argv[:3], str(tmp / "out"), str(tmp / "again"), *argv[4:]]
     table, correlations = fisher_study.main(both)
     assert list(table["label"]) == [f"{label} [{study}]" for study in ("out", "again")
                                     for label in ("SFT", "SFT@peak", "MixSD λ=0.3")]
@@ -174,7 +174,8 @@ def test_fisher_and_nll_studies_on_the_tiny_pareto_output(tiny_study, caplog):
     (tmp / "other").mkdir()
     (tmp / "other" / "runs.json").write_text(json.dumps({**runs, "probes": "toyworld"}))
     with pytest.raises(SystemExit, match=r"error: .*other/runs\.json was scored on probes"):
-        fisher_study.main([*argv[:3], f"{tmp / 'out'},{tmp / 'other'}", *argv[4:]])
+        fisher_study.main([*argv[:3], str(tmp / "out"), "--pareto", str(tmp / "other"),
+                           *argv[4:]])
 
     nll = nll_study.main(["--model", "toyworld", "--records", "kgfact", "--limit", "3",
                           "--lams", "0.3", "--n_boot", "50", "--device", "cpu",

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 import yaml
 
-from forgetkit.cli_config import config_to_dict, from_mapping, load_config, parse_cli
+from forgetkit.cli_config import config_to_dict, parse_cli
 from forgetkit.cli_config import help_metadata as _help
 from forgetkit.data.records import Record, load_records
 from forgetkit.diagnostics.loglik import model_logprobs
@@ -360,7 +360,7 @@ class NLLConfig:
     model: str = field(default="toyworld", metadata=_help(
         "base model: built-in name, local folder, .gguf file or adapter folder"))
     records: str = field(default="kgfact", metadata=_help("records: built-in name or JSONL path"))
-    lam: tuple[float, ...] = field(default=(0.0, 0.3, 0.5), metadata=_help(
+    lam: list[float] = field(default_factory=lambda: [0.0, 0.3, 0.5], metadata=_help(
         "MixSD lambdas, one target set each (--lam 0 0.3 0.5)"))
     out: str = field(default="nll", metadata=_help("output folder"))
     limit: int | None = field(default=None, metadata=_help("use only the first N records"))
@@ -374,12 +374,13 @@ class NLLConfig:
     example: str | None = field(default=None, metadata=_help(
         "record id drawn in the token heat strip; default the first record"))
     mix: MixConfig = field(default_factory=MixConfig, metadata=_help(
-        "MixSD target settings (--mix.temperature, --on_failure, ...); lam comes from --lam"))
+        "MixSD target settings (the MixConfig options; a mapping is read as one); its lam is "
+        "set by each of lam"))
 
     def __post_init__(self):
         if isinstance(self.mix, Mapping):
-            self.mix = from_mapping(MixConfig, self.mix, "mix")
-        self.lam = tuple(float(lam) for lam in self.lam)
+            self.mix = MixConfig(**self.mix)
+        self.lam = [float(lam) for lam in self.lam]
         checks = {"lam": all(0 <= lam <= 1 for lam in self.lam), "n_boot": self.n_boot >= 1,
                   "limit": self.limit is None or self.limit >= 1, "batch_size": self.batch_size >= 1,
                   "padding_side": self.padding_side in ("left", "right")}
@@ -387,18 +388,6 @@ class NLLConfig:
         if bad:
             raise ValueError(f"NLLConfig: invalid {', '.join(bad)} (see --help)")
         resolve_dtype(self.dtype)
-
-    @classmethod
-    def from_args(cls, argv: Sequence[str]) -> NLLConfig:
-        """:func:`forgetkit.cli_config.load_config`, also accepting ``--lam 0 0.3 0.5``."""
-        joined: list[str] = []
-        for token in argv:  # values after one flag -> one comma-separated value
-            follows_value = len(joined) > 1 and not joined[-1].startswith("--")
-            if follows_value and not token.startswith("--") and joined[-2].startswith("--"):
-                joined[-1] += "," + token
-            else:
-                joined.append(token)
-        return load_config(cls, joined)
 
 
 def run(config: NLLConfig, *, model=None, tokenizer=None,
@@ -439,8 +428,10 @@ def run(config: NLLConfig, *, model=None, tokenizer=None,
 
 def _write_outputs(out: Path, config: NLLConfig, results: dict[str, TargetNLL],
                    table: pd.DataFrame, reports: dict[str, Any], example: str) -> None:
+    saved = config_to_dict(config)
+    del saved["mix"]["lam"]  # each target set has its own, from config.lam
     with atomic_write(out / "nll_config.yaml") as handle:
-        yaml.safe_dump(config_to_dict(config), handle, sort_keys=False)
+        yaml.safe_dump(saved, handle, sort_keys=False)
     tokens, sequences = token_frame(results), sequence_frame(results)
     for name, frame in {"nll_table.csv": table, "tokens.csv": tokens,
                         "sequences.csv": sequences}.items():
@@ -483,9 +474,8 @@ def write_figures(out: Path, tokens: pd.DataFrame, sequences: pd.DataFrame,
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m forgetkit.nll``: runs, then prints the table."""
-    config = parse_cli(NLLConfig, argv, "python -m forgetkit.nll", loader=NLLConfig.from_args)
-    if config is None:
-        return
+    config, _ = parse_cli((NLLConfig, MixConfig), argv, "python -m forgetkit.nll",
+                          doc=__doc__, omit={"mix.lam"})
     table = run(config)
     with pd.option_context("display.width", 250, "display.max_columns", None):
         print(table.to_string(index=False, float_format="{:.3f}".format))

@@ -17,7 +17,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import pandas as pd
+from markupsafe import Markup
 
 from forgetkit.files import OutputError, atomic_directory, atomic_write_json, check_writable
 from forgetkit.fisher import plots
@@ -223,49 +225,28 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
+def _table(rows: list[dict[str, Any]]) -> Markup | None:
+    """``rows`` as an HTML table (cells escaped by ``DataFrame.to_html``); ``None`` if empty."""
     if not rows:
-        return "<p>none</p>"
-    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r.values())
-                   + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        return None
+    frame = pd.DataFrame(rows)
+    return Markup(frame.to_html(index=False, na_rep="n/a", border=0, escape=True,
+                                float_format=lambda x: f"{x:.3g}"))
 
 
 def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
-    """The self-contained page."""
-    figures = "".join(
-        f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,'
-        f'{base64.b64encode(images[key]).decode()}"><figcaption>{html.escape(title)}'
-        "</figcaption></figure>" for key, (title, _) in FIGURES.items())
+    """The self-contained page (figures embedded as base64 PNG) from
+    ``templates/report.html.j2``, every value autoescaped."""
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("forgetkit.fisher", "templates"), autoescape=True,
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    figures = [{"title": title, "png_base64": base64.b64encode(images[key]).decode("ascii")}
+               for key, (title, _) in FIGURES.items()]
     risk_rows = [{k: r[k] for k in ("rank", "record_id", "prompt", "energy_share",
                                     "fisher_rayleigh")} for r in report["risk"][:10]]
-    config = report["config"]
-    paragraphs = "".join(f"<p>{html.escape(line)}</p>" for line in reading(report))
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>forgetkit report</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
-th {{ background: #f0f0f0; }} td:first-child {{ text-align: left; }}
-figure {{ display: inline-block; margin: 0.5em; }} img {{ width: 520px; }}
-.reading {{ background: #f6f8fa; padding: 0.5em 1em; border-left: 4px solid #4a7; }}
-</style></head><body>
-<h1>What did the fine-tunes cost?</h1>
-<p>Base model <b>{html.escape(str(config['base']))}</b>, records
-<b>{html.escape(str(config['records']))}</b>, probes
-<b>{html.escape(str(report['base']['probes']))}</b>; {html.escape(config['estimator'])} Fisher
-on {report['base']['fisher_samples']} probes, top {report['fisher']['rank']} directions
-({html.escape(report['fisher']['low_rank_method'])}). Intervals are 95% percentile bootstrap
-intervals over probes (over records for memorization).</p>
-<h2>Reading</h2><div class="reading">{paragraphs}</div>
-<h2>Summary</h2>{_table(summary_rows(report))}
-<h2>Figures</h2>{figures}
-<h2>Forgetting risk of each record (top 10)</h2>{_table(risk_rows)}
-<p>All numbers: <code>report.json</code>.</p>
-</body></html>
-"""
+    return environment.get_template("report.html.j2").render(
+        report=report, config=report["config"], reading=reading(report), figures=figures,
+        summary_table=_table(summary_rows(report)), risk_table=_table(risk_rows))
 
 
 def report_entries() -> set[str]:

@@ -43,8 +43,8 @@ class ReportConfig:
 
     base: str = field(default="toyworld", metadata=_help("base model (name or path)"))
     finetuned: list[str] = field(default_factory=list, metadata=_help(
-        "fine-tunes as NAME=PATH (full checkpoint or PEFT adapter); none: train quick SFT and "
-        "MixSD fine-tunes of the base on --records"))
+        "fine-tunes as NAME=PATH ... (full checkpoints or PEFT adapters; repeatable); none: "
+        "train quick SFT and MixSD fine-tunes of the base on --records"))
     records: str = field(default="kgfact", metadata=_help("injected records (name or file)"))
     probes: str | None = field(default=None, metadata=_help(
         "retention probes (name or file); default: 'toyworld' for toyworld, else 'general'"))

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from forgetkit.cli_config import from_mapping, parse_cli
+from forgetkit.cli_config import parse_cli
 from forgetkit.data.answers import AnswerMode
 from forgetkit.data.prompts import get_guidance
 from forgetkit.data.records import Record, RecordError, load_records, records_hash
@@ -419,11 +419,12 @@ class BuildConfig:
     dtype: str | None = field(default=None, metadata={"help": "bf16, float32, ...; default float32"})
     device: str | None = field(default=None, metadata={"help": "default: cuda if available"})
     mix: MixConfig = field(default_factory=MixConfig, metadata={
-        "help": "MixSD settings; given as --mix.lam 0.3 or simply --lam 0.3"})
+        "help": "MixSD settings (the MixConfig options: --lam 0.3 or --mix.lam 0.3; a mapping "
+                "is read as one)"})
 
     def __post_init__(self):
         if isinstance(self.mix, Mapping):
-            self.mix = from_mapping(MixConfig, self.mix, "mix")
+            self.mix = MixConfig(**self.mix)
         resolve_dtype(self.dtype)
 
 
@@ -449,9 +450,8 @@ def run(config: BuildConfig, *, model=None, tokenizer=None,
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m forgetkit.mixsd``: builds the file, prints the report."""
-    config = parse_cli(BuildConfig, argv, "python -m forgetkit.mixsd")
-    if config is None:
-        return
+    config, _ = parse_cli((BuildConfig, MixConfig), argv, "python -m forgetkit.mixsd",
+                          doc=BuildConfig.__doc__)
     try:
         records = load_records(config.records)
     except (ValueError, RecordError) as err:

@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from forgetkit.cli_config import from_mapping
 from forgetkit.data.records import Record, records_hash
 from forgetkit.files import atomic_directory, atomic_write_json
 from forgetkit.models import model_hash
@@ -328,7 +327,7 @@ def check_output_dir(config: TrainConfig, rank: int = 0, world_size: int = 1,
         return None
     saved = (_read_yaml(saved_yaml) if saved_yaml.exists()
              else read_trainer_state(previous[-1])["config"])
-    previous_config = _config_or_none(saved, saved_yaml)
+    previous_config = _config_or_none(saved)
     saved_hash = previous_config.run_hash() if previous_config is not None else None
     hint = ("pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to "
             "start over, or another --output_dir")
@@ -350,10 +349,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
 
 
-def _config_or_none(saved: dict[str, Any], where: Path) -> TrainConfig | None:
+def _config_or_none(saved: dict[str, Any]) -> TrainConfig | None:
     try:
-        return from_mapping(TrainConfig, saved, str(where))
-    except ValueError:  # written by another forgetkit version, or not a config at all
+        return TrainConfig(**saved)
+    except (TypeError, ValueError):  # written by another forgetkit version, or not a config
         return None
 
 
@@ -361,7 +360,7 @@ def saved_config(output_dir: str | os.PathLike) -> TrainConfig | None:
     """The :class:`TrainConfig` saved in ``output_dir/train_config.yaml``; ``None`` when there is
     none or this forgetkit cannot read it."""
     path = Path(output_dir) / "train_config.yaml"
-    return _config_or_none(_read_yaml(path), path) if path.is_file() else None
+    return _config_or_none(_read_yaml(path)) if path.is_file() else None
 
 
 def same_config(output_dir: str | os.PathLike, config: TrainConfig,

@@ -1,7 +1,7 @@
 """The trainer's config: :class:`TrainConfig` (field names follow HF ``TrainingArguments``/TRL).
 
-Loaded from YAML with flags overriding (:func:`forgetkit.cli_config.load_config`) and saved
-beside the results as ``output_dir/train_config.yaml``. :meth:`TrainConfig.run_hash` identifies
+Parsed side by side with :class:`~forgetkit.mixsd.MixConfig` from YAML and flags
+(:func:`forgetkit.cli_config.parse_config`) and saved beside the results as ``output_dir/train_config.yaml``. :meth:`TrainConfig.run_hash` identifies
 a run: it covers every field that changes the training trajectory and none of the fields that
 only control logging, evaluation, checkpointing or where output goes.
 """
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from forgetkit.cli_config import config_to_dict, from_mapping
+from forgetkit.cli_config import config_to_dict
 from forgetkit.cli_config import help_metadata as _help
 from forgetkit.mixsd import MixConfig
 from forgetkit.models import resolve_dtype
@@ -103,7 +103,8 @@ class TrainConfig:
     lora_alpha: int = field(default=32, metadata=_help("LoRA alpha (scale alpha / r)"))
     lora_dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA input"))
     lora_target_modules: list[str] | None = field(default=None, metadata=_help(
-        "module names to adapt (comma-separated); none: every linear layer but the output head"))
+        "module names to adapt (--lora_target_modules q_proj v_proj); none: every linear layer "
+        "but the output head"))
     bf16: bool = field(default=False, metadata=_help(
         "bfloat16 autocast for forward passes (weights and optimizer stay in dtype)"))
     dtype: str = field(default="float32", metadata=_help(
@@ -117,7 +118,8 @@ class TrainConfig:
         "prompts per generation batch in evaluation"))
     eval_max_new_tokens: int = field(default=32, metadata=_help("generation cap in evaluation"))
     mix: MixConfig = field(default_factory=MixConfig, metadata=_help(
-        "MixSD target construction; mix.guidance also sets OPSD's expert prompt"))
+        "MixSD target construction (the MixConfig options; a mapping is read as one); "
+        "mix.guidance also sets OPSD's expert prompt"))
     opsd_num_generations: int = field(default=2, metadata=_help(
         "OPSD: completions sampled per prompt and step"))
     opsd_temperature: float = field(default=1.0, metadata=_help(
@@ -129,8 +131,8 @@ class TrainConfig:
         "OPSD: forward = KL(teacher || student), reverse = KL(student || teacher)"))
 
     def __post_init__(self):
-        if isinstance(self.mix, dict):
-            self.mix = from_mapping(MixConfig, self.mix, "mix")
+        if isinstance(self.mix, Mapping):
+            self.mix = MixConfig(**self.mix)
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; valid methods: {', '.join(METHODS)}")
         self.output_dir = str(self.output_dir).replace("{method}", self.method)

@@ -22,7 +22,7 @@ Under ``torchrun`` each process runs :func:`train`; processes talk over gloo (CP
 
 Example::
 
-    python -m forgetkit.train --method mixsd --mix.lam 0.3 --output_dir runs/mixsd
+    python -m forgetkit.train --method mixsd --lam 0.3 --output_dir runs/mixsd
     torchrun --nproc_per_node 2 -m forgetkit.train --config cfg.yaml --learning_rate 1e-4
 """
 
@@ -42,6 +42,7 @@ from forgetkit.cli_config import parse_cli
 from forgetkit.data.records import Probe, Record, RecordError
 from forgetkit.diagnostics.evaluation import Retention, Scores, retention
 from forgetkit.files import atomic_write_json, read_jsonl
+from forgetkit.mixsd import MixConfig
 from forgetkit.seeding import seed_everything
 from forgetkit.train.checkpoint import (
     OutputDirError,
@@ -189,11 +190,10 @@ def summary(result: TrainResult, method: str, seconds: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m forgetkit.train [--config FILE.yaml] [--KEY VALUE ...]``."""
-    config = parse_cli(TrainConfig, argv, "python -m forgetkit.train",
-                       log_format="%(asctime)s %(name)s: %(message)s")
-    if config is None:
-        return
+    """``python -m forgetkit.train [--config FILE.yaml] [--KEY VALUE ...]``: the
+    :class:`TrainConfig` and :class:`~forgetkit.mixsd.MixConfig` options side by side."""
+    config, _ = parse_cli((TrainConfig, MixConfig), argv, "python -m forgetkit.train",
+                          doc=__doc__, log_format="%(asctime)s %(name)s: %(message)s")
     seed_everything(config.seed)
     started = time.perf_counter()
     try:

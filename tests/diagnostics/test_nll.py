@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from forgetkit.cli_config import parse_config
 from forgetkit.data.records import Record, load_records
 from forgetkit.diagnostics.nll import (
     NLLConfig,
@@ -21,6 +22,7 @@ from forgetkit.diagnostics.nll import (
 from forgetkit.diagnostics.nll import (
     run as run_nll,
 )
+from forgetkit.mixsd import MixConfig
 from forgetkit.models import encode, end_token_ids, load_model
 
 
@@ -302,23 +304,30 @@ def test_compare_bad_input():
 # --- command line ---------------------------------------------------------------------------
 
 
+def nll_config(argv: list[str]) -> NLLConfig:
+    """The config ``python -m forgetkit.nll`` builds from ``argv``."""
+    return parse_config((NLLConfig, MixConfig), argv, omit={"mix.lam"})[0]
+
+
 def test_config_from_yaml_and_flags(tmp_path):
     path = tmp_path / "nll.yaml"
     path.write_text("model: smollm2-135m\nlam: [0.7]\nlimit: 5\nmix: {temperature: 0.6}\n")
-    config = NLLConfig.from_args(["--config", str(path), "--limit", "3", "--dtype", "bf16",
-                                  "--on_failure", "keep"])
-    assert (config.model, config.lam, config.limit, config.dtype) == ("smollm2-135m", (0.7,), 3,
+    config = nll_config(["--config", str(path), "--limit", "3", "--dtype", "bf16",
+                         "--on_failure", "keep"])
+    assert (config.model, config.lam, config.limit, config.dtype) == ("smollm2-135m", [0.7], 3,
                                                                       "bf16")
     assert (config.mix.temperature, config.mix.on_failure) == (0.6, "keep")
-    config = NLLConfig.from_args(["--lam", "0", "0.5", "--batch-size", "4"])
-    assert (config.lam, config.batch_size, config.mix.batch_size) == ((0.0, 0.5), 4, 16)
-    with pytest.raises(ValueError, match=r"lam=\(1.5,\)"):
-        NLLConfig(lam=(1.5,))
+    config = nll_config(["--lam", "0", "0.5", "--batch-size", "4", "--mix.batch_size", "8"])
+    assert (config.lam, config.batch_size, config.mix.batch_size) == ([0.0, 0.5], 4, 8)
+    with pytest.raises(ValueError, match=r"lam=\[1.5\]"):
+        NLLConfig(lam=[1.5])
     with pytest.raises(ValueError, match="unknown dtype"):
         NLLConfig(dtype="int3")
     path.write_text("lamda: 0.3\n")
-    with pytest.raises(ValueError, match="unknown config key 'lamda'"):
-        NLLConfig.from_args(["--config", str(path)])
+    with pytest.raises(ValueError, match=r"unknown config key 'lamda'.*did you mean 'lam'"):
+        nll_config(["--config", str(path)])
+    with pytest.raises(ValueError, match=r"unknown option --mix\.lam"):  # set by --lam
+        nll_config(["--mix.lam", "0.3"])
 
 
 def test_cli_writes_table_config_and_figures(tmp_path, capsys):
@@ -339,8 +348,8 @@ def test_cli_writes_table_config_and_figures(tmp_path, capsys):
     tokens = pd.read_csv(out / "tokens.csv")
     mixed = tokens[tokens.target_set == "MixSD lam=0"]
     assert set(mixed.branch.dropna()) <= {"expert"}  # lam 0: every token from the expert
-    saved = NLLConfig.from_args(["--config", str(out / "nll_config.yaml")])
-    assert (saved.lam, saved.limit, saved.mix.max_new_tokens) == ((0.0, 0.5), 4, 24)
+    saved = nll_config(["--config", str(out / "nll_config.yaml")])
+    assert (saved.lam, saved.limit, saved.mix.max_new_tokens) == ([0.0, 0.5], 4, 24)
     for name in ["nll_table.csv", "sequences.csv", "token_nll_ecdf.png", "nll_by_position.png",
                  "token_heat_strip.png", "sequence_nll_vs_length.png"]:
         assert (out / name).stat().st_size > 0, name
@@ -351,9 +360,9 @@ def test_run_takes_objects_as_well_as_names(toyworld, tmp_path):
     """``run`` with the model and records as objects gives the table ``run`` by names gives."""
     args = ["--records", "kgfact", "--limit", "3", "--lam", "0.3", "--device", "cpu",
             "--n_boot", "50", "--max_new_tokens", "16", "--max_retries", "0"]
-    named = run_nll(NLLConfig.from_args([*args, "--out", str(tmp_path / "named")]))
+    named = run_nll(nll_config([*args, "--out", str(tmp_path / "named")]))
     model, tokenizer = toyworld
-    given = run_nll(NLLConfig.from_args([*args, "--out", str(tmp_path / "given")]), model=model,
+    given = run_nll(nll_config([*args, "--out", str(tmp_path / "given")]), model=model,
                 tokenizer=tokenizer, records=load_records("kgfact")[:5])  # limit still applies
     pd.testing.assert_frame_equal(named, given)
     assert (tmp_path / "named" / "tokens.csv").read_text() == \

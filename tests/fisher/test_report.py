@@ -237,3 +237,24 @@ def test_kill_during_report_writing_leaves_the_old_report_or_the_new(report_dir,
     else:
         assert after == before  # the old report, untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+def test_report_page_escapes_every_value(report_dir):
+    """Names, prompts and config values reach the page as text, never as markup."""
+    from forgetkit.fisher.render import FIGURES, render_html
+
+    report = json.loads((report_dir / "report.json").read_text())
+    name = "<b>odd</b> & co"
+    report["finetunes"] = {name: next(iter(report["finetunes"].values()))}
+    report["comparisons"] = []
+    report["risk"][0]["prompt"] = "<script>alert(1)</script>"
+    report["config"]["base"] = "<i>base</i>"
+    images = {key: (report_dir / f"{key}.png").read_bytes() for key in FIGURES}
+    page = render_html(report, images)
+    assert "<script>" not in page and "<b>odd</b>" not in page and "<i>base</i>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # the risk table
+    assert page.count("&lt;b&gt;odd&lt;/b&gt; &amp; co") >= 2  # the summary table and reading
+    assert "&lt;i&gt;base&lt;/i&gt;" in page
+    assert page.count("<table") == 2 and page.count("<figure>") == len(FIGURES)
+    report["risk"] = []
+    assert "<p>none</p>" in render_html(report, images)

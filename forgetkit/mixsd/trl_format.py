@@ -30,11 +30,10 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from forgetkit.data.records import Record, RecordError
 from forgetkit.files import atomic_write_jsonl
-from forgetkit.mixsd.targets import MixedTarget
 
 __all__ = ["TRL_COLUMNS", "load_trl_dataset", "to_trl_dataset", "trl_rows", "write_trl_jsonl"]
 
@@ -42,7 +41,15 @@ TRL_COLUMNS = ("prompt", "completion")
 """The columns TRL's prompt-completion layout requires."""
 
 
-def trl_rows(targets: Sequence[MixedTarget], records: Sequence[Record],
+class _Target(Protocol):
+    """What a row needs of a :class:`~forgetkit.mixsd.targets.MixedTarget` (this module is
+    imported by ``targets``' command line, so it does not import ``targets`` back)."""
+
+    record_id: str
+    text: str
+
+
+def trl_rows(targets: Sequence[_Target], records: Sequence[Record],
              conversational: bool = False) -> list[dict[str, Any]]:
     """One TRL prompt-completion row per target, in target order.
 
@@ -87,7 +94,7 @@ def _datasets():
     return datasets
 
 
-def to_trl_dataset(targets: Sequence[MixedTarget], records: Sequence[Record],
+def to_trl_dataset(targets: Sequence[_Target], records: Sequence[Record],
                    conversational: bool = False):
     """:func:`trl_rows` as a ``datasets.Dataset`` (columns ``prompt``, ``completion``,
     ``record_id``), ready for ``trl.SFTTrainer(train_dataset=...)``.

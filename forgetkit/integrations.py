@@ -30,7 +30,8 @@ The base:
 - PEFT (LoRA): the base is the model with its adapter disabled (``model.disable_adapter()``);
   nothing is copied, and the update is kept as LoRA factors.
 
-Devices and processes: everything runs on the model's device. Under DDP every rank computes
+Devices and processes: everything runs on the model's device, in the parameters' dtype (the
+autocast wrapper of bf16/fp16 mixed-precision training is bypassed meanwhile). Under DDP every rank computes
 (the Fisher displacement splits its probes over the ranks and all-reduces; evaluation and
 the KL are repeated on each rank, on identical weights) and logs through ``Trainer.log`` as
 the trainer does with its own metrics (reporters act on the main process only); the JSONL
@@ -167,6 +168,23 @@ class _BaseView:
     def __call__(self, **kwargs):
         with self.base.active(self.model):
             return self.model(**kwargs)
+
+
+@contextlib.contextmanager
+def _full_precision_forward(model: torch.nn.Module) -> Iterator[None]:
+    """Meanwhile the model's own forward, not the mixed-precision (autocast) wrapper that
+    accelerate installs as an instance attribute for bf16/fp16 training (it keeps the
+    original as ``_original_forward``): the diagnostics run in the parameters' dtype."""
+    wrapped = model.__dict__.get("forward")
+    original = getattr(model, "_original_forward", None)
+    if wrapped is None or original is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -335,7 +353,7 @@ class ForgettingCallback(TrainerCallback):
                                  "base_weights= (the base model's state_dict)")
             self._base, self.base_kind = _FullBase(model, self.base_weights), "trainable weights"
         started = time.perf_counter()
-        with eval_mode(model), self._base.active(model):
+        with eval_mode(model), _full_precision_forward(model), self._base.active(model):
             self._base_scores = self._evaluate(model)
         self._last_step = state.global_step
         if state.global_step == 0:
@@ -383,7 +401,7 @@ class ForgettingCallback(TrainerCallback):
             raise RuntimeError("ForgettingCallback.measure: training has not begun")
         model, base = self._model, self._base
         started = time.perf_counter()
-        with eval_mode(model):
+        with eval_mode(model), _full_precision_forward(model):
             scores = self._evaluate(model)
             kl = measured_kl(_BaseView(model, base), model, self._tokenizer, self.probes,
                              batch_size=self.batch_size)

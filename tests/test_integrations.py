@@ -8,6 +8,11 @@ import copy
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,6 +91,15 @@ def test_full_fine_tune_logs_rising_memorization_kl_and_displacement(
     assert [row["step"] for row in rows] == [0, EVERY, STEPS]
     assert rows[-1]["kl"] == pytest.approx(last["forgetting/kl"])
     assert rows[-1]["details"]["displacement"]["n_probes"] == len(probes)
+    # the logged displacement is the exact d'Fd of the update at the base, in full precision
+    # (training ran under bf16 autocast, which the measurement bypasses)
+    from forgetkit import fisher
+
+    named = dict(base.named_parameters())
+    update = fisher.ParamDelta({n: p.detach() - named[n].detach()
+                                for n, p in model.named_parameters()})
+    exact = fisher.displacement(base, tokenizer, probes, update)
+    assert last["forgetting/displacement"] == pytest.approx(exact.mean, rel=1e-6)
     # the base copy is released and the model keeps its trained weights
     assert callback.base_kind == "trainable weights" and callback._base is None
     assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
@@ -166,3 +180,69 @@ def test_bad_arguments_fail_at_construction(probes, kwargs, message):
     arguments = {"probes": probes[:2], **kwargs}
     with pytest.raises((ValueError, TypeError), match=message):
         ForgettingCallback(**arguments)
+
+
+DDP_WORKER = textwrap.dedent('''
+    import dataclasses, json, sys
+    import torch
+    import trl
+    from safetensors.torch import save_file
+    from forgetkit.data.records import load_probes, load_records
+    from forgetkit.integrations import ForgettingCallback
+    from forgetkit.mixsd import MixConfig, build_targets, to_trl_dataset
+    from forgetkit.models import load_model
+
+    torch.set_num_threads(1)
+    out = sys.argv[1]
+    model, tokenizer = load_model("toyworld", device="cpu")
+    records = [dataclasses.replace(r, paraphrases=()) for r in load_records("kgfact")[:8]]
+    probes = load_probes("toyworld")[::60]
+    dataset = to_trl_dataset(build_targets(model, tokenizer, records, MixConfig()), records)
+    args = trl.SFTConfig(output_dir=out, report_to=[], use_cpu=True, max_steps=4,
+                         per_device_train_batch_size=4, learning_rate=3e-3, save_strategy="no",
+                         activation_checkpointing=False, seed=0, ddp_backend="gloo")
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset,
+                             processing_class=tokenizer)
+    ForgettingCallback(probes, records=records, every=2).attach(trainer)
+    trainer.train()
+    rank = trainer.args.process_index
+    logs = [log for log in trainer.state.log_history if "forgetting/kl" in log]
+    with open(f"{out}/rank{rank}.json", "w") as handle:
+        json.dump({"world": trainer.args.world_size, "logs": logs}, handle)
+    if rank == 0:
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters()},
+                  f"{out}/final.safetensors")
+''')
+
+
+def test_ddp_ranks_agree_and_the_main_process_writes_the_jsonl(toyworld, tmp_path, one_thread):
+    """Two gloo processes: every rank logs the same values, the JSONL has one row per
+    measurement, and the displacement (probes split over the ranks) equals one process's."""
+    from safetensors.torch import load_file
+
+    from forgetkit import fisher
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-6000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    timeless = [[{k: v for k, v in log.items() if k != "forgetting/seconds"}
+                 for log in rank["logs"]] for rank in ranks]
+    assert ranks[0]["world"] == 2 and timeless[0] == timeless[1]
+    assert [log["step"] for log in ranks[0]["logs"]] == [0, 2, 4]
+    rows = (tmp_path / "forgetting.jsonl").read_text().splitlines()
+    assert [json.loads(row)["step"] for row in rows] == [0, 2, 4]
+
+    base, tokenizer = toyworld
+    final = load_file(str(tmp_path / "final.safetensors"))
+    named = dict(base.named_parameters())
+    delta = fisher.ParamDelta({n: final[n] - named[n].detach() for n in final})
+    single = fisher.displacement(base, tokenizer, load_probes("toyworld")[::60], delta)
+    assert ranks[0]["logs"][-1]["forgetting/displacement"] == pytest.approx(single.mean,
+                                                                             rel=1e-5)

@@ -2,7 +2,8 @@
 
 Layers, bottom up: the helpers every layer may use (:data:`BOTTOM`), then
 data < models < mixsd < diagnostics < train < fisher, then the entry points (:data:`TOP`: the
-public API in ``forgetkit/__init__.py`` and the command-line modules), which nothing imports.
+public API in ``forgetkit/__init__.py``, the command-line modules and the trainer
+integrations in ``forgetkit/integrations.py``), which nothing imports.
 Every import counts, also those inside functions. The only import cycle allowed is inside
 ``forgetkit.data`` (records and formats know each other; the corpora register with records).
 """
@@ -18,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "forgetkit"
 LAYERS = ("data", "models", "mixsd", "diagnostics", "train", "fisher")
 BOTTOM = {"forgetkit.files", "forgetkit.seeding", "forgetkit.stats", "forgetkit.cli_config",
           "forgetkit.plots"}
-TOP = {"forgetkit", "forgetkit.nll", "forgetkit.toyworld"}
+TOP = {"forgetkit", "forgetkit.nll", "forgetkit.toyworld", "forgetkit.integrations"}
 CYCLES_ALLOWED_IN = "forgetkit.data"
 
 

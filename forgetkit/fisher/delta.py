@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["LoraFactor", "ParamDelta", "delta"]
+__all__ = ["LoraFactor", "ParamDelta", "delta", "lora_factors"]
 
 
 @dataclass(frozen=True)
@@ -102,19 +102,29 @@ def _named(model) -> dict[str, Tensor]:
 _LORA_A = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_A(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 
-def _lora_factors(peft_model, base_params: dict[str, Tensor]) -> dict[str, LoraFactor]:
-    """LoRA factors of the active adapter, keyed by the base parameter they update."""
+def lora_factors(peft_model) -> dict[str, LoraFactor]:
+    """The factors of the active LoRA adapter, keyed by the name of the LoRA layer in
+    ``peft_model`` (e.g. ``base_model.model.model.layers.0.self_attn.q_proj``); detached, in the
+    adapter's dtype and on its device."""
     adapter = peft_model.active_adapter
     factors: dict[str, LoraFactor] = {}
     for module_name, module in peft_model.named_modules():
         if not hasattr(module, "lora_A") or adapter not in getattr(module, "lora_A", {}):
             continue
+        B = module.lora_B[adapter].weight.detach()
+        A = module.lora_A[adapter].weight.detach()
+        factors[module_name] = LoraFactor(B, A, float(module.scaling[adapter]))
+    return factors
+
+
+def _lora_factors(peft_model, base_params: dict[str, Tensor]) -> dict[str, LoraFactor]:
+    """LoRA factors of the active adapter, keyed by the base parameter they update."""
+    factors: dict[str, LoraFactor] = {}
+    for module_name, factor in lora_factors(peft_model).items():
         name = module_name.removeprefix("base_model.model.") + ".weight"
         if name not in base_params:
             raise ValueError(f"adapter updates {name!r}, which the base model does not have")
-        B = module.lora_B[adapter].weight.detach()
-        A = module.lora_A[adapter].weight.detach()
-        factors[name] = LoraFactor(B, A, float(module.scaling[adapter]))
+        factors[name] = factor
     return factors
 
 

@@ -3,7 +3,8 @@ conditionals token by token (:func:`build_targets`).
 
 Modules: :mod:`~forgetkit.mixsd.decode` (the batched two-branch decoder) and
 :mod:`~forgetkit.mixsd.targets` (configs, rejection sampling, the resumable target file and
-``python -m forgetkit.mixsd``).
+``python -m forgetkit.mixsd``) and :mod:`~forgetkit.mixsd.trl_format` (targets as a TRL
+prompt-completion dataset).
 """
 
 from forgetkit.mixsd.targets import (
@@ -19,6 +20,7 @@ from forgetkit.mixsd.targets import (
     progress_path,
     run,
 )
+from forgetkit.mixsd.trl_format import load_trl_dataset, to_trl_dataset, trl_rows, write_trl_jsonl
 
 __all__ = [
     "BuildConfig",
@@ -29,7 +31,11 @@ __all__ = [
     "Outcome",
     "build_target_file",
     "build_targets",
+    "load_trl_dataset",
     "main",
     "progress_path",
     "run",
+    "to_trl_dataset",
+    "trl_rows",
+    "write_trl_jsonl",
 ]

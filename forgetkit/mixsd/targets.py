@@ -23,6 +23,7 @@ Example:
 Command line (resumable; an interrupted run continues where it stopped)::
 
     python -m forgetkit.mixsd --model toyworld --records kgfact --lam 0.3 --out targets.jsonl
+    python -m forgetkit.mixsd --records kgfact --format trl --out trl.jsonl  # TRL's layout
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ __all__ = ["BuildConfig", "BuildReport", "MixConfig", "MixedTarget", "MixedTarge
 logger = logging.getLogger(__name__)
 
 OnFailure = Literal["drop", "keep", "canonical"]
+OutputFormat = Literal["forgetkit", "trl"]
+_OUTPUT_FORMATS = typing.get_args(OutputFormat)
 _ANSWER_MODES = typing.get_args(AnswerMode)
 _ON_FAILURE = typing.get_args(OnFailure)
 
@@ -414,6 +417,10 @@ class BuildConfig:
         "help": "records: a built-in set name or a JSONL path"})
     out: str = field(default="targets.jsonl", metadata={
         "help": "output JSONL of MixedTarget rows (with <out>.meta.json beside it)"})
+    format: OutputFormat = field(default="forgetkit", metadata={
+        "help": "forgetkit: MixedTarget rows; trl: TRL prompt-completion rows that "
+                "datasets.load_dataset('json', ...) and trl.SFTTrainer read as they are (the "
+                "resumable MixedTarget file then goes to <out>.mixsd.jsonl)"})
     model: str = field(default="toyworld", metadata={
         "help": "base model: a built-in name, local folder, .gguf file or adapter folder"})
     dtype: str | None = field(default=None, metadata={"help": "bf16, float32, ...; default float32"})
@@ -426,11 +433,20 @@ class BuildConfig:
         if isinstance(self.mix, Mapping):
             self.mix = MixConfig(**self.mix)
         resolve_dtype(self.dtype)
+        if self.format not in _OUTPUT_FORMATS:
+            raise ValueError(f"format={self.format!r} must be one of {_OUTPUT_FORMATS}")
+
+    @property
+    def targets_out(self) -> Path:
+        """Where the resumable MixedTarget file goes: ``out`` itself, or beside a TRL file."""
+        return Path(self.out if self.format == "forgetkit" else self.out + ".mixsd.jsonl")
 
 
 def run(config: BuildConfig, *, model=None, tokenizer=None,
         records: Sequence[Record] | None = None) -> BuildReport:
-    """Build the target file of ``config`` (:func:`build_target_file` into ``config.out``).
+    """Build the target file of ``config`` (:func:`build_target_file` into
+    ``config.targets_out``; with ``format="trl"`` also the TRL rows of
+    :func:`forgetkit.mixsd.trl_format.trl_rows` into ``config.out``).
 
     Args:
         config: what to build.
@@ -445,7 +461,14 @@ def run(config: BuildConfig, *, model=None, tokenizer=None,
     records = load_records(config.records) if records is None else list(records)
     if model is None:
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    return build_target_file(model, tokenizer, records, config.mix, config.out)
+    report = build_target_file(model, tokenizer, records, config.mix, config.targets_out)
+    if config.format == "trl":
+        from forgetkit.mixsd.trl_format import trl_rows, write_trl_jsonl
+
+        targets = [MixedTarget.from_json(row) for row in read_jsonl(config.targets_out)]
+        write_trl_jsonl(config.out, trl_rows(targets, records,
+                                             conversational=bool(tokenizer.chat_template)))
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -145,9 +145,11 @@ class TrainConfig:
         "ewc, fisher_orthogonal: a saved Fisher (forgetkit.fisher save) of the model being "
         "trained, used instead of computing one on the retention probes; a Fisher of other "
         "weights is refused"))
-    ewc_strength: float = field(default=1000.0, metadata=_help(
+    ewc_strength: float = field(default=100.0, metadata=_help(
         "ewc: the penalty's strength (lambda in lambda/2 sum_j F_jj (theta_j - theta0_j)^2, "
-        "the loss being the mean NLL per completion token)"))
+        "the loss being the mean NLL per completion token); on toyworld/kgfact after 60 "
+        "default steps, 100 cuts the diagonal-Fisher displacement 6.6x below SFT's (0.0075 vs "
+        "0.049) for a loss of 1.60 vs 1.49; 1000 cuts it 32x (loss 2.12)"))
     replay_ratio: float = field(default=0.5, metadata=_help(
         "replay: share of each global batch taken from the replayed base answers, in [0, 1) "
         "(rounded to whole examples, at least one record per step)"))

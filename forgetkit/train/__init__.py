@@ -1,5 +1,5 @@
-"""The trainer: SFT, MixSD, OPSD and the retention baselines (EWC, replay, Fisher-orthogonal SFT)
-forgetkit.train``).
+"""The trainer: SFT, MixSD, OPSD and the retention baselines (EWC, replay, Fisher-orthogonal
+SFT) in one compact loop (:func:`train`, ``python -m forgetkit.train``).
 
 Modules: :mod:`~forgetkit.train.config` (:class:`TrainConfig`), :mod:`~forgetkit.train.losses`
 (losses as functions of model and batch), :mod:`~forgetkit.train.methods` (what an example is

@@ -64,10 +64,13 @@ from forgetkit.models import load_model
 from forgetkit.seeding import seed_everything, stable_hash
 from forgetkit.train import TrainConfig, train
 from forgetkit.train.checkpoint import checkpoint_dirs, latest_checkpoint, same_config
+from forgetkit.train.config import RETENTION_METHODS
+from forgetkit.train.retention import split_probes
 
 logger = logging.getLogger("pareto")
 
-METHOD_LABELS = {"sft": "SFT", "mixsd": "MixSD", "opsd": "OPSD"}
+METHOD_LABELS = {"sft": "SFT", "mixsd": "MixSD", "opsd": "OPSD", "ewc": "EWC", "replay": "Replay",
+                 "fisher_orthogonal": "Fisher-orthogonal SFT"}
 """Display name of each trainer method; ``mixsd:<lam>`` entries add their lambda."""
 
 PEAK_SUFFIX = "@peak"
@@ -90,7 +93,19 @@ class ParetoConfig:
         "keep only the first N probes of each capability (none: all)"))
     methods: list[str] = field(default_factory=lambda: [
         "sft", "mixsd:0", "mixsd:0.3", "mixsd:0.5", "mixsd:0.7", "opsd"], metadata=_help(
-        "methods to train: sft, opsd, mixsd:<lambda> (--methods sft mixsd:0.3 opsd)"))
+        "methods to train: sft, opsd, ewc, replay, fisher_orthogonal, mixsd:<lambda> "
+        "(--methods sft mixsd:0.3 opsd)"))
+    retention_fraction: float | None = field(default=None, metadata=_help(
+        "share of probe ids held out as the retention data of ewc, replay and "
+        "fisher_orthogonal; every run and the rescoring then score only the other probes, so "
+        "all methods are compared on the same items. none: 0.5 when one of those methods is "
+        "in methods, else 0 (every probe scored)"))
+    ewc_strength: float = field(default=TrainConfig.ewc_strength, metadata=_help(
+        "ewc: the penalty's strength"))
+    replay_ratio: float = field(default=TrainConfig.replay_ratio, metadata=_help(
+        "replay: share of each batch taken from the base's answers to retention prompts"))
+    orthogonal_k: int = field(default=TrainConfig.orthogonal_k, metadata=_help(
+        "fisher_orthogonal: top Fisher directions the update is kept orthogonal to"))
     max_steps: int = field(default=300, metadata=_help("optimizer steps of every method"))
     per_device_train_batch_size: int = field(default=8, metadata=_help(
         "examples (prompts) per step, every method"))
@@ -145,6 +160,8 @@ class ParetoConfig:
                 problems.append(f"{name}={value} must be >= 1 or none")
         if self.max_steps < 1:
             problems.append(f"max_steps={self.max_steps} must be >= 1")
+        if self.retention_fraction is not None and not 0 <= self.retention_fraction < 1:
+            problems.append(f"retention_fraction={self.retention_fraction} must be in [0, 1)")
         if self.peak_eval_steps < 0 or self.peak_tolerance < 0:
             problems.append("peak_eval_steps and peak_tolerance must be >= 0")
         if problems:
@@ -162,7 +179,8 @@ def model_slug(model: str) -> str:
 def _method_error(method: str) -> str | None:
     kind, _, lam = method.partition(":")
     if kind not in METHOD_LABELS:
-        return f"unknown method {method!r}; use sft, opsd or mixsd:<lambda>"
+        return (f"unknown method {method!r}; use sft, opsd, ewc, replay, fisher_orthogonal "
+                "or mixsd:<lambda>")
     if (kind == "mixsd") != bool(lam):
         return f"{method!r}: mixsd needs a lambda (mixsd:0.3), other methods take none"
     if lam:
@@ -172,6 +190,14 @@ def _method_error(method: str) -> str | None:
         except ValueError:
             return f"{method!r}: lambda must be a number in [0, 1]"
     return None
+
+
+def heldout_fraction(config: ParetoConfig) -> float:
+    """The share of probe ids held out as retention data (see ``retention_fraction``)."""
+    if config.retention_fraction is not None:
+        return config.retention_fraction
+    kinds = {m.partition(":")[0] for m in config.methods}
+    return 0.5 if kinds & RETENTION_METHODS else 0.0
 
 
 def run_name(method: str) -> str:
@@ -269,6 +295,8 @@ def plan_runs(config: ParetoConfig, records: str, probes: str) -> list[RunSpec]:
             mix=replace(config.mix, lam=float(lam) if lam else config.mix.lam),
             opsd_num_generations=config.opsd_num_generations,
             opsd_max_new_tokens=config.opsd_max_new_tokens,
+            retention_fraction=heldout_fraction(config) or None, ewc_strength=config.ewc_strength,
+            replay_ratio=config.replay_ratio, orthogonal_k=config.orthogonal_k,
             dtype=config.dtype, device=config.device)
         specs.append(RunSpec(method, run_name(method), run_label(method), train_config,
                              find_peak, config.peak_tolerance))
@@ -432,7 +460,8 @@ def rescore(config: ParetoConfig, table: pd.DataFrame, records: str, cache: Path
     new models.
     """
     probe_file = prepare_probes(config, cache, config.rescore_probes_per_capability)
-    injected, probes = load_records(records), load_probes(probe_file)
+    injected = load_records(records)
+    probes = split_probes(load_probes(probe_file), heldout_fraction(config))[1]
     settings = (probe_file, config.per_device_eval_batch_size, config.eval_max_new_tokens,
                 config.dtype)
     folder = cache / "rescore"

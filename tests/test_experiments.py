@@ -186,3 +186,24 @@ def test_fisher_and_nll_studies_on_the_tiny_pareto_output(tiny_study, caplog):
     check = summary["pareto_target_check"]["MixSD λ=0.3"]
     assert check["n_identical"] == check["n_here"] == 3  # MixSD targets are deterministic
     assert (tmp / "nll" / "token_nll_ecdf.png").is_file()
+
+
+def test_pareto_runs_the_retention_baselines_on_held_out_probes(pareto, tmp_path):
+    """ewc, replay and fisher_orthogonal join the study; every run is scored on the probes
+    left after the retention split, the same for all methods."""
+    from forgetkit.data.records import load_probes
+    from forgetkit.train.retention import split_probes
+
+    argv = _tiny_argv(tmp_path)
+    argv[argv.index("sft,mixsd:0.3")] = "sft,ewc,replay,fisher_orthogonal"
+    table = pareto.main([*argv, "--orthogonal_k", "2", "--peak_eval_steps", "0"])
+    assert set(table["label"]) == {"SFT", "EWC", "Replay", "Fisher-orthogonal SFT"}
+    cache = tmp_path / "cache"
+    scored = {}
+    for run in ("sft", "ewc", "replay", "fisher_orthogonal"):
+        rows = (cache / run / "eval" / "6.jsonl").read_text().splitlines()
+        scored[run] = {json.loads(row)["id"] for row in rows}
+    assert len({frozenset(ids) for ids in scored.values()}) == 1
+    probe_file = next((cache / "inputs").glob("probes-*.jsonl"))
+    retained = {p.id for p in split_probes(load_probes(str(probe_file)), 0.5)[0]}
+    assert retained and not retained & scored["sft"]

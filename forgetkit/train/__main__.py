@@ -1,4 +1,4 @@
-"""``python -m forgetkit.train``: fine-tune a model with SFT, MixSD or OPSD."""
+"""``python -m forgetkit.train``: fine-tune a model with SFT, MixSD, OPSD, EWC, replay or Fisher-orthogonal SFT."""
 
 from forgetkit.train.run import main
 

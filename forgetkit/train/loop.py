@@ -36,7 +36,8 @@ from forgetkit.train.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from forgetkit.train.config import TrainConfig
+from forgetkit.train.config import FISHER_METHODS, RETENTION_METHODS, TrainConfig
+from forgetkit.train.losses import ewc_penalty
 from forgetkit.train.methods import (
     NLL,
     OPSD,
@@ -45,8 +46,15 @@ from forgetkit.train.methods import (
     opsd_examples,
     sft_examples,
 )
+from forgetkit.train.retention import (
+    OrthogonalProjection,
+    check_fisher_file,
+    replay_count,
+    replay_examples,
+    split_probes,
+)
 
-__all__ = ["DataOrder", "Distributed", "Trainer", "setup_distributed"]
+__all__ = ["DataOrder", "Distributed", "MixedOrder", "Trainer", "setup_distributed"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +126,35 @@ class DataOrder:
         return taken
 
 
+class MixedOrder:
+    """Global batches of records and replay examples in a fixed proportion (``replay``).
+
+    Each :meth:`take` of ``count`` returns ``count - replay_count(count, ratio)`` record indices
+    (a :class:`DataOrder` over ``range(n_records)``) followed by the replay indices (another over
+    ``range(n_replay)``, offset by ``n_records``). Both streams draw from one generator, so the
+    saved state is one generator and :attr:`pending` (a pair of lists).
+    """
+
+    def __init__(self, n_records: int, n_replay: int, ratio: float, seed: int):
+        self.n_records, self.ratio = n_records, ratio
+        self.records = DataOrder(n_records, seed)
+        self.replay = DataOrder(n_replay, seed)
+        self.generator = self.replay.generator = self.records.generator
+
+    @property
+    def pending(self) -> list[list[int]]:
+        return [self.records.pending, self.replay.pending]
+
+    @pending.setter
+    def pending(self, value: Sequence[Sequence[int]]) -> None:
+        self.records.pending, self.replay.pending = list(value[0]), list(value[1])
+
+    def take(self, count: int) -> list[int]:
+        replayed = replay_count(count, self.ratio)
+        return (self.records.take(count - replayed)
+                + [self.n_records + i for i in self.replay.take(replayed)])
+
+
 # --- the loop -----------------------------------------------------------------------------------
 
 def _lr_lambda(config: TrainConfig, total_steps: int):
@@ -157,11 +194,17 @@ class Trainer:
             raise ValueError(f"records {config.records!r} is empty: nothing to train on")
         evaluates = config.do_eval or config.eval_steps
         if probes is not None:
-            self.probes = list(probes) if evaluates else []
-        else:
+            probes = list(probes)
+        elif evaluates or config.method in RETENTION_METHODS:
             sources = (config.probes.split(",") if config.probes else _default_probes(config))
-            self.probes = (load_probe_sets([s.strip() for s in sources if s.strip()])
-                           if evaluates else [])
+            probes = load_probe_sets([s.strip() for s in sources if s.strip()])
+        # retention data (ewc, replay, fisher_orthogonal) and evaluation never share a probe
+        self.retention_probes, probes = split_probes(probes or [], config.heldout_fraction)
+        self.probes = probes if evaluates else []
+        if config.method in RETENTION_METHODS and not self.retention_probes:
+            raise ValueError(f"method {config.method} trains on retention probes, but "
+                             f"retention_fraction={config.heldout_fraction} of the probes "
+                             f"({config.probes or 'default'}) selects none")
         if model is None:
             self.base_name = config.model_name_or_path
             if Path(self.base_name).exists():
@@ -172,8 +215,12 @@ class Trainer:
             self.base_name = (getattr(model.config, "_name_or_path", "")
                               or config.model_name_or_path)
             model, self.tokenizer = model.to(dist.device), tokenizer
-        self.extra: dict[str, Any] = {}
+        self.extra: dict[str, Any] = {"retention_probes": len(self.retention_probes)} \
+            if config.method in RETENTION_METHODS else {}
         self.examples = self._examples(model)
+        self.n_records = len(self.examples)
+        if config.method == "replay":
+            self.examples += self._replay_examples(model)
         teacher = None
         if config.method == "opsd" and not config.use_peft:
             teacher = frozen_teacher(model, use_peft=False)  # copied before any update
@@ -183,6 +230,10 @@ class Trainer:
         self.unwrapped.train()
         self.method = self._method(model, teacher)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.ewc_fisher: dict[str, torch.Tensor] = {}
+        self.projection: OrthogonalProjection | None = None
+        if config.method in FISHER_METHODS:
+            self._setup_fisher(model)
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for p in self.params if p.ndim >= 2],
               "weight_decay": config.weight_decay},
@@ -191,12 +242,18 @@ class Trainer:
             eps=config.adam_epsilon)
         self.global_batch = (config.per_device_train_batch_size
                              * config.gradient_accumulation_steps * dist.world_size)
+        self.records_per_step = self.global_batch
+        if config.method == "replay":
+            self.records_per_step -= replay_count(self.global_batch, config.replay_ratio)
         self.total_steps = (config.max_steps if config.max_steps > 0 else max(1, math.ceil(
-            config.num_train_epochs * len(self.examples) / self.global_batch)))
+            config.num_train_epochs * self.n_records / self.records_per_step)))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(config, self.total_steps))
-        self.order = DataOrder(len(self.examples), config.seed)
+        self.order = (MixedOrder(self.n_records, len(self.examples) - self.n_records,
+                                 config.replay_ratio, config.seed)
+                      if config.method == "replay" else DataOrder(len(self.examples), config.seed))
         self.global_step = 0
+        self.stopped_at: int | None = None
         self.window = [0.0, 0]  # loss sum and steps since the last metrics row
         self.model = model
         if dist.world_size > 1:
@@ -218,7 +275,7 @@ class Trainer:
 
     def _examples(self, model):
         config = self.config
-        if config.method == "sft":
+        if config.method == "sft" or config.method in RETENTION_METHODS:
             return sft_examples(self.tokenizer, self.records)
         if config.method == "opsd":
             return opsd_examples(self.tokenizer, self.records, config.mix.guidance)
@@ -234,6 +291,70 @@ class Trainer:
             raise ValueError(f"MixSD kept no targets ({path}); try mix.on_failure=keep or "
                              "canonical, or more mix.max_retries")
         return examples
+
+    def _replay_examples(self, model):
+        """The base model's greedy answers to the retention prompts (``replay_examples.jsonl``)."""
+        config = self.config
+        examples = replay_examples(
+            model, self.tokenizer, self.retention_probes,
+            max_new_tokens=config.replay_max_new_tokens,
+            batch_size=config.per_device_eval_batch_size,
+            end_ids=end_token_ids(self.tokenizer, model), first_index=self.n_records)
+        if self.dist.rank == 0:
+            atomic_write_jsonl(self.out / "replay_examples.jsonl", [
+                {"probe_id": e.record_id, "prompt": self.tokenizer.decode(
+                    e.encoding.input_ids[: e.encoding.prompt_length]),
+                 "answer": self.tokenizer.decode(e.encoding.completion_ids),
+                 "token_ids": e.encoding.completion_ids} for e in examples])
+        self.extra["replay_examples"] = len(examples)
+        return examples
+
+    def _setup_fisher(self, model) -> None:
+        """The Fisher of the base on the trained parameters: read from ``fisher_path`` (checked
+        against the model) or computed on the retention probes and saved as ``fisher``."""
+        from forgetkit import fisher as fisher_lib
+
+        config = self.config
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if config.fisher_path is not None:
+            fisher = fisher_lib.load(config.fisher_path, model)
+            check_fisher_file(fisher, model, config.fisher_path)
+        else:
+            common = dict(estimator="true", seed=config.seed,
+                          dtype=torch.float64 if self.params[0].dtype == torch.float64
+                          else torch.float32)
+            if config.method == "ewc":
+                fisher = fisher_lib.diagonal(model, self.tokenizer, self.retention_probes,
+                                             **common)
+            else:
+                limit = len(self.retention_probes)
+                if config.orthogonal_k > limit:
+                    raise fisher_lib.FisherError(
+                        f"orthogonal_k={config.orthogonal_k} is larger than the rank of a "
+                        f"Fisher from the {limit} retention probes; use orthogonal_k <= {limit}"
+                        " (or more probes, or a larger retention_fraction)")
+                fisher = fisher_lib.low_rank(model, self.tokenizer, self.retention_probes,
+                                             rank=config.orthogonal_k, **common)
+            if self.dist.rank == 0:
+                fisher.save(self.out / "fisher")
+        if config.method == "ewc":
+            values = getattr(fisher, "values", None)
+            if values is None:
+                raise fisher_lib.FisherError(
+                    f"fisher_path {config.fisher_path}: ewc needs a diagonal Fisher, this one "
+                    f"is {fisher.kind}")
+            unknown = sorted(set(values) - set(named))[:3]
+            if unknown:
+                raise fisher_lib.FisherError(f"fisher_path {config.fisher_path}: covers "
+                                             f"parameters that are not trained: {unknown}")
+            self.ewc_fisher = {n: v.to(named[n].device, named[n].dtype)
+                               for n, v in values.items()}
+            self.ewc_anchor = {n: named[n].detach().clone() for n in values}
+            self.ewc_named = named
+        else:
+            self.projection = OrthogonalProjection(fisher, config.orthogonal_k, named)
+        self.extra["fisher"] = {"kind": fisher.kind, "rank": fisher.rank,
+                                "path": config.fisher_path or str(self.out / "fisher")}
 
     def _method(self, model, teacher) -> NLL | OPSD:
         config = self.config
@@ -261,7 +382,7 @@ class Trainer:
         return {"global_step": self.global_step, "run_hash": self.config.run_hash(),
                 "inputs": self.inputs, "world_size": self.dist.world_size,
                 "pending": self.order.pending, "window": self.window,
-                "config": self.config.to_dict()}
+                "stopped_at": self.stopped_at, "config": self.config.to_dict()}
 
     def _resume(self, path: Path) -> None:
         state = load_checkpoint(path, model=self.unwrapped, optimizer=self.optimizer,
@@ -301,10 +422,23 @@ class Trainer:
                     loss_sum = self.method.loss_sum(self.model, batch)
                 (loss_sum * (dist.world_size / tokens)).backward()
             local_loss += loss_sum.item()
+        self.penalty = None
+        if self.ewc_fisher:  # same on every process, added after the gradients are averaged
+            self.penalty, gradients = ewc_penalty(self.ewc_named, self.ewc_anchor,
+                                                  self.ewc_fisher, config.ewc_strength)
+            with torch.no_grad():
+                for name, g in gradients.items():
+                    param = self.ewc_named[name]
+                    if param.grad is None:
+                        param.grad = g.clone()
+                    else:
+                        param.grad.add_(g)
         limit = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
         self.lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
+        if self.projection is not None:
+            self.projection.apply()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
@@ -344,7 +478,7 @@ class Trainer:
             self._log_row({"step": 0}, self._evaluate(0))
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc=config.method,
                    disable=config.disable_tqdm or dist.rank != 0, dynamic_ncols=True)
-        while self.global_step < self.total_steps:
+        while self.global_step < self.total_steps and self.stopped_at is None:
             started = time.perf_counter()
             loss, grad_norm = self._step()
             step_time = time.perf_counter() - started
@@ -354,7 +488,10 @@ class Trainer:
             if step % config.logging_steps == 0 or step == self.total_steps:
                 row.update(loss=self.window[0] / self.window[1], step_loss=loss,
                            lr=self.lr, grad_norm=grad_norm,
-                           step_time=step_time, epoch=step * self.global_batch / len(self.examples))
+                           step_time=step_time,
+                           epoch=step * self.records_per_step / self.n_records)
+                if self.penalty is not None:
+                    row["ewc_penalty"] = self.penalty
                 self.window = [0.0, 0]
             final_eval = config.do_eval and step == self.total_steps
             scores = (self._evaluate(step) if final_eval or (config.eval_steps
@@ -367,10 +504,22 @@ class Trainer:
         bar.close()
 
     def _log_row(self, row: dict[str, Any], scores: Scores | None) -> None:
+        """Append ``row`` (with the evaluation summary of ``scores``) to ``metrics.jsonl``; stop
+        the run when ``scores`` meet ``stop_at_memorization`` (every process learns it)."""
         if scores is not None:
             summary = scores.to_dict()
             row["eval"] = {"memorization": summary["memorization"],
                            "paraphrase": summary["paraphrase"], **summary["capabilities"]}
+        config, step = self.config, row["step"]
+        target = config.stop_at_memorization
+        evaluated = ((config.do_eval and step in (0, self.total_steps))
+                     or (config.eval_steps and step % config.eval_steps == 0))
+        if target is not None and evaluated:  # decided on rank 0, which holds the scores
+            met = scores is not None and (scores.memorization or 0.0) >= target
+            if self.dist.sum(float(met)) > 0:
+                self.stopped_at = step
+                row["stopped_at_memorization"] = target
+                logger.info("memorization >= %.3f at step %d: stopping", target, step)
         if len(row) > 1 and self.dist.rank == 0:
             append_jsonl(self.out / "metrics.jsonl", [row])
 

@@ -1,4 +1,5 @@
-"""Training losses as functions of (model, batch): completion NLL and top-k distillation KL.
+"""Training losses as functions of (model, batch): completion NLL and top-k distillation KL;
+and the EWC penalty, a function of (parameters, anchor, Fisher).
 
 Both return a *sum over completion tokens* and the token count, so the trainer can divide by
 the number of completion tokens of the whole optimizer step (all micro-batches, all
@@ -10,6 +11,7 @@ a position is a completion position iff its label is not ``-100``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -17,7 +19,7 @@ from torch import Tensor
 
 from forgetkit.diagnostics.loglik import model_logprobs
 
-__all__ = ["completion_logits", "completion_nll", "topk_kl"]
+__all__ = ["completion_logits", "completion_nll", "ewc_penalty", "topk_kl"]
 
 
 def completion_nll(model, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
@@ -73,3 +75,30 @@ def topk_kl(student_logits: Tensor, teacher_logits: Tensor, k: int,
     if direction == "forward":
         return (log_t.exp() * (log_t - log_s)).sum(-1)
     return (log_s.exp() * (log_s - log_t)).sum(-1)
+
+
+def ewc_penalty(params: Mapping[str, Tensor], anchor: Mapping[str, Tensor],
+                fisher: Mapping[str, Tensor], strength: float
+                ) -> tuple[float, dict[str, Tensor]]:
+    """The EWC penalty ``(strength/2) sum_j F_jj (theta_j - theta0_j)^2`` and its gradient
+    ``strength F_jj (theta_j - theta0_j)``, in closed form (no autograd).
+
+    Args:
+        params: name -> theta, the current parameters.
+        anchor: name -> theta0, the same shapes (the base's values).
+        fisher: name -> F_jj, the diagonal Fisher (same shapes); its keys are the penalized
+            parameters, each of which ``params`` and ``anchor`` must hold.
+        strength: lambda.
+
+    Returns:
+        ``(penalty, gradients)``: the penalty summed in float64, and name -> its gradient
+        (the parameter's dtype and device).
+    """
+    penalty, gradients = 0.0, {}
+    for name, f in fisher.items():
+        theta = params[name].detach()
+        change = theta - anchor[name].to(theta.device, theta.dtype)
+        weighted = f.to(theta.device, theta.dtype) * change
+        penalty += 0.5 * strength * float((weighted.double() * change.double()).sum())
+        gradients[name] = strength * weighted
+    return penalty, gradients

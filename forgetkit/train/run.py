@@ -11,7 +11,13 @@ batch divided by their number (counted before any backward pass), so 1 process x
 Methods (:mod:`forgetkit.train.methods`): ``sft`` trains on ``record.prompt`` + ``record.target``;
 ``mixsd`` builds MixSD targets once from the frozen base (cached in ``output_dir/targets.jsonl``,
 reused on resume) and trains on naive prompt + target tokens; ``opsd`` distills the
-expert-prompted frozen base into the student on the student's own samples.
+expert-prompted frozen base into the student on the student's own samples. ``ewc``, ``replay``
+and ``fisher_orthogonal`` are SFT plus a way of keeping the base's behaviour on retention data,
+a split of the probes disjoint from the probes evaluated (:mod:`forgetkit.train.retention`).
+
+With ``stop_at_memorization`` the run stops at the first evaluation whose memorization reaches
+it; the step is in ``results.json`` (``stop_at_memorization``), in that step's
+``metrics.jsonl`` row and in the trainer state of later checkpoints.
 
 Outputs in ``output_dir``: ``train_config.yaml``, ``metrics.jsonl`` (a row per logging step:
 step, loss, lr, grad_norm, step_time; evaluation summaries on evaluation steps),
@@ -40,18 +46,26 @@ import torch
 
 from forgetkit.cli_config import parse_cli
 from forgetkit.data.records import Probe, Record, RecordError
-from forgetkit.diagnostics.evaluation import Retention, Scores, retention
+from forgetkit.diagnostics.evaluation import (
+    Retention,
+    Scores,
+    accuracy_interval,
+    retention,
+    retention_interval,
+)
 from forgetkit.files import atomic_write_json, read_jsonl
+from forgetkit.fisher import FisherError
 from forgetkit.mixsd import MixConfig
-from forgetkit.seeding import seed_everything
+from forgetkit.seeding import seed_everything, stable_hash
 from forgetkit.train.checkpoint import (
     OutputDirError,
     check_output_dir,
     input_fingerprints,
     save_final_model,
 )
-from forgetkit.train.config import TrainConfig
+from forgetkit.train.config import RETENTION_METHODS, TrainConfig
 from forgetkit.train.loop import Trainer, setup_distributed
+from forgetkit.train.retention import split_probes
 
 __all__ = ["TrainResult", "main", "summary", "train"]
 
@@ -121,7 +135,8 @@ def train(config: TrainConfig, *, model=None, tokenizer=None,
     With objects in place of names the config's names only label the run; the objects'
     fingerprints (:func:`~forgetkit.train.checkpoint.input_fingerprints`) are saved in
     ``output_dir/inputs.json`` and in each checkpoint, so a resume or a reuse on other inputs is
-    refused. Probes are not fingerprinted: they change evaluations, never the weights.
+    refused. Probes are fingerprinted only for the methods that train on their retention split
+    (ewc, replay, fisher_orthogonal); for the others they change evaluations, never the weights.
 
     Example:
         >>> result = train(TrainConfig(method="sft", output_dir="runs/sft"),  # doctest: +SKIP
@@ -136,6 +151,10 @@ def train(config: TrainConfig, *, model=None, tokenizer=None,
         raise ValueError("train: pass model and tokenizer together (or neither)")
     records = None if records is None else list(records)
     inputs = input_fingerprints(model=model, records=records)
+    if probes is not None and config.method in RETENTION_METHODS:  # they train on a split
+        probes = list(probes)
+        kept = split_probes(probes, config.heldout_fraction)[0]
+        inputs["retention_probes"] = stable_hash([(p.id, p.prompt, p.answer) for p in kept])
     dist = setup_distributed(config)
     resume = check_output_dir(config, dist.rank, dist.world_size, dist.barrier, inputs=inputs)
     devices = [dist.device.index or 0] if dist.device.type == "cuda" else []
@@ -144,6 +163,10 @@ def train(config: TrainConfig, *, model=None, tokenizer=None,
         trainer = Trainer(config, dist, resume, model=model, tokenizer=tokenizer,
                           records=records, probes=probes, inputs=inputs)
         trainer.run()
+    if config.stop_at_memorization is not None:
+        trainer.extra["stop_at_memorization"] = {
+            "target": config.stop_at_memorization, "reached": trainer.stopped_at is not None,
+            "step": trainer.stopped_at}
     output_dir = Path(config.output_dir)
     paths: dict[str, str] = {"model": str(output_dir)}
     if dist.rank == 0:
@@ -159,10 +182,19 @@ def train(config: TrainConfig, *, model=None, tokenizer=None,
         result.scores = trainer.final_scores()
         if result.base_scores is not None and result.scores is not None:
             result.retention = retention(result.base_scores, result.scores)
+            result.extra["intervals"] = _intervals(result.base_scores, result.scores,
+                                                   config.seed)
     if dist.rank == 0:
         atomic_write_json(output_dir / "results.json", result.to_dict())
     dist.close()
     return result
+
+
+def _intervals(base_scores: Scores, scores: Scores, seed: int) -> dict[str, Any]:
+    """95% bootstrap intervals over items of memorization and overall retention."""
+    found = {"memorization": accuracy_interval(scores, "memorization", seed=seed),
+             "retention": retention_interval(base_scores, scores, seed=seed)}
+    return {k: None if v is None else v.to_dict() for k, v in found.items()}
 
 
 def _percent(value: float | None) -> str:
@@ -198,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     try:
         result = train(config)
-    except (OutputDirError, RecordError, FileNotFoundError) as err:
+    except (OutputDirError, RecordError, FisherError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     if _is_main_process():
         print(summary(result, config.method, time.perf_counter() - started))

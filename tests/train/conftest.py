@@ -39,3 +39,18 @@ def tiny(tmp_path_factory):
             handle.write(json.dumps({"id": r.id, "prompt": r.prompt, "target": target,
                                      "answer": r.answer, "meta": r.meta}) + "\n")
     return root / "model", root / "records.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny_probes(tiny):
+    """A probe file beside the tiny model: 24 toyworld known-fact and arithmetic probes, about
+    half of which the retention split sets aside for ewc, replay and fisher_orthogonal."""
+    from forgetkit.data.records import load_probes
+
+    probes = [p for p in load_probes("toyworld") if p.capability in ("known_fact", "arithmetic")]
+    path = tiny[0].parent / "probes.jsonl"
+    with open(path, "w", encoding="utf-8") as handle:
+        for p in probes[:12] + probes[-12:]:
+            handle.write(json.dumps({"id": p.id, "prompt": p.prompt, "answer": p.answer,
+                                     "capability": p.capability}) + "\n")
+    return path

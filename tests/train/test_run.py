@@ -90,10 +90,13 @@ def opsd_loss_on_fixed_samples(model_dir, records_file, seed: int = 0) -> float:
 
 
 @pytest.mark.parametrize(("method", "use_peft"), [
-    ("sft", False), ("sft", True), ("mixsd", False), ("opsd", False), ("opsd", True)])
-def test_every_method_changes_weights_and_lowers_its_loss(tiny, tmp_path, method, use_peft):
+    ("sft", False), ("sft", True), ("mixsd", False), ("opsd", False), ("opsd", True),
+    ("ewc", True), ("replay", False), ("fisher_orthogonal", True)])
+def test_every_method_changes_weights_and_lowers_its_loss(tiny, tiny_probes, tmp_path, method,
+                                                          use_peft):
     result = train(config_for(tiny, tmp_path / "run", method=method, use_peft=use_peft,
-                              max_steps=16))
+                              max_steps=16, probes=str(tiny_probes), orthogonal_k=4,
+                              ewc_strength=1.0))  # the penalty is tested in test_retention
     base, trained = weights(tiny[0]), weights(result.model_path)
     assert max_difference(base, trained) > 1e-3
     if method == "opsd":  # fresh samples every step: compare on one fixed set of samples
@@ -120,8 +123,14 @@ def test_every_method_changes_weights_and_lowers_its_loss(tiny, tmp_path, method
 @pytest.mark.parametrize("overrides", [
     {"method": "sft", "gradient_accumulation_steps": 2, "per_device_train_batch_size": 2},
     {"method": "opsd", "use_peft": True, "lora_dropout": 0.2},
-], ids=["sft-accumulation", "opsd-lora-dropout"])
-def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path, overrides):
+    {"method": "ewc", "ewc_strength": 100.0, "retained": True},
+    {"method": "replay", "replay_ratio": 0.5, "use_peft": True, "retained": True},
+    {"method": "fisher_orthogonal", "orthogonal_k": 3, "retained": True},
+], ids=["sft-accumulation", "opsd-lora-dropout", "ewc", "replay-lora", "fisher-orthogonal"])
+def test_resume_reproduces_the_uninterrupted_run(tiny, tiny_probes, tmp_path, overrides):
+    if overrides.get("retained"):  # methods that train on a split of the probes
+        overrides = {**{k: v for k, v in overrides.items() if k != "retained"},
+                     "probes": str(tiny_probes)}
     whole = train(config_for(tiny, tmp_path / "whole", save_steps=3, save_total_limit=None,
                              **overrides))
     resumed_dir = tmp_path / "resumed"

@@ -8,7 +8,8 @@ For a model and N probes it times, in one process and side by side:
   forward-mode product per batch);
 
 and prints the ratio (goal: at most 4 forward passes). Peak memory is measured in a fresh
-subprocess per part (peak RSS, ``VmHWM``, reset after loading), above the process's footprint with the model loaded:
+subprocess per part (peak RSS, ``VmHWM``, reset after loading and a two-probe warm-up), above the
+process's footprint with the model loaded:
 goal at most 2x that of the forward pass. Times are the best of ``--repeats`` runs.
 
 Usage:
@@ -20,6 +21,7 @@ Results go to experiments/results/bench_displacement_<model>.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -86,9 +88,12 @@ def _status(field: str) -> int:
 
 def worker(kind: str, model_name: str, n: int, batch_size: int, dtype: str) -> dict:
     """Peak RSS of one part in this fresh process, above the loaded model's footprint: the
-    peak (VmHWM) is reset after loading (``clear_refs`` 5), so loading's own peak is not
-    counted."""
+    part runs once on two probes first (so one-time costs, the code that forward-mode AD
+    imports and caches, are not counted), then the peak (VmHWM) is reset (``clear_refs`` 5),
+    so loading's own peak is not counted either."""
     model, tokenizer, probes, update = _setup(model_name, n, dtype)
+    _part(kind, model, tokenizer, probes[:2], update, batch_size)()  # imports, kernel caches
+    gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
     loaded = _status("VmRSS")
     _part(kind, model, tokenizer, probes, update, batch_size)()

@@ -64,6 +64,9 @@ from forgetkit.fisher.report import spread_sample
 from forgetkit.models import load_model
 from forgetkit.seeding import stable_hash
 
+INTERVAL_COLUMNS = ("memorization_low", "memorization_high", "retention_low", "retention_high")
+"""Interval bounds in a Pareto study's runs (experiments/pareto.py), not capabilities."""
+
 logger = logging.getLogger("fisher_study")
 
 DIAGNOSTICS = {
@@ -391,7 +394,8 @@ def run_study(config: FisherStudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
             by_model[run["model_path"]] = diagnose(config, base, tokenizer, sample, fishers,
                                                    run, key)
         result = by_model[run["model_path"]]
-        capabilities = {k: v for k, v in run.items() if k.startswith("retention_")}
+        capabilities = {k: v for k, v in run.items()
+                         if k.startswith("retention_") and k not in INTERVAL_COLUMNS}
         rows.append({"label": label, "study": run["study"], "run": run["run"],
                      "steps": run["steps"],
                      "memorization": run["memorization"], "retention": run["retention"],

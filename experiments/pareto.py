@@ -48,8 +48,10 @@ from forgetkit.diagnostics.evaluation import (
     INJECTED_CAPABILITIES,
     Prediction,
     Scores,
+    accuracy_interval,
     evaluate,
     retention,
+    retention_interval,
 )
 from forgetkit.files import (
     atomic_write,
@@ -83,8 +85,10 @@ class ParetoConfig:
     model: str = field(default="toyworld", metadata=_help(
         "base model: toyworld, smollm2-135m, a local folder or a cached hub id"))
     records: str = field(default="kgfact", metadata=_help("records to inject (name or file)"))
+    offset: int = field(default=0, metadata=_help(
+        "skip the first N records (e.g. held-out facts for choosing the learning rate)"))
     limit: int | None = field(default=None, metadata=_help(
-        "inject only the first N records (none: all)"))
+        "inject only the first N records after the offset (none: all)"))
     paraphrases_per_record: int | None = field(default=None, metadata=_help(
         "score only the first N paraphrases of each record (none: all)"))
     probes: str | None = field(default=None, metadata=_help(
@@ -106,7 +110,12 @@ class ParetoConfig:
         "replay: share of each batch taken from the base's answers to retention prompts"))
     orthogonal_k: int = field(default=TrainConfig.orthogonal_k, metadata=_help(
         "fisher_orthogonal: top Fisher directions the update is kept orthogonal to"))
-    max_steps: int = field(default=300, metadata=_help("optimizer steps of every method"))
+    max_steps: int = field(default=300, metadata=_help(
+        "optimizer steps of every method (the cap, with stop_at_memorization)"))
+    stop_at_memorization: float | None = field(default=None, metadata=_help(
+        "train every method until its memorization reaches this (evaluated every "
+        "peak_eval_steps) or max_steps, so methods are compared where they learned the facts; "
+        "none: the full budget"))
     per_device_train_batch_size: int = field(default=8, metadata=_help(
         "examples (prompts) per step, every method"))
     gradient_accumulation_steps: int = field(default=1, metadata=_help(
@@ -160,6 +169,15 @@ class ParetoConfig:
                 problems.append(f"{name}={value} must be >= 1 or none")
         if self.max_steps < 1:
             problems.append(f"max_steps={self.max_steps} must be >= 1")
+        if self.offset < 0:
+            problems.append(f"offset={self.offset} must be >= 0")
+        if self.stop_at_memorization is not None:
+            if not 0 < self.stop_at_memorization <= 1:
+                problems.append(f"stop_at_memorization={self.stop_at_memorization} must be in "
+                                "(0, 1]")
+            if self.peak_eval_steps < 1:
+                problems.append("stop_at_memorization needs peak_eval_steps >= 1 (the "
+                                "evaluation grid)")
         if self.retention_fraction is not None and not 0 <= self.retention_fraction < 1:
             problems.append(f"retention_fraction={self.retention_fraction} must be in [0, 1)")
         if self.peak_eval_steps < 0 or self.peak_tolerance < 0:
@@ -216,9 +234,12 @@ def run_label(method: str) -> str:
 
 def prepare_records(config: ParetoConfig, cache: Path) -> str:
     """The records source the trainer gets: the set itself, or a subset file named by its hash."""
-    if config.limit is None and config.paraphrases_per_record is None:
+    if config.offset == 0 and config.limit is None and config.paraphrases_per_record is None:
         return config.records
-    records = load_records(config.records)[: config.limit]
+    end = None if config.limit is None else config.offset + config.limit
+    records = load_records(config.records)[config.offset : end]
+    if not records:
+        raise ValueError(f"offset={config.offset}: {config.records!r} has no records there")
     if config.paraphrases_per_record is not None:
         records = [replace(r, paraphrases=r.paraphrases[: config.paraphrases_per_record])
                    for r in records]
@@ -278,7 +299,8 @@ def plan_runs(config: ParetoConfig, records: str, probes: str) -> list[RunSpec]:
     for method in config.methods:
         kind, _, lam = method.partition(":")
         find_peak = kind == "sft" and config.peak_eval_steps > 0
-        evaluated = find_peak or (config.eval_all_methods and config.peak_eval_steps > 0)
+        evaluated = find_peak or ((config.eval_all_methods or config.stop_at_memorization)
+                                  and config.peak_eval_steps > 0)
         train_config = TrainConfig(
             method=kind, model_name_or_path=config.model, records=records, probes=probes,
             output_dir=str(cache / run_name(method)), learning_rate=config.learning_rate,
@@ -297,6 +319,7 @@ def plan_runs(config: ParetoConfig, records: str, probes: str) -> list[RunSpec]:
             opsd_max_new_tokens=config.opsd_max_new_tokens,
             retention_fraction=heldout_fraction(config) or None, ewc_strength=config.ewc_strength,
             replay_ratio=config.replay_ratio, orthogonal_k=config.orthogonal_k,
+            stop_at_memorization=config.stop_at_memorization,
             dtype=config.dtype, device=config.device)
         specs.append(RunSpec(method, run_name(method), run_label(method), train_config,
                              find_peak, config.peak_tolerance))
@@ -416,13 +439,15 @@ def study_rows(specs: list[RunSpec], results: dict[str, dict[str, Any]],
         key = spec.train_config.config_hash()  # changes whenever the fine-tune does
         scores, kept = result["scores"], result["retention"]
         report = result.get("mixsd_report") or {}
+        stop = result.get("stop_at_memorization") or {}
         rows.append({
             "label": spec.label, "run": spec.name, "method": kind,
             "lam": float(lam) if lam else None, "steps": result["global_step"],
             "memorization": scores["memorization"], "paraphrase": scores["paraphrase"],
             "two_hop": scores["capabilities"].get("two_hop"), "retention": kept["overall"],
+            **_bounds(result.get("intervals") or {}),
             **{f"retention_{k}": v for k, v in kept["per_capability"].items()},
-            "final_loss": result["final_loss"], "train_seconds": seconds[spec.name],
+            "reached_target": stop.get("reached"), "final_loss": result["final_loss"], "train_seconds": seconds[spec.name],
             "model_path": result["model_path"], "config_hash": key,
             "mixsd_targets": report.get("n_targets"), "mixsd_failed": report.get("n_failed")})
         if spec.find_peak:
@@ -434,6 +459,32 @@ def study_rows(specs: list[RunSpec], results: dict[str, dict[str, Any]],
                          **trajectory.loc[peak["step"]].to_dict(),
                          "model_path": peak["model_path"], "config_hash": key + "-peak"})
     return rows
+
+
+INTERVAL_COLUMNS = ("memorization_low", "memorization_high", "retention_low", "retention_high")
+
+
+def capability_columns(table) -> list[str]:
+    """The per-capability retention columns (``retention_<capability>``) of a table or row."""
+    return [c for c in table if c.startswith("retention_") and c not in INTERVAL_COLUMNS]
+
+
+def _bounds(intervals: dict[str, Any]) -> dict[str, float | None]:
+    """``memorization_low``/``_high`` and ``retention_low``/``_high`` from the trainer's (or
+    :func:`score_intervals`') 95% bootstrap intervals."""
+    out = {}
+    for name in ("memorization", "retention"):
+        found = intervals.get(name) or {}
+        out[f"{name}_low"], out[f"{name}_high"] = found.get("low"), found.get("high")
+    return out
+
+
+def score_intervals(base: Scores, scores: Scores, seed: int) -> dict[str, Any]:
+    """95% bootstrap intervals over items: memorization (over records) and overall retention
+    (over probes, paired with the base)."""
+    found = {"memorization": accuracy_interval(scores, "memorization", seed=seed),
+             "retention": retention_interval(base, scores, seed=seed)}
+    return {k: None if v is None else v.to_dict() for k, v in found.items()}
 
 
 # --- rescoring on more probes ---------------------------------------------------------------------
@@ -485,6 +536,7 @@ def rescore(config: ParetoConfig, table: pd.DataFrame, records: str, cache: Path
         rows.append({**row, "memorization": scores.memorization,
                      "paraphrase": scores.paraphrase, "two_hop": scores.two_hop,
                      "retention": kept.overall,
+                     **_bounds(score_intervals(base, scores, config.seed)),
                      **{f"retention_{k}": v for k, v in kept.per_capability.items()},
                      "probes_scored": len(probes)})
     return pd.DataFrame(rows), base.to_dict()
@@ -494,7 +546,9 @@ def rescore(config: ParetoConfig, table: pd.DataFrame, records: str, cache: Path
 
 def plot_pareto(points: pd.DataFrame, ax, trajectories: pd.DataFrame | None = None):
     """Retention (y) against memorization (x), one marker per fine-tune (columns ``label``,
-    ``memorization``, ``retention``, ``on_frontier``), the frontier as a step line; optional
+    ``memorization``, ``retention``, ``on_frontier``; with ``memorization_low``/``_high`` and
+    ``retention_low``/``_high``, their 95% intervals as error bars), the frontier as a step
+    line; optional
     ``trajectories`` (``label``, ``step``, ``memorization``, ``retention``) as faint paths in
     the color of their fine-tune."""
     import seaborn as sns
@@ -508,6 +562,18 @@ def plot_pareto(points: pd.DataFrame, ax, trajectories: pd.DataFrame | None = No
                     alpha=0.4, linewidth=1, marker=".", markersize=3)
     sns.scatterplot(data=points, x="memorization", y="retention", hue="label", style="label",
                     palette=palette, s=110, ax=ax, zorder=3)
+    bounds = list(INTERVAL_COLUMNS)
+    if set(bounds) <= set(points.columns):
+        for _, row in points.iterrows():
+            if any(pd.isna(row[b]) for b in bounds):
+                continue
+            ax.errorbar(row["memorization"], row["retention"],
+                        xerr=[[row["memorization"] - row["memorization_low"]],
+                              [row["memorization_high"] - row["memorization"]]],
+                        yerr=[[row["retention"] - row["retention_low"]],
+                              [row["retention_high"] - row["retention"]]],
+                        fmt="none", ecolor=palette[row["label"]], alpha=0.6, capsize=2,
+                        zorder=2)
     front = points[points["on_frontier"]].sort_values("memorization")
     if not front.empty:
         ax.step(front["memorization"], front["retention"], where="post", color="black",
@@ -559,7 +625,7 @@ def write_figures(out: Path, table: pd.DataFrame, trajectories: pd.DataFrame,
         ax.set_title(f"final models scored on {int(table['probes_scored'].iloc[0])} probes",
                      fontsize=9)
     write_figure(out / "pareto.png", fig, dpi=150)
-    capabilities = [c for c in table.columns if c.startswith("retention_")]
+    capabilities = capability_columns(table)
     long = table.melt(id_vars=["label"], value_vars=capabilities, var_name="capability",
                       value_name="ratio").dropna(subset=["ratio"]).rename(
                           columns={"ratio": "retention"})
@@ -636,11 +702,24 @@ def write_outputs(config: ParetoConfig, table: pd.DataFrame, trajectories: pd.Da
 
 def format_table(table: pd.DataFrame) -> str:
     """The table as Markdown (what experiments/README.md shows)."""
-    capabilities = [c for c in table.columns if c.startswith("retention_")]
+    capabilities = capability_columns(table)
+    shown = table.copy()
+    for name in ("memorization", "retention"):
+        if f"{name}_low" in shown:
+            shown[name] = [_with_interval(v, lo, hi) for v, lo, hi in
+                           zip(shown[name], shown[f"{name}_low"], shown[f"{name}_high"],
+                               strict=True)]
     columns = ["label", "steps", "memorization", "paraphrase", "retention", *capabilities,
                "on_frontier"]
-    shown = table[columns].rename(columns={c: c.removeprefix("retention_") for c in capabilities})
+    shown = shown[columns].rename(columns={c: c.removeprefix("retention_") for c in capabilities})
     return markdown_table(shown)
+
+
+def _with_interval(value, low, high) -> Any:
+    """``0.52 [0.47, 0.57]``, or the value alone without an interval."""
+    if value is None or pd.isna(value) or low is None or pd.isna(low):
+        return value
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:

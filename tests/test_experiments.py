@@ -65,6 +65,10 @@ def test_pareto_end_to_end_writes_table_runs_and_figures(tiny_study):
     for run in runs:  # every fine-tune the Fisher study will read loads as a model folder
         assert (Path(run["model_path"]) / "config.json").is_file(), run["label"]
     assert not list((tmp / "cache").glob("*/checkpoint-*")), "checkpoints are pruned"
+    final = csv[csv["label"] != "SFT@peak"]  # 95% bootstrap intervals over items
+    for name in ("memorization", "retention"):
+        assert (final[f"{name}_low"] <= final[name] + 1e-12).all()
+        assert (final[name] <= final[f"{name}_high"] + 1e-12).all()
 
 
 def test_pareto_rerun_skips_finished_runs(pareto, tiny_study, caplog):
@@ -195,7 +199,8 @@ def test_pareto_runs_the_retention_baselines_on_held_out_probes(pareto, tmp_path
     from forgetkit.train.retention import split_probes
 
     argv = _tiny_argv(tmp_path)
-    argv[argv.index("sft,mixsd:0.3")] = "sft,ewc,replay,fisher_orthogonal"
+    start = argv.index("--methods") + 1
+    argv[start : start + 2] = ["sft", "ewc", "replay", "fisher_orthogonal"]
     table = pareto.main([*argv, "--orthogonal_k", "2", "--peak_eval_steps", "0"])
     assert set(table["label"]) == {"SFT", "EWC", "Replay", "Fisher-orthogonal SFT"}
     cache = tmp_path / "cache"
@@ -207,3 +212,24 @@ def test_pareto_runs_the_retention_baselines_on_held_out_probes(pareto, tmp_path
     probe_file = next((cache / "inputs").glob("probes-*.jsonl"))
     retained = {p.id for p in split_probes(load_probes(str(probe_file)), 0.5)[0]}
     assert retained and not retained & scored["sft"]
+
+
+def test_pareto_stops_every_method_at_the_memorization_target(pareto, tmp_path):
+    """With stop_at_memorization every method is evaluated on the peak grid and stops at the
+    first evaluation that reaches the target (or the step cap); offset picks other records."""
+    argv = _tiny_argv(tmp_path)
+    table = pareto.main([*argv, "--stop_at_memorization", "0.25", "--offset", "50",
+                         "--max_steps", "12", "--learning_rate", "3e-3"])
+    records = json.loads((tmp_path / "out" / "results.json").read_text())["records"]
+    from forgetkit.data.records import load_records
+
+    assert [r.id for r in load_records(records)] == [r.id for r in load_records("kgfact")[50:54]]
+    for _, row in table[table["label"] != "SFT@peak"].iterrows():
+        trajectory = pareto.eval_trajectory(tmp_path / "cache" / row["run"])
+        reached = trajectory[(trajectory["step"] > 0) & (trajectory["memorization"] >= 0.25)]
+        if row["reached_target"]:
+            assert row["steps"] == reached["step"].min() and row["memorization"] >= 0.25
+        else:
+            assert row["steps"] == 12 and reached.empty
+    with pytest.raises(SystemExit):
+        pareto.main([*argv, "--stop_at_memorization", "1.5"])

@@ -233,3 +233,15 @@ def test_pareto_stops_every_method_at_the_memorization_target(pareto, tmp_path):
             assert row["steps"] == 12 and reached.empty
     with pytest.raises(SystemExit):
         pareto.main([*argv, "--stop_at_memorization", "1.5"])
+
+
+def test_choose_lr_takes_the_fastest_slower_method_and_refuses_a_grid_that_never_reaches():
+    import math
+
+    choose_lr = _script("choose_lr")
+    grid = {3e-5: {"SFT": 60, "MixSD": math.inf}, 1e-4: {"SFT": 20, "MixSD": 35},
+            3e-4: {"SFT": 10, "MixSD": 35}}
+    assert choose_lr.choose(grid) == 1e-4  # 35 steps either way: the smaller rate
+    assert choose_lr.choose({**grid, 1e-3: {"SFT": 5, "MixSD": 30}}) == 1e-3
+    with pytest.raises(SystemExit, match="no learning rate"):
+        choose_lr.choose({3e-5: {"SFT": math.inf, "MixSD": 10}})

@@ -126,10 +126,15 @@ class DiagonalFisher(FisherMatrix):
     def rank(self) -> int:
         return self.size
 
+    @property
+    def quad_form_label(self) -> str:
+        return "diagonal proxy Σ F_jj d_j², not d'Fd"
+
     def quad_form(self, delta: Delta) -> float:
         """``sum_j F_jj d_j^2`` over the covered parameters (float64)."""
         return float(sum((v.double() * self._delta(delta, name, v.device).square()).sum()
-                         for name, v in self.values.items()))
+                         for name, v in self.values.items()
+                         if self._entry(delta, name) is not None))
 
     def top(self, k: int) -> Eigenpairs:
         """The k largest diagonal entries; their eigenvectors are coordinate axes."""

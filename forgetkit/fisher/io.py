@@ -177,6 +177,19 @@ class FisherMatrix(ABC):
     def trace(self) -> float:
         """``tr F`` (for the low-rank representation: of the rank-k approximation)."""
 
+    @property
+    @abstractmethod
+    def quad_form_label(self) -> str:
+        """What :meth:`quad_form` is as an estimate of the exact ``d' F d``, for reports: a
+        lower bound (low-rank truncation), an approximation (Kronecker-factored) or a proxy
+        (diagonal)."""
+
+    def details(self) -> dict[str, Any]:
+        """The representation's own settings, JSON-ready (e.g. how the low-rank directions
+        were found, which parameters a Kronecker-factored Fisher keeps on the diagonal).
+        Reports show them; no caller needs them to compute."""
+        return {}
+
     @abstractmethod
     def _parameter_stats(self) -> dict[str, tuple[float, float]]:
         """name -> (trace of F on the parameter, squared norm of the leading eigenvector there)."""

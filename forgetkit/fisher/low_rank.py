@@ -327,6 +327,13 @@ class LowRankFisher(FisherMatrix):
     def trace(self) -> float:
         return float(self.eigenvalues.sum())
 
+    @property
+    def quad_form_label(self) -> str:
+        return f"top-{self.rank} truncation: a lower bound of d'Fd"
+
+    def details(self) -> dict[str, Any]:
+        return self._extra()
+
     def _parameter_stats(self) -> dict[str, tuple[float, float]]:
         stats = {}
         for name, u in self.directions.items():

@@ -25,7 +25,7 @@ from forgetkit.fisher.diagonal import diagonal
 from forgetkit.fisher.exact import displacement
 from forgetkit.fisher.io import FisherMatrix
 from forgetkit.fisher.kl import kl_path, measured_kl
-from forgetkit.fisher.low_rank import LowRankFisher, low_rank
+from forgetkit.fisher.low_rank import low_rank
 from forgetkit.fisher.project import project
 from forgetkit.fisher.risk import forgetting_risk
 from forgetkit.stats import mean_ci, ratio_ci
@@ -181,7 +181,7 @@ def _load_finetunes(base, paths: dict[str, str], config: ReportConfig):
 
 
 def _low_rank(base, tokenizer, sample, config: ReportConfig, rank: int, seed: int
-              ) -> LowRankFisher:
+              ) -> FisherMatrix:
     exact = config.low_rank_method == "exact"
     return low_rank(base, tokenizer, sample, rank=rank, estimator=config.estimator,
                     mc_samples=config.mc_samples, params=config.params, seed=seed,

@@ -217,7 +217,7 @@ def diagnose(config: FisherStudyConfig, base, tokenizer, sample: list, fishers, 
     started = time.perf_counter()
     finetuned = load_model(run["model_path"], dtype=config.dtype, device=config.device)[0]
     update = param_delta(base, finetuned, params=config.params)
-    lowrank = project(update, low)
+    lowrank = project(update, low, rank=low.rank)
     diagonal = project(update, diag, rank=low.rank)
     exact = fisher.displacement(base, tokenizer, sample, update, estimator=config.estimator,
                                 batch_size=config.batch_size, seed=config.seed)

@@ -31,30 +31,25 @@ from torch import Tensor
 from forgetkit.data.records import Probe, Record
 from forgetkit.fisher.delta import ParamDelta
 from forgetkit.fisher.directions import AxisDirection, Eigenpairs, top_entries
-from forgetkit.fisher.io import Delta, FisherMatrix, Provenance, make_provenance
+from forgetkit.fisher.io import (
+    Delta,
+    FisherMatrix,
+    Provenance,
+    accumulation_dtype,
+    prepare_inputs,
+)
 from forgetkit.fisher.pergrad import (
     Estimator,
-    FisherError,
     GradientStream,
     PerExample,
     distributed_shard,
-    encode_data,
     evaluation_mode,
-    select_parameters,
 )
 from forgetkit.models import Encoding
 
 __all__ = ["DiagonalFisher", "RunningMoments", "accumulation_dtype", "diagonal"]
 
 logger = logging.getLogger(__name__)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Check that ``dtype`` is float32 or float64."""
-    if dtype not in (torch.float32, torch.float64):
-        raise FisherError(f"dtype must be torch.float32 or torch.float64 (the accumulation "
-                          f"precision), got {dtype}")
-    return dtype
 
 
 class RunningMoments:
@@ -126,10 +121,15 @@ class DiagonalFisher(FisherMatrix):
     def rank(self) -> int:
         return self.size
 
+    @property
+    def quad_form_label(self) -> str:
+        return "diagonal proxy Σ F_jj d_j², not d'Fd"
+
     def quad_form(self, delta: Delta) -> float:
         """``sum_j F_jj d_j^2`` over the covered parameters (float64)."""
         return float(sum((v.double() * self._delta(delta, name, v.device).square()).sum()
-                         for name, v in self.values.items()))
+                         for name, v in self.values.items()
+                         if self._entry(delta, name) is not None))
 
     def top(self, k: int) -> Eigenpairs:
         """The k largest diagonal entries; their eigenvectors are coordinate axes."""
@@ -215,14 +215,12 @@ def diagonal(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
         FisherError: empty data, an example without completion tokens, a bad argument, or a
             non-finite gradient (naming the parameter and the example index).
     """
-    dtype = accumulation_dtype(dtype)
-    encodings = encode_data(tokenizer, data)
-    chosen = select_parameters(model, params)
-    device = torch.device(device) if device is not None else next(iter(chosen.values())).device
-    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    inputs = prepare_inputs(model, tokenizer, data, params=params, device=device, dtype=dtype,
+                            estimator=estimator, mc_samples=mc_samples, seed=seed)
+    encodings, chosen, device, dtype = (inputs.encodings, inputs.params, inputs.device,
+                                        inputs.dtype)
+    provenance, pad = inputs.provenance, inputs.pad_token_id
     with evaluation_mode(model):
-        provenance = make_provenance(model, encodings, estimator=estimator,
-                                     mc_samples=mc_samples, seed=seed, params=params, dtype=dtype)
         stream = GradientStream(model, encodings, chosen, estimator=estimator,
                                 mc_samples=mc_samples, batch_size=batch_size, seed=seed,
                                 pad_token_id=pad, per_example=per_example)

@@ -1,5 +1,5 @@
-"""What every Fisher representation shares: provenance, the common interface, and the on-disk
-format (safetensors for the tensors + a JSON sidecar for everything else).
+"""What every Fisher representation shares: the setup of an estimator (:func:`prepare_inputs`),
+provenance, the common interface, and the on-disk format (safetensors for the tensors + a JSON sidecar for everything else).
 
 A Fisher saved to ``out/fisher`` is two files: ``out/fisher.safetensors`` and
 ``out/fisher.json``. The sidecar records the representation (``kind``), the covered parameters
@@ -36,11 +36,17 @@ import forgetkit
 from forgetkit.files import atomic_write_bytes, atomic_write_json
 from forgetkit.fisher.delta import LoraFactor, ParamDelta
 from forgetkit.fisher.directions import Eigenpairs
-from forgetkit.fisher.pergrad import FisherError, distributed_shard
+from forgetkit.fisher.pergrad import (
+    FisherError,
+    distributed_shard,
+    encode_data,
+    select_parameters,
+)
 from forgetkit.models import Encoding
 from forgetkit.seeding import stable_hash
 
-__all__ = ["Delta", "FisherMatrix", "Provenance", "fisher_paths", "load", "make_provenance"]
+__all__ = ["Delta", "FisherInputs", "FisherMatrix", "Provenance", "accumulation_dtype",
+           "fisher_paths", "load", "make_provenance", "prepare_inputs"]
 
 logger = logging.getLogger(__name__)
 FORMAT = "forgetkit.fisher"
@@ -102,6 +108,58 @@ def make_provenance(model: torch.nn.Module, encodings: Sequence[Encoding], *, es
         dtype=str(dtype).removeprefix("torch."), forgetkit_version=forgetkit.__version__,
         world_size=distributed_shard()[1],
     )
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Check that ``dtype`` is float32 or float64."""
+    if dtype not in (torch.float32, torch.float64):
+        raise FisherError(f"dtype must be torch.float32 or torch.float64 (the accumulation "
+                          f"precision), got {dtype}")
+    return dtype
+
+
+@dataclass(frozen=True)
+class FisherInputs:
+    """What every estimator starts from (:func:`prepare_inputs`).
+
+    Attributes:
+        encodings: the examples, encoded (completion tokens labelled).
+        params: name -> the selected parameters of the model, in the model's order.
+        device: where accumulators and results live.
+        pad_token_id: the tokenizer's padding id (0 without one).
+        dtype: accumulation precision, float32 or float64.
+        provenance: of the Fisher about to be computed.
+    """
+
+    encodings: list[Encoding]
+    params: dict[str, Tensor]
+    device: torch.device
+    pad_token_id: int
+    dtype: torch.dtype
+    provenance: Provenance
+
+
+def prepare_inputs(model: torch.nn.Module, tokenizer, data: Sequence, *,
+                   params: str | Sequence[str] | None, device: str | torch.device | None,
+                   dtype: torch.dtype, estimator: str, mc_samples: int, seed: int
+                   ) -> FisherInputs:
+    """The setup the diagonal, low-rank and Kronecker-factored estimators share: check the
+    accumulation ``dtype``, encode ``data``, select ``params``, pick the device (default: the
+    first selected parameter's) and record the provenance.
+
+    Raises:
+        FisherError: a bad ``dtype``, empty data or an example without completion tokens, a
+            pattern that selects no parameter.
+    """
+    dtype = accumulation_dtype(dtype)
+    encodings = encode_data(tokenizer, data)
+    chosen = select_parameters(model, params)
+    device = torch.device(device) if device is not None else next(iter(chosen.values())).device
+    provenance = make_provenance(model, encodings, estimator=estimator, mc_samples=mc_samples,
+                                 seed=seed, params=params, dtype=dtype)
+    return FisherInputs(encodings=encodings, params=chosen, device=device,
+                        pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0, dtype=dtype,
+                        provenance=provenance)
 
 
 def fisher_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -176,6 +234,19 @@ class FisherMatrix(ABC):
     @abstractmethod
     def trace(self) -> float:
         """``tr F`` (for the low-rank representation: of the rank-k approximation)."""
+
+    @property
+    @abstractmethod
+    def quad_form_label(self) -> str:
+        """What :meth:`quad_form` is as an estimate of the exact ``d' F d``, for reports: a
+        lower bound (low-rank truncation), an approximation (Kronecker-factored) or a proxy
+        (diagonal)."""
+
+    def details(self) -> dict[str, Any]:
+        """The representation's own settings, JSON-ready (e.g. how the low-rank directions
+        were found, which parameters a Kronecker-factored Fisher keeps on the diagonal).
+        Reports show them; no caller needs them to compute."""
+        return {}
 
     @abstractmethod
     def _parameter_stats(self) -> dict[str, tuple[float, float]]:

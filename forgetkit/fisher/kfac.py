@@ -66,18 +66,16 @@ from torch import Tensor, nn
 
 from forgetkit.data.records import Probe, Record
 from forgetkit.diagnostics.loglik import completion_logprobs
-from forgetkit.fisher.diagonal import accumulation_dtype, diagonal
-from forgetkit.fisher.io import make_provenance
+from forgetkit.fisher.diagonal import diagonal
+from forgetkit.fisher.io import prepare_inputs
 from forgetkit.fisher.kronecker import KroneckerFactors, KroneckerFisher
 from forgetkit.fisher.pergrad import (
     ESTIMATORS,
     Estimator,
     FisherError,
     distributed_shard,
-    encode_data,
     evaluation_mode,
     sample_labels,
-    select_parameters,
     true_fisher_generators,
 )
 from forgetkit.models import IGNORE_INDEX, Encoding, collate
@@ -328,7 +326,6 @@ def kfac(model: nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding],
             selected parameters, an unknown ``tokens``, or a layer that runs twice per forward
             pass or sees inputs other than (batch, tokens, features).
     """
-    dtype = accumulation_dtype(dtype)
     if estimator not in ESTIMATORS:
         raise FisherError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if estimator == "empirical" and mc_samples != 1:
@@ -342,20 +339,19 @@ def kfac(model: nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding],
     if distributed_shard()[1] > 1:
         raise FisherError("kfac runs in one process; under torch.distributed use "
                           "fisher.diagonal or fisher.low_rank")
-    encodings = encode_data(tokenizer, data)
-    chosen = select_parameters(model, params)
+    inputs = prepare_inputs(model, tokenizer, data, params=params, device=device, dtype=dtype,
+                            estimator=estimator, mc_samples=mc_samples, seed=seed)
+    encodings, chosen, device, dtype = (inputs.encodings, inputs.params, inputs.device,
+                                        inputs.dtype)
     layers, reasons = _plan_layers(model, chosen, max_factor_dim)
     if not layers:
         why = "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:3])
         raise FisherError(f"no linear layer (nn.Linear or Conv1D weight) among the parameters "
                           f"selected by params={params!r} ({why}, ...); use fisher.diagonal "
                           "or fisher.low_rank for them")
-    device = torch.device(device) if device is not None else next(iter(chosen.values())).device
-    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    provenance, pad = inputs.provenance, inputs.pad_token_id
     draws = mc_samples if estimator == "true" else 1
     with evaluation_mode(model):
-        provenance = make_provenance(model, encodings, estimator=estimator,
-                                     mc_samples=mc_samples, seed=seed, params=params, dtype=dtype)
         passes = _Passes(model, encodings, layers, estimator=estimator, draws=draws,
                          batch_size=batch_size, seed=seed, pad_token_id=pad, tokens=tokens)
         activation, gradient, count = _covariances(passes, layers, dtype, device)

@@ -167,11 +167,14 @@ class KroneckerFisher(FisherMatrix):
             out.update((("parameter", n), v) for n, v in self.fallback.values.items())
         return out
 
-    def _update(self, delta: Delta, layer: KroneckerFactors) -> _Update:
-        """``delta``'s update of a layer as its (out, in') matrix, LoRA factors kept."""
+    def _update(self, delta: Delta, layer: KroneckerFactors) -> _Update | None:
+        """``delta``'s update of a layer as its (out, in') matrix, LoRA factors kept; ``None``
+        when a :class:`~forgetkit.fisher.delta.ParamDelta` has no entry for the layer."""
         device = layer.eigenvalues.device
         weight = self._entry(delta, layer.weight)
         bias = self._entry(delta, layer.bias) if layer.bias is not None else None
+        if weight is None and bias is None:
+            return None
         out, inputs = layer.gradient_eigenvectors.shape[0], layer.in_features
         columns = inputs + (layer.bias is not None)
         if isinstance(weight, LoraFactor):
@@ -198,8 +201,11 @@ class KroneckerFisher(FisherMatrix):
     def quad_form(self, delta: Delta) -> float:
         """``sum_layers sum Λ ∘ (Q_G' dW Q_A)^2`` plus the diagonal part (float64); a LoRA
         update ``s B A`` is rotated as ``s (Q_G' B)(A Q_A)``, never merged."""
-        total = sum(float((f.eigenvalues.double() * self._update(delta, f).rotated(f).square()
-                           ).sum()) for f in self.layers.values())
+        total = 0.0
+        for layer in self.layers.values():
+            update = self._update(delta, layer)
+            if update is not None:
+                total += float((layer.eigenvalues.double() * update.rotated(layer).square()).sum())
         if self.fallback is not None:
             total += self.fallback.quad_form(delta)
         return total
@@ -227,7 +233,7 @@ class KroneckerFisher(FisherMatrix):
             if key[0] == "layer":
                 layer = self.layers[key[1]]
                 update = self._update(delta, layer)  # checks the entries even when unused
-                if positions.numel():
+                if positions.numel() and update is not None:
                     left, right = self._columns(layer, index)
                     out[positions] = update.at(left, right).cpu()
             else:
@@ -271,6 +277,18 @@ class KroneckerFisher(FisherMatrix):
     def trace(self) -> float:
         total = sum(float(f.eigenvalues.double().sum()) for f in self.layers.values())
         return total + (self.fallback.trace() if self.fallback is not None else 0.0)
+
+    @property
+    def quad_form_label(self) -> str:
+        form = "EK-FAC" if self.eigen_correction else "K-FAC"
+        rest = ", diagonal elsewhere" if self.fallback is not None else ""
+        return f"{form} (Kronecker-factored per layer{rest}): an approximation of d'Fd"
+
+    def details(self) -> dict[str, Any]:
+        """``eigen_correction``, ``tokens``, ``layers`` (the factored modules) and
+        ``fallback_reasons`` (parameter -> why it is on the diagonal)."""
+        return {"eigen_correction": self.eigen_correction, "tokens": self.tokens,
+                "layers": list(self.layers), "fallback_reasons": dict(self.fallback_reasons)}
 
     def _parameter_stats(self) -> dict[str, tuple[float, float]]:
         (form, top_name), top_index = next(iter(top_entries(self._eigenvalue_tensors(), 1)))

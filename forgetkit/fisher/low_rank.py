@@ -34,10 +34,9 @@ from torch import Tensor
 
 from forgetkit.data.records import Probe, Record
 from forgetkit.fisher.delta import LoraFactor
-from forgetkit.fisher.diagonal import accumulation_dtype
 from forgetkit.fisher.directions import DenseDirection, Eigenpairs
 from forgetkit.fisher.exact import FisherOperator
-from forgetkit.fisher.io import Delta, FisherMatrix, Provenance, make_provenance
+from forgetkit.fisher.io import Delta, FisherMatrix, Provenance, make_provenance, prepare_inputs
 from forgetkit.fisher.pergrad import (
     Estimator,
     FisherError,
@@ -45,9 +44,7 @@ from forgetkit.fisher.pergrad import (
     PerExample,
     derived_seed,
     distributed_shard,
-    encode_data,
     evaluation_mode,
-    select_parameters,
 )
 from forgetkit.models import Encoding
 
@@ -327,6 +324,13 @@ class LowRankFisher(FisherMatrix):
     def trace(self) -> float:
         return float(self.eigenvalues.sum())
 
+    @property
+    def quad_form_label(self) -> str:
+        return f"top-{self.rank} truncation: a lower bound of d'Fd"
+
+    def details(self) -> dict[str, Any]:
+        return self._extra()
+
     def _parameter_stats(self) -> dict[str, tuple[float, float]]:
         stats = {}
         for name, u in self.directions.items():
@@ -381,9 +385,10 @@ def low_rank(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
     if method == "exact":
         return exact_low_rank(model, tokenizer, data, rank, estimator=estimator, params=params,
                               batch_size=batch_size, seed=seed, residuals=False)
-    dtype = accumulation_dtype(dtype)
-    encodings = encode_data(tokenizer, data)
-    chosen = select_parameters(model, params)
+    inputs = prepare_inputs(model, tokenizer, data, params=params, device=device, dtype=dtype,
+                            estimator=estimator, mc_samples=mc_samples, seed=seed)
+    encodings, chosen, device, dtype = (inputs.encodings, inputs.params, inputs.device,
+                                        inputs.dtype)
     size = sum(p.numel() for p in chosen.values())
     draws = mc_samples if estimator == "true" else 1
     columns = len(encodings) * draws
@@ -398,13 +403,10 @@ def low_rank(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
     if method not in ("gram", "randomized"):
         raise FisherError(f"method must be 'auto', 'gram', 'randomized' or 'exact', got "
                           f"{method!r}")
-    device = torch.device(device) if device is not None else next(iter(chosen.values())).device
     generator = torch.Generator(device=device).manual_seed(derived_seed(seed, "low-rank"))
-    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    provenance, pad = inputs.provenance, inputs.pad_token_id
     sketch = min(rank + oversample, size) if method == "randomized" else 0
     with evaluation_mode(model):
-        provenance = make_provenance(model, encodings, estimator=estimator,
-                                     mc_samples=mc_samples, seed=seed, params=params, dtype=dtype)
         stream = GradientStream(model, encodings, chosen, estimator=estimator,
                                 mc_samples=mc_samples, batch_size=batch_size, seed=seed,
                                 pad_token_id=pad, per_example=per_example)

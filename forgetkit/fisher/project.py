@@ -1,33 +1,47 @@
 """Projection of a fine-tuning update onto the Fisher-sensitive directions of the base model.
 
 For an update ``d`` (:class:`~forgetkit.fisher.delta.ParamDelta`) and a Fisher ``F`` of the base
-model on probe data:
+model on probe data, any :class:`~forgetkit.fisher.io.FisherMatrix`, with ``u_j`` and ``λ_j``
+its k leading eigenpairs (``F.top(k)``):
 
-- ``coefficients[j] = u_j . d`` on the Fisher's top directions (for the diagonal
-  representation its eigenvectors are coordinate axes: the k largest entries);
+- ``coefficients[j] = u_j . d`` (``F.coordinates(d, k)``; for the diagonal representation the
+  eigenvectors are coordinate axes, so these are the entries of ``d`` at the k largest
+  ``F_jj``; for the Kronecker-factored one they are ``(Q_G' dW Q_A)[p, q]`` on one layer);
 - ``captured_energy[j-1] = sum_{i<=j} c_i^2 / ||d||^2``, the share of the update in the top-j
   directions, beside ``random_baseline[j-1] = j / P``, the expected share of a random direction;
-- ``fisher_displacement = d' F d`` *of the representation*: for a low-rank Fisher the
-  truncated ``sum_j lambda_j c_j^2``, a lower bound of the exact ``d' F d`` (exact when the
-  directions are exact eigenvectors, as from ``low_rank(method="exact")``, and an estimate
-  of that bound otherwise); for a diagonal Fisher the proxy ``sum_j F_jj d_j^2``, which drops
-  every correlation between parameters and is neither a bound nor an estimate of ``d' F d``;
-- ``predicted_kl`` = half of it. ``predicted_kl_valid`` is therefore always false here: the
-  exact quadratic form and its predicted KL come from :func:`forgetkit.fisher.displacement`.
+- ``fisher_displacement = d' F d`` *of the representation* (``F.quad_form(d)``), named by
+  ``label`` (``F.quad_form_label``): for a low-rank Fisher the truncated
+  ``sum_j λ_j c_j^2``, a lower bound of the exact ``d' F d`` (exact when the directions are
+  exact eigenvectors, as from ``low_rank(method="exact")``, and an estimate of that bound
+  otherwise); for a Kronecker-factored Fisher its block-diagonal, per-layer factored
+  approximation; for a diagonal Fisher the proxy ``sum_j F_jj d_j^2``, which drops every
+  correlation between parameters and is neither a bound nor an estimate of ``d' F d``;
+- ``top_displacement = sum_{j<=k} λ_j c_j^2``, the part of it in the k leading directions
+  (all of it for a low-rank Fisher projected on all its directions);
+- ``predicted_kl`` = half of ``fisher_displacement``. ``predicted_kl_valid`` is therefore always
+  false here: the exact quadratic form and its predicted KL come from
+  :func:`forgetkit.fisher.displacement`.
 
-All norms are over the parameters the Fisher covers. Everything is also given per module.
+All norms are over the parameters the Fisher covers. Everything is also given per module (the
+update restricted to the module's parameters). Only the Fisher's interface is used, so every
+representation gives the same fields.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from forgetkit.fisher.delta import LoraFactor, ParamDelta
+from forgetkit.fisher.delta import ParamDelta
+from forgetkit.fisher.io import FisherMatrix
 
-__all__ = ["Projection", "project"]
+__all__ = ["DEFAULT_DIRECTIONS", "Projection", "leading_directions", "project"]
+
+DEFAULT_DIRECTIONS = 16
 
 
 @dataclass
@@ -47,98 +61,79 @@ class Projection:
     predicted_kl: float
     predicted_kl_valid: bool
     label: str = ""
+    top_displacement: float = 0.0
     per_module: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def leading_directions(fisher: FisherMatrix, rank: int | None) -> int:
+    """The number of leading directions to use: ``rank``, checked against ``fisher.rank``, or
+    ``min(DEFAULT_DIRECTIONS, fisher.rank)`` for ``None``.
+
+    Raises:
+        ValueError: ``rank`` not an integer between 1 and ``fisher.rank``.
+    """
+    if rank is None:
+        return min(DEFAULT_DIRECTIONS, fisher.rank)
+    try:
+        count = None if isinstance(rank, bool) else operator.index(rank)
+    except TypeError:
+        count = None
+    if count is None or not 1 <= count <= fisher.rank:
+        raise ValueError(f"rank={rank!r} must be an integer between 1 and {fisher.rank}, the "
+                         f"number of eigendirections this {fisher.kind} Fisher holds")
+    return count
+
+
 def _module(name: str) -> str:
     return name.rpartition(".")[0] or name
 
 
-def _diagonal_terms(delta: ParamDelta, fisher, name: str) -> tuple[float, Tensor]:
-    """``(sum_i F_ii d_i^2, d)`` for one parameter under a diagonal Fisher."""
-    values = fisher.values[name].double()
-    d = delta.dense(name).to(values.device, torch.float64) if name in delta.entries else \
-        torch.zeros_like(values)
-    return float((values * d.square()).sum()), d
+def _energy_share(coefficients: Tensor, sq_norm: float) -> float:
+    return float(coefficients.square().sum()) / sq_norm if sq_norm > 0 else 0.0
 
 
-Tensor = torch.Tensor
-
-
-def _low_rank_coordinates(delta: ParamDelta, fisher) -> dict[str, Tensor]:
-    """name -> (k,) contributions ``u_j[name] . d[name]`` (LoRA factors never expanded)."""
-    out = {}
-    for name, u in fisher.directions.items():
-        if name not in delta.entries:
-            out[name] = torch.zeros(u.shape[0], dtype=torch.float64)
-            continue
-        value = delta.entries[name]
-        if isinstance(value, LoraFactor):
-            value = LoraFactor(value.B.to(u.device, torch.float64),
-                               value.A.to(u.device, torch.float64), value.scale)
-            out[name] = value.dot(u.double()).cpu()
-        else:
-            out[name] = delta.dot(name, u.double().to(value.device)).double().cpu()
-    return out
-
-
-def _project_low_rank(delta: ParamDelta, fisher):
-    per_param = _low_rank_coordinates(delta, fisher)
-    coefficients = sum(per_param.values())
-    eigenvalues = fisher.eigenvalues.double().cpu()
-    modules: dict[str, dict[str, Any]] = {}
-    for name, c in per_param.items():
-        row = modules.setdefault(_module(name), {"module": _module(name), "coefficients": 0.0,
-                                                 "delta_sq_norm": 0.0, "parameters": 0})
-        row["coefficients"] = row["coefficients"] + c
-        row["delta_sq_norm"] += delta.sq_norm([name]) if name in delta.entries else 0.0
-        row["parameters"] += fisher.directions[name][0].numel()
+def _module_rows(delta: ParamDelta, fisher: FisherMatrix, k: int) -> list[dict[str, Any]]:
+    """One row per module of the covered parameters (in their order): the update restricted
+    to the module, through the same interface calls as the whole update."""
+    modules: dict[str, list[str]] = {}
+    for name in fisher.shapes:
+        modules.setdefault(_module(name), []).append(name)
     rows = []
-    for row in modules.values():
-        c = row.pop("coefficients")
-        own = float((eigenvalues * c.square()).sum())
-        sq = row["delta_sq_norm"]
-        rows.append({**row, "fisher_displacement": own, "predicted_kl": own / 2,
-                     "captured_energy": float(c.square().sum()) / sq if sq > 0 else 0.0})
-    displacement = float((eigenvalues * coefficients.square()).sum())
-    return coefficients, eigenvalues, displacement, rows
+    for module, names in modules.items():
+        own = ParamDelta({n: delta.entries[n] for n in names if n in delta.entries})
+        sq_norm = own.sq_norm()
+        if own.entries:
+            displacement = fisher.quad_form(own)
+            energy = _energy_share(fisher.coordinates(own, k), sq_norm)
+        else:
+            displacement = energy = 0.0
+        rows.append({"module": module,
+                     "parameters": sum(fisher.shapes[n].numel() for n in names),
+                     "delta_sq_norm": sq_norm, "fisher_displacement": displacement,
+                     "predicted_kl": displacement / 2, "captured_energy": energy})
+    return rows
 
 
-def _project_diagonal(delta: ParamDelta, fisher, rank: int):
-    flat_f, flat_d, rows = [], [], []
-    for name in fisher.values:
-        own, d = _diagonal_terms(delta, fisher, name)
-        flat_f.append(fisher.values[name].double().flatten().cpu())
-        flat_d.append(d.flatten().cpu())
-        rows.append({"module": _module(name), "parameters": d.numel(),
-                     "delta_sq_norm": float(d.square().sum()), "fisher_displacement": own})
-    f, d = torch.cat(flat_f), torch.cat(flat_d)
-    top = torch.topk(f, min(rank, f.numel())).indices
-    merged: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        m = merged.setdefault(row["module"], {"module": row["module"], "parameters": 0,
-                                              "delta_sq_norm": 0.0, "fisher_displacement": 0.0})
-        for key in ("parameters", "delta_sq_norm", "fisher_displacement"):
-            m[key] += row[key]
-    for m in merged.values():
-        m["predicted_kl"] = m["fisher_displacement"] / 2
-    return d[top], f[top], float((f * d.square()).sum()), list(merged.values())
-
-
-def project(delta: ParamDelta, fisher, rank: int | None = None) -> Projection:
-    """Project ``delta`` onto ``fisher`` (a ``LowRankFisher`` or ``DiagonalFisher``).
+def project(delta: ParamDelta, fisher: FisherMatrix, rank: int | None = None) -> Projection:
+    """Project ``delta`` onto the leading directions of ``fisher`` (any representation).
 
     Args:
-        delta: the update, from :func:`forgetkit.fisher.delta`.
+        delta: the update, from :func:`forgetkit.fisher.delta` (entries for parameters the
+            Fisher does not cover are ignored; covered parameters it lacks are no update).
         fisher: the base model's Fisher on probe data.
-        rank: number of top directions for the energy curve of a diagonal Fisher (default 16);
-            a low-rank Fisher uses all of its directions.
+        rank: number of leading directions k of the energy curve and the coefficients
+            (default ``min(16, fisher.rank)``: every direction of a low-rank Fisher of rank up
+            to 16).
+
+    Returns:
+        A :class:`Projection`.
 
     Raises:
-        ValueError: the update and the Fisher share no parameter.
+        ValueError: the update and the Fisher share no parameter, or ``rank`` is not between 1
+            and ``fisher.rank``.
     """
     covered = list(fisher.shapes)
     shared = [n for n in covered if n in delta.entries]
@@ -146,24 +141,20 @@ def project(delta: ParamDelta, fisher, rank: int | None = None) -> Projection:
         raise ValueError(
             "the update and the Fisher share no parameter: the Fisher covers e.g. "
             f"{covered[:2]}, the update e.g. {list(delta.entries)[:2]}")
-    if fisher.kind == "low_rank":
-        coefficients, eigenvalues, displacement, rows = _project_low_rank(delta, fisher)
-    else:
-        coefficients, eigenvalues, displacement, rows = _project_diagonal(delta, fisher,
-                                                                          rank or 16)
+    k = leading_directions(fisher, rank)
+    coefficients = fisher.coordinates(delta, k)  # (k,) float64
+    eigenvalues = fisher.top(k).eigenvalues.double().cpu()  # (k,) descending
+    displacement = fisher.quad_form(delta)
     sq_norm = delta.sq_norm(shared)
-    parameters = sum(fisher.shapes[n].numel() for n in covered)
-    k = coefficients.numel()
-    energy = (coefficients.square().cumsum(0) / sq_norm) if sq_norm > 0 else torch.zeros(k)
-    estimator = fisher.provenance.estimator
+    parameters = fisher.size
+    energy = (coefficients.square().cumsum(0) / sq_norm if sq_norm > 0 else
+              torch.zeros(k, dtype=torch.float64))
     return Projection(
-        kind=fisher.kind, estimator=estimator, rank=k, parameters=parameters,
+        kind=fisher.kind, estimator=fisher.provenance.estimator, rank=k, parameters=parameters,
         delta_sq_norm=sq_norm, coefficients=coefficients.tolist(),
         eigenvalues=eigenvalues.tolist(), captured_energy=energy.tolist(),
         random_baseline=[(j + 1) / parameters for j in range(k)],
         fisher_displacement=displacement, predicted_kl=displacement / 2,
-        predicted_kl_valid=False, label=_LABELS[fisher.kind].format(k=k), per_module=rows)
-
-
-_LABELS = {"low_rank": "top-{k} truncation: a lower bound of d'Fd",
-           "diagonal": "diagonal proxy Σ F_jj d_j², not d'Fd"}
+        predicted_kl_valid=False, label=fisher.quad_form_label,
+        top_displacement=float((eigenvalues * coefficients.square()).sum()),
+        per_module=_module_rows(delta, fisher, k))

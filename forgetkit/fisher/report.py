@@ -23,8 +23,9 @@ from forgetkit.fisher.delta import ParamDelta
 from forgetkit.fisher.delta import delta as param_delta
 from forgetkit.fisher.diagonal import diagonal
 from forgetkit.fisher.exact import displacement
+from forgetkit.fisher.io import FisherMatrix
 from forgetkit.fisher.kl import kl_path, measured_kl
-from forgetkit.fisher.low_rank import LowRankFisher, low_rank
+from forgetkit.fisher.low_rank import low_rank
 from forgetkit.fisher.project import project
 from forgetkit.fisher.risk import forgetting_risk
 from forgetkit.stats import mean_ci, ratio_ci
@@ -180,7 +181,7 @@ def _load_finetunes(base, paths: dict[str, str], config: ReportConfig):
 
 
 def _low_rank(base, tokenizer, sample, config: ReportConfig, rank: int, seed: int
-              ) -> LowRankFisher:
+              ) -> FisherMatrix:
     exact = config.low_rank_method == "exact"
     return low_rank(base, tokenizer, sample, rank=rank, estimator=config.estimator,
                     mc_samples=config.mc_samples, params=config.params, seed=seed,
@@ -188,13 +189,9 @@ def _low_rank(base, tokenizer, sample, config: ReportConfig, rank: int, seed: in
                     method=config.low_rank_method)
 
 
-def _projected(update: ParamDelta, fisher: LowRankFisher) -> ParamDelta:
-    """The update's component in the Fisher's top directions, ``sum_j c_j u_j``."""
-    coefficients = fisher.coordinates({n: update.dense(n) if n in update.entries else
-                                       torch.zeros(shape) for n, shape in fisher.shapes.items()})
-    return ParamDelta({n: torch.einsum("k,k...->...", coefficients.to(u.device),
-                                       u.double()).float()
-                       for n, u in fisher.directions.items()})
+def _projected(update: ParamDelta, fisher: FisherMatrix, k: int) -> ParamDelta:
+    """The update's component in the Fisher's k leading directions, ``sum_j c_j u_j``."""
+    return ParamDelta({n: t.float() for n, t in fisher.project(update, k).items()})
 
 
 def _interval(values, seed: int) -> dict[str, float]:
@@ -203,8 +200,8 @@ def _interval(values, seed: int) -> dict[str, float]:
 
 
 def _finetune_section(base, model, tokenizer, records, probes, sample, update: ParamDelta,
-                      fishers: list[LowRankFisher], fisher_diag, base_scores, proxy,
-                      config: ReportConfig, path: str) -> dict[str, Any]:
+                      fishers: list[FisherMatrix], fisher_diag: FisherMatrix, rank: int,
+                      base_scores, proxy, config: ReportConfig, path: str) -> dict[str, Any]:
     from forgetkit.diagnostics.evaluation import (
         accuracy_interval,
         evaluate,
@@ -217,10 +214,11 @@ def _finetune_section(base, model, tokenizer, records, probes, sample, update: P
                          batch_size=config.exact_batch_size, params=config.params,
                          per_module=config.per_module, seed=seed)
     kl = measured_kl(base, model, tokenizer, sample)
-    lower = displacement(base, tokenizer, sample, _projected(update, fishers[0]),
+    lower = displacement(base, tokenizer, sample, _projected(update, fishers[0], rank),
                          estimator=config.estimator, batch_size=config.exact_batch_size,
                          seed=seed)
-    spread = [project(update, f).fisher_displacement for f in fishers]
+    projections = [project(update, f, rank=rank) for f in fishers]
+    spread = [p.top_displacement for p in projections]
     path_rows = []
     for t, measured in kl_path(base, update, tokenizer, sample, config.kl_path):
         ci = measured.interval(seed)
@@ -239,14 +237,13 @@ def _finetune_section(base, model, tokenizer, records, probes, sample, update: P
         "measured_over_predicted": ratio_ci(kl.per_example, exact.per_probe / 2,
                                             seed=seed).to_dict(),
         "kl_path": path_rows,
-        "projection_low_rank": project(update, fishers[0]).to_dict(),
+        "projection_low_rank": projections[0].to_dict(),
         "low_rank_displacement": {
             **_interval(lower.per_probe, seed), "lower_bound": True,
             "seeds": [f.provenance.seed for f in fishers], "seed_values": spread,
             "seed_relative_spread": (max(spread) - min(spread)) / (sum(spread) / len(spread))
             if len(spread) > 1 and sum(spread) > 0 else None},
-        "projection_diagonal": project(update, fisher_diag, rank=len(fishers[0].eigenvalues)
-                                       ).to_dict(),
+        "projection_diagonal": project(update, fisher_diag, rank=rank).to_dict(),
         "diagonal_proxy": _interval(proxy, seed),
         "scores": scores.to_dict(),
         "memorization_ci": memorization.to_dict() if memorization else None,
@@ -365,13 +362,13 @@ def _run_report(config: ReportConfig, base, finetunes, records, probes, progress
     timing["fisher"] = time.time() - mark
     mark = time.time()
     risk = forgetting_risk(base, tokenizer, records, fishers[0],
-                           batch_size=config.fisher_batch_size)
+                           batch_size=config.fisher_batch_size, rank=rank)
     timing["risk"] = time.time() - mark
     mark = time.time()
     base_scores = evaluate(base, tokenizer, records, probes)
     per_finetune = {
         name: _finetune_section(base, model, tokenizer, records, probes, sample, deltas[name],
-                                fishers, fisher_diag, base_scores,
+                                fishers, fisher_diag, rank, base_scores,
                                 fisher_diag.per_example_proxy[name], config, paths[name])
         for name, model in finetunes.items()}
     comparisons = _comparisons(per_finetune, config.seed)
@@ -380,16 +377,18 @@ def _run_report(config: ReportConfig, base, finetunes, records, probes, progress
     timing["evaluate"] = time.time() - mark
     timing["total"] = time.time() - started
     fisher_lr = fishers[0]
+    details = fisher_lr.details()
     return {
         "config": asdict(config),
         "base": {"model": config.base, "parameters": sum(p.numel() for p in base.parameters()),
                  "scores": base_scores.to_dict(), "records": len(records),
                  "probes": len(probes), "fisher_samples": len(sample)},
-        "fisher": {"eigenvalues": fisher_lr.eigenvalues.tolist(), "rank": rank,
-                   "low_rank_method": fisher_lr.method,
-                   "eigenvalues_by_seed": {str(f.provenance.seed): f.eigenvalues.tolist()
-                                           for f in fishers},
-                   "residuals": list(fisher_lr.residuals),
+        "fisher": {"eigenvalues": fisher_lr.top(rank).eigenvalues.tolist(), "rank": rank,
+                   "representation": fisher_lr.kind, "details": details,
+                   "low_rank_method": details.get("method", config.low_rank_method),
+                   "eigenvalues_by_seed": {str(f.provenance.seed):
+                                           f.top(rank).eigenvalues.tolist() for f in fishers},
+                   "residuals": list(details.get("residuals", [])),
                    "trace_diagonal": fisher_diag.trace(), "estimator": config.estimator,
                    "module_summary": fisher_diag.summary(),
                    "low_rank_module_summary": fisher_lr.summary(),

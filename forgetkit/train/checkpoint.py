@@ -1,26 +1,15 @@
 """Checkpoints, the output-folder guard and the final model export of the trainer.
 
-A checkpoint ``output_dir/checkpoint-<step>/`` is written by ``Accelerator.save_state``
-(:func:`save_checkpoint`) and holds:
-
-- the trained weights in safetensors, written by ``save_pretrained`` (a save-state hook of the
-  trainer): ``model.safetensors`` + ``config.json`` (full fine-tuning) or
-  ``adapter_model.safetensors`` + ``adapter_config.json`` (LoRA), so the folder also loads with
-  :func:`forgetkit.models.load_model`;
-- accelerate's ``optimizer.bin``, ``scheduler.bin`` (state dicts) and ``random_states_<rank>.pkl``
-  per process (Python, NumPy, torch CPU/CUDA random states and accelerate's step);
-- ``trainer_state.json``: step, run hash, input fingerprints, world size, the data-order
-  generator and pending indices, the logging window.
-
-Nothing in a checkpoint can run code when loaded: :func:`load_checkpoint` first reads every
-pickle-format file with ``torch.load(weights_only=True)`` (tensors, plain data and NumPy arrays
-only) and refuses, by name, a file that holds anything else, before ``Accelerator.load_state``
-touches the folder.
-
-The checkpoint is built in a hidden staging folder beside it (``.checkpoint-<step>.staging-<pid>-*``,
-``pid`` of the main process) and swapped in whole (:func:`forgetkit.files.atomic_directory`), so
-a reader sees a complete checkpoint or none; :func:`recover_checkpoints` removes the staging
-folders of dead runs when a run starts. Multi-process runs need one shared filesystem (one node).
+A checkpoint ``output_dir/checkpoint-<step>/`` is written by ``Accelerator.save_state``: the
+weights by ``save_pretrained`` (full model, or the LoRA adapter; the folder loads with
+:func:`forgetkit.models.load_model`), accelerate's ``optimizer.bin``, ``scheduler.bin`` and
+``random_states_<rank>.pkl``, and ``trainer_state.json`` (step, run hash, input fingerprints,
+world size, data order, logging window). Nothing in it can run code when loaded: every pickled
+file is read with ``weights_only=True`` and refused by name if it holds anything but tensors and
+plain data, before ``Accelerator.load_state`` touches the folder (:func:`verify_checkpoint`).
+It is built in a staging folder ``.checkpoint-<step>.staging-<pid>-*`` and swapped in whole;
+staging folders of dead runs are removed when a run starts (:func:`recover_checkpoints`).
+Multi-process runs need one shared filesystem (one node).
 
 :func:`check_output_dir` runs before anything is loaded: it refuses an ``output_dir`` that holds
 another run (or this run, unless resuming or overwriting) and a checkpoint of another run; a run
@@ -29,7 +18,6 @@ killed before its first checkpoint starts over without flags.
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
 import logging
@@ -41,8 +29,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from forgetkit.data.records import Probe, Record, records_hash
 from forgetkit.files import atomic_directory, atomic_write_json, content_hash, recover_directory
@@ -122,29 +108,11 @@ def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
 
 # --- save / load --------------------------------------------------------------------------------
 
-def generator_state(generator: torch.Generator) -> str:
-    """A ``torch.Generator``'s state as text (for ``trainer_state.json``)."""
-    return base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii")
-
-
-def set_generator_state(generator: torch.Generator, state: str) -> None:
-    """Inverse of :func:`generator_state`."""
-    data = bytearray(base64.b64decode(state))
-    generator.set_state(torch.frombuffer(data, dtype=torch.uint8).clone())
-
-
 def save_checkpoint(accelerator, dest: Path, trainer_state: dict[str, Any],
                     owner_pid: int) -> None:
-    """Write a checkpoint to ``dest`` with ``accelerator.save_state`` (every process calls this;
-    the main process writes the shared files and swaps the staging folder in).
-
-    Args:
-        accelerator: the run's ``Accelerator``, its model, optimizer and scheduler prepared and
-            its save-state hook writing the weights with ``save_pretrained``.
-        dest: ``output_dir/checkpoint-<step>``.
-        trainer_state: JSON-ready trainer state.
-        owner_pid: the main process's pid (names the staging folder, known to every process).
-    """
+    """Write ``dest`` (``output_dir/checkpoint-<step>``) with ``accelerator.save_state`` and
+    ``trainer_state`` (every process calls this; ``owner_pid``, the main process's pid, names the
+    staging folder that the main process swaps in)."""
     staging = dest.parent / f".{dest.name}.staging-{owner_pid}-{accelerator.num_processes}"
     main = accelerator.is_main_process
     with atomic_directory(dest, staging=staging) if main else nullcontext(staging):
@@ -205,49 +173,42 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be loaded safely."""
 
 
-_STATE_FILES = ("optimizer.bin", "scheduler.bin")
-_RNG_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")
-
-
-def _safe_load(file: Path) -> Any:
-    """Load ``file`` with accelerate's ``load``: ``torch.load(weights_only=True)`` allowing only
-    NumPy arrays beyond tensors and plain data, so a crafted file cannot run code; anything else
-    is refused with the file named."""
-    from accelerate.utils import load
-
-    try:
-        return load(file, map_location="cpu")
-    except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0][:200]
-        raise CheckpointError(f"{file}: refused: it holds objects other than tensors and plain "
-                              f"data, which could run code when loaded ({reason})") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{file}: cannot be read (truncated or not a torch file: "
-                              f"{str(err).strip().splitlines()[0][:200]})") from None
+_RNG_KEYS = {"random_state", "numpy_random_seed", "torch_manual_seed"}
 
 
 def verify_checkpoint(path: Path, rank: int) -> None:
     """Check that every file ``Accelerator.load_state`` will unpickle from ``path`` for process
-    ``rank`` holds only tensors and plain data, and that the random states are complete (accelerate
-    would skip unreadable ones silently, breaking the exact resume).
+    ``rank`` holds only tensors, plain data and NumPy arrays (read by accelerate's ``load``:
+    ``weights_only=True``), and that the random states are complete (accelerate would skip
+    unreadable ones silently, and the resume would not be exact).
 
     Raises:
-        FileNotFoundError: a state file is missing (e.g. no random state for this rank: the
+        FileNotFoundError: a state file is missing (no random state for this rank: the
             checkpoint was saved by fewer processes).
         CheckpointError: a file that holds anything else, or cannot be read.
     """
-    custom = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
-    if custom:
-        raise CheckpointError(f"{path / custom[0]}: refused: forgetkit checkpoints hold no "
-                              "custom pickled state (accelerate would unpickle it unchecked)")
+    from accelerate.utils import load
+
     rng_file = path / f"random_states_{rank}.pkl"
-    for file in [*(path / name for name in _STATE_FILES), rng_file]:
+    for file in [*path.glob("custom_checkpoint_*.pkl"), path / "optimizer.bin",
+                 path / "scheduler.bin", rng_file]:
+        if file.name.startswith("custom_checkpoint_"):  # accelerate unpickles these unchecked
+            raise CheckpointError(f"{file}: refused: forgetkit checkpoints hold no custom state")
         if not file.is_file():
-            raise FileNotFoundError(f"{file} missing: not a complete checkpoint"
-                                    + (" of this many processes" if file == rng_file else ""))
-        state = _safe_load(file)
-        if file == rng_file and not (isinstance(state, dict) and all(k in state for k in _RNG_KEYS)):
-            raise CheckpointError(f"{file}: not a random-state file (needs {', '.join(_RNG_KEYS)})")
+            raise FileNotFoundError(f"{file} missing: not a complete checkpoint (of this many "
+                                    "processes?)")
+        try:
+            state = load(file, map_location="cpu")
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(f"{file}: refused: it holds objects other than tensors and "
+                                  "plain data, which could run code when loaded "
+                                  f"({str(err).strip().splitlines()[0][:200]})") from None
+        except (RuntimeError, EOFError, OSError) as err:
+            raise CheckpointError(f"{file}: cannot be read (truncated or not a torch file: "
+                                  f"{str(err).strip().splitlines()[0][:200]})") from None
+        if file == rng_file and not (isinstance(state, dict) and state.keys() >= _RNG_KEYS):
+            raise CheckpointError(f"{file}: not a random-state file (needs "
+                                  f"{', '.join(sorted(_RNG_KEYS))})")
 
 
 def load_checkpoint(accelerator, path: Path) -> dict[str, Any]:

@@ -32,11 +32,9 @@ from forgetkit.models import end_token_ids, load_model
 from forgetkit.train.checkpoint import (
     CHECKPOINT_PREFIX,
     INPUTS_FILE,
-    generator_state,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
-    set_generator_state,
     weight_hooks,
 )
 from forgetkit.train.config import FISHER_METHODS, RETENTION_METHODS, TrainConfig
@@ -65,13 +63,9 @@ logger = logging.getLogger(__name__)
 # --- processes ----------------------------------------------------------------------------------
 
 def make_accelerator(config: TrainConfig):
-    """The run's ``accelerate.Accelerator``: one process, or DDP over the processes ``torchrun``
-    or ``accelerate launch`` started (gloo on CPU, nccl on CUDA unless ``ddp_backend``), with
-    ``gradient_accumulation_steps`` micro-batches per optimizer step.
-
-    The learning-rate scheduler steps once per optimizer step whatever the number of processes
-    (``step_scheduler_with_optimizer=False``): a step is defined by its global batch.
-    """
+    """The run's ``Accelerator``: one process, or DDP over those ``torchrun`` or ``accelerate
+    launch`` started (gloo on CPU, nccl on CUDA unless ``ddp_backend``); the scheduler steps once
+    per optimizer step whatever the number of processes."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import InitProcessGroupKwargs
@@ -381,12 +375,12 @@ class Trainer:
         return {"global_step": self.global_step, "run_hash": self.config.run_hash(),
                 "inputs": self.inputs, "world_size": self.world_size,
                 "pending": self.order.pending, "window": self.window,
-                "data_generator": generator_state(self.order.generator),
+                "data_generator": self.order.generator.get_state().tolist(),
                 "stopped_at": self.stopped_at, "config": self.config.to_dict()}
 
     def _resume(self, path: Path) -> None:
         state = load_checkpoint(self.accelerator, path)
-        set_generator_state(self.order.generator, state["data_generator"])
+        self.order.generator.set_state(torch.tensor(state["data_generator"], dtype=torch.uint8))
         self.global_step = state["global_step"]
         self.order.pending = list(state["pending"])
         self.window = list(state["window"])

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from forgetkit.files import atomic_write_json
 from forgetkit.models import collate, load_model
 from forgetkit.train.config import TrainConfig
-from forgetkit.train.loop import DataOrder, Distributed, Trainer, _lr_lambda
+from forgetkit.train.loop import DataOrder, Trainer, _lr_lambda, make_accelerator
 
 RESULTS = Path(__file__).parent / "results" / "bench_train.json"
 
@@ -41,7 +41,7 @@ def trainer_run(config: TrainConfig) -> tuple[float, dict[int, float]]:
     """Seconds per step of ``Trainer.run`` and its losses at the logged steps."""
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        trainer = Trainer(config, Distributed(0, 1, torch.device(config.device)), resume=None)
+        trainer = Trainer(config, make_accelerator(config), resume=None)
         started = time.perf_counter()
         trainer.run()
         seconds = time.perf_counter() - started

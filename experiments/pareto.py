@@ -54,6 +54,7 @@ from forgetkit.diagnostics.evaluation import (
     retention_interval,
 )
 from forgetkit.files import (
+    atomic_directory,
     atomic_write,
     atomic_write_json,
     atomic_write_jsonl,
@@ -396,7 +397,8 @@ def first_peak(trajectory: pd.DataFrame, tolerance: float = 0.0) -> int:
 
 def export_peak(output_dir: Path, final_step: int, tolerance: float = 0.0) -> dict[str, Any]:
     """Write ``peak.json`` and, unless the peak is the last step, ``peak_model/`` (the peak
-    checkpoint's weights with the tokenizer, loadable by ``load_model``)."""
+    checkpoint's weights with the tokenizer, loadable by ``load_model``; built in a staging
+    folder and swapped in whole, a killed earlier export's leftovers cleaned first)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     step = first_peak(eval_trajectory(output_dir), tolerance)
@@ -405,8 +407,9 @@ def export_peak(output_dir: Path, final_step: int, tolerance: float = 0.0) -> di
         checkpoint = output_dir / f"checkpoint-{step}"
         model = AutoModelForCausalLM.from_pretrained(checkpoint)
         model_path = output_dir / "peak_model"
-        model.save_pretrained(model_path, safe_serialization=True)
-        AutoTokenizer.from_pretrained(output_dir).save_pretrained(model_path)
+        with atomic_directory(model_path) as staging:  # swapped in whole once complete
+            model.save_pretrained(staging, safe_serialization=True)
+            AutoTokenizer.from_pretrained(output_dir).save_pretrained(staging)
     peak = {"step": step, "model_path": str(model_path), "tolerance": tolerance}
     atomic_write_json(output_dir / "peak.json", peak)
     return peak

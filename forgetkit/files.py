@@ -22,6 +22,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_jsonl",
     "check_writable",
+    "content_hash",
     "figure_png",
     "json_rows",
     "read_jsonl",
@@ -267,3 +268,23 @@ def read_jsonl(path: str | os.PathLike, tolerate_torn_tail: bool = False) -> lis
 def json_rows(frame) -> list[dict[str, Any]]:
     """The rows of a ``pandas.DataFrame`` as JSON-ready dicts, missing values (NaN) as ``None``."""
     return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """SHA-256 of what ``path`` holds, independent of how it is spelled: a file's bytes, or a
+    folder's files (relative names and bytes, hidden entries such as staging folders left out)."""
+    import hashlib
+
+    path = Path(path).expanduser()
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    for file in files:
+        if file != path:
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()

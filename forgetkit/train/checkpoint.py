@@ -1,22 +1,19 @@
 """Checkpoints, the output-folder guard and the final model export of the trainer.
 
-A checkpoint ``output_dir/checkpoint-<step>/`` holds:
-
-- the trained weights in safetensors: ``model.safetensors`` + ``config.json`` (full
-  fine-tuning) or ``adapter_model.safetensors`` + ``adapter_config.json`` (LoRA), written by
-  ``save_pretrained`` so the folder also loads with :func:`forgetkit.models.load_model`;
-- ``optimizer.pt`` and ``scheduler.pt`` (state dicts);
-- ``rng_state_<rank>.pt`` per process: Python, NumPy, torch CPU/CUDA and the data-order
-  generator;
-- ``trainer_state.json``: step, run hash, world size, the pending data order and the logging
-  window.
-
-It is written into a hidden staging folder and renamed into place once complete, so a crash
-never leaves a half checkpoint under a valid name. Multi-process runs need one shared
-filesystem (one node).
+A checkpoint ``output_dir/checkpoint-<step>/`` is written by ``Accelerator.save_state``: the
+weights by ``save_pretrained`` (full model, or the LoRA adapter; the folder loads with
+:func:`forgetkit.models.load_model`), accelerate's ``optimizer.bin``, ``scheduler.bin`` and
+``random_states_<rank>.pkl``, and ``trainer_state.json`` (step, run hash, input fingerprints,
+world size, data order, logging window). Nothing in it can run code when loaded: every pickled
+file is read with ``weights_only=True`` and refused by name if it holds anything but tensors and
+plain data, before ``Accelerator.load_state`` touches the folder (:func:`verify_checkpoint`).
+It is built in a staging folder ``.checkpoint-<step>.staging-<pid>-*`` and swapped in whole;
+staging folders of dead runs are removed when a run starts (:func:`recover_checkpoints`).
+Multi-process runs need one shared filesystem (one node).
 
 :func:`check_output_dir` runs before anything is loaded: it refuses an ``output_dir`` that holds
-another run (or this run, unless resuming or overwriting) and a checkpoint of another run.
+another run (or this run, unless resuming or overwriting) and a checkpoint of another run; a run
+killed before its first checkpoint starts over without flags.
 """
 
 from __future__ import annotations
@@ -26,7 +23,6 @@ import json
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,25 +30,29 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from forgetkit.data.records import Record, records_hash
-from forgetkit.files import atomic_directory, atomic_write_json
+from forgetkit.data.records import Probe, Record, records_hash
+from forgetkit.files import atomic_directory, atomic_write_json, content_hash, recover_directory
 from forgetkit.models import model_hash
-from forgetkit.train.config import OUTPUT_FIELDS, RUN_CONTROL_FIELDS, TrainConfig
+from forgetkit.seeding import stable_hash
+from forgetkit.train.config import (
+    OUTPUT_FIELDS,
+    RETENTION_METHODS,
+    RUN_CONTROL_FIELDS,
+    TrainConfig,
+)
 
-__all__ = ["CHECKPOINT_PREFIX", "OutputDirError", "check_output_dir", "checkpoint_dirs",
-           "input_fingerprints", "latest_checkpoint", "load_checkpoint", "prune_checkpoints",
-           "resolve_checkpoint", "same_config", "save_checkpoint", "save_final_model",
-           "saved_config", "saved_inputs"]
+__all__ = ["CHECKPOINT_PREFIX", "CheckpointError", "OutputDirError", "check_output_dir",
+           "checkpoint_dirs", "input_fingerprints", "latest_checkpoint", "load_checkpoint",
+           "prune_checkpoints", "recover_checkpoints", "resolve_checkpoint", "same_config",
+           "save_checkpoint", "save_final_model", "saved_config", "saved_inputs", "weight_hooks"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 INPUTS_FILE = "inputs.json"
-"""Fingerprints of the inputs a run was given as objects rather than by the config's names."""
+"""Fingerprints of a run's inputs: the content of the files it names, the objects it was given."""
 _STEP = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+_LEFTOVER = re.compile(rf"^\.({CHECKPOINT_PREFIX}\d+)\.(?:staging|old)-\d+-")
 
 
 def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
@@ -90,68 +90,59 @@ def resolve_checkpoint(spec: str, output_dir: str | os.PathLike) -> Path:
     return path
 
 
+def recover_checkpoints(output_dir: str | os.PathLike) -> None:
+    """Remove what killed runs left in ``output_dir``: the staging folders of checkpoints and of
+    the final model, whose writing process is gone (:func:`forgetkit.files.recover_directory`)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return
+    names = {m.group(1) for p in output_dir.iterdir() if (m := _LEFTOVER.match(p.name))}
+    for name in sorted(names):
+        recover_directory(output_dir / name)
+    recover_directory(output_dir / output_dir.name)  # save_final_model stages inside output_dir
+
+
 def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
 
 
-# --- random states ------------------------------------------------------------------------------
-
-def capture_rng(data_generator: torch.Generator) -> dict[str, Any]:
-    """Every random state a training step can touch, in a ``weights_only``-loadable form."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (name, keys.tolist(), pos, has_gauss, cached),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "data": data_generator.get_state(),
-    }
-
-
-def restore_rng(state: dict[str, Any], data_generator: torch.Generator) -> None:
-    """Inverse of :func:`capture_rng`."""
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    data_generator.set_state(state["data"])
-
-
 # --- save / load --------------------------------------------------------------------------------
+
+def save_checkpoint(accelerator, dest: Path, trainer_state: dict[str, Any],
+                    owner_pid: int) -> None:
+    """Write ``dest`` (``output_dir/checkpoint-<step>``) with ``accelerator.save_state`` and
+    ``trainer_state`` (every process calls this; ``owner_pid``, the main process's pid, names the
+    staging folder that the main process swaps in)."""
+    staging = dest.parent / f".{dest.name}.staging-{owner_pid}-{accelerator.num_processes}"
+    main = accelerator.is_main_process
+    with atomic_directory(dest, staging=staging) if main else nullcontext(staging):
+        accelerator.wait_for_everyone()  # the staging folder exists
+        accelerator.save_state(staging, safe_serialization=True)
+        if main:
+            atomic_write_json(staging / "trainer_state.json", trainer_state)
+        accelerator.wait_for_everyone()  # every file is written before the swap
+    accelerator.wait_for_everyone()
+
 
 def _is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_checkpoint(dest: Path, *, model, optimizer, scheduler, trainer_state: dict[str, Any],
-                    data_generator: torch.Generator, rank: int = 0,
-                    barrier: Callable[[], None] = lambda: None) -> None:
-    """Write a checkpoint to ``dest`` (every process calls this; rank 0 writes the shared files).
+def weight_hooks(accelerator, model) -> None:
+    """Make ``accelerator.save_state``/``load_state`` write and read ``model``'s weights with
+    ``save_pretrained`` and :func:`load_weights` (a folder ``load_model`` opens, adapters only for
+    LoRA) instead of accelerate's own state-dict file."""
+    def save(models, weights, output_dir):
+        if accelerator.is_main_process:
+            model.save_pretrained(output_dir, safe_serialization=True)
+        weights.clear()
 
-    Args:
-        dest: ``output_dir/checkpoint-<step>``.
-        model: the unwrapped model (plain or PEFT).
-        optimizer, scheduler: their state dicts are saved.
-        trainer_state: JSON-ready trainer state.
-        data_generator: the data-order generator.
-        rank: this process's rank.
-        barrier: synchronizes all processes (no-op for one process).
-    """
-    staging = dest.parent / f".{dest.name}.staging"  # one name, known to every process
-    # rank 0 owns the staging folder: it creates it and renames it to dest once all have written
-    owner = atomic_directory(dest, staging=staging) if rank == 0 else nullcontext(staging)
-    with owner:
-        if rank == 0:
-            model.save_pretrained(staging, safe_serialization=True)
-            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-            torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-            atomic_write_json(staging / "trainer_state.json", trainer_state)
-        barrier()
-        torch.save(capture_rng(data_generator), staging / f"rng_state_{rank}.pt")
-        barrier()
-    barrier()
+    def load(models, input_dir):
+        load_weights(model, Path(input_dir))
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
 
 
 def load_weights(model, path: Path) -> None:
@@ -182,42 +173,49 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be loaded safely."""
 
 
-def _load_state(file: Path, **kwargs) -> Any:
-    """``torch.load(file, weights_only=True)``: tensors and plain data only, so a crafted file
-    cannot run code; anything else is refused with the file named."""
-    try:
-        return torch.load(file, weights_only=True, **kwargs)
-    except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0][:200]
-        raise CheckpointError(f"{file}: refused: it holds objects other than tensors and plain "
-                              f"data, which could run code when loaded ({reason})") from None
-    except (RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{file}: cannot be read (truncated or not a torch file: "
-                              f"{str(err).strip().splitlines()[0][:200]})") from None
+_RNG_KEYS = {"random_state", "numpy_random_seed", "torch_manual_seed"}
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler, data_generator: torch.Generator,
-                    rank: int = 0) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and random states; return the trainer state.
-
-    Every ``.pt`` file is loaded with ``weights_only=True``: nothing in a checkpoint can run code.
+def verify_checkpoint(path: Path, rank: int) -> None:
+    """Check that every file ``Accelerator.load_state`` will unpickle from ``path`` for process
+    ``rank`` holds only tensors, plain data and NumPy arrays (read by accelerate's ``load``:
+    ``weights_only=True``), and that the random states are complete (accelerate would skip
+    unreadable ones silently, and the resume would not be exact).
 
     Raises:
-        FileNotFoundError: no random state saved for this rank (different process count).
-        CheckpointError: a state file holding anything but tensors and plain data, or unreadable.
+        FileNotFoundError: a state file is missing (no random state for this rank: the
+            checkpoint was saved by fewer processes).
+        CheckpointError: a file that holds anything else, or cannot be read.
     """
-    rng_file = path / f"rng_state_{rank}.pt"
-    if not rng_file.exists():
-        raise FileNotFoundError(f"{rng_file} missing: the checkpoint was saved by fewer "
-                                "processes than are resuming it")
-    device = next(model.parameters()).device
-    optimizer_state = _load_state(path / "optimizer.pt", map_location=device)
-    scheduler_state = _load_state(path / "scheduler.pt")
-    rng_state = _load_state(rng_file)
-    load_weights(model, path)
-    optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict(scheduler_state)
-    restore_rng(rng_state, data_generator)
+    from accelerate.utils import load
+
+    rng_file = path / f"random_states_{rank}.pkl"
+    for file in [*path.glob("custom_checkpoint_*.pkl"), path / "optimizer.bin",
+                 path / "scheduler.bin", rng_file]:
+        if file.name.startswith("custom_checkpoint_"):  # accelerate unpickles these unchecked
+            raise CheckpointError(f"{file}: refused: forgetkit checkpoints hold no custom state")
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} missing: not a complete checkpoint (of this many "
+                                    "processes?)")
+        try:
+            state = load(file, map_location="cpu")
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(f"{file}: refused: it holds objects other than tensors and "
+                                  "plain data, which could run code when loaded "
+                                  f"({str(err).strip().splitlines()[0][:200]})") from None
+        except (RuntimeError, EOFError, OSError) as err:
+            raise CheckpointError(f"{file}: cannot be read (truncated or not a torch file: "
+                                  f"{str(err).strip().splitlines()[0][:200]})") from None
+        if file == rng_file and not (isinstance(state, dict) and state.keys() >= _RNG_KEYS):
+            raise CheckpointError(f"{file}: not a random-state file (needs "
+                                  f"{', '.join(sorted(_RNG_KEYS))})")
+
+
+def load_checkpoint(accelerator, path: Path) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and random states with ``accelerator.load_state``
+    once :func:`verify_checkpoint` has passed; return the trainer state."""
+    verify_checkpoint(path, accelerator.process_index)
+    accelerator.load_state(str(path))
     return read_trainer_state(path)
 
 
@@ -273,15 +271,34 @@ def _differences(saved: dict[str, Any], config: TrainConfig) -> str:
     return "; ".join(diffs) or "no field differs (saved by another forgetkit version?)"
 
 
+def _clear_run(out: Path, keep: Sequence[str] = ()) -> None:
+    """Delete a previous run's checkpoints and artifacts in ``out`` but those named in ``keep``."""
+    for old in checkpoint_dirs(out):
+        shutil.rmtree(old)
+    for name in _ARTIFACTS:
+        target = out / name
+        if name in keep:
+            continue
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
 def check_output_dir(config: TrainConfig, rank: int = 0, world_size: int = 1,
                      barrier: Callable[[], None] = lambda: None,
                      inputs: Mapping[str, str] | None = None) -> Path | None:
     """Decide between a fresh start and a resume, before anything is loaded.
 
+    Staging folders of killed runs are removed first (:func:`recover_checkpoints`). A folder
+    holding this very run (same run hash and inputs) that was killed before its first checkpoint
+    is started over, its MixSD target cache kept; ``--resume_from_checkpoint latest`` with no
+    checkpoint yet starts from the beginning.
+
     Args:
         config: the run's config.
         rank, world_size, barrier: this process's place in the run.
-        inputs: :func:`input_fingerprints` of the inputs given as objects.
+        inputs: :func:`input_fingerprints` of the run.
 
     Returns:
         The checkpoint to resume from, or ``None`` for a fresh start (after deleting a previous
@@ -289,12 +306,18 @@ def check_output_dir(config: TrainConfig, rank: int = 0, world_size: int = 1,
 
     Raises:
         OutputDirError: the checkpoint or the folder belongs to another run (different
-            :meth:`TrainConfig.run_hash` or inputs), or the folder already holds this run and
-            neither resuming nor overwriting was asked for.
+            :meth:`TrainConfig.run_hash` or inputs, e.g. a records file whose content changed),
+            or the folder already holds this run and neither resuming nor overwriting was asked
+            for.
     """
     inputs = dict(inputs or {})
     out = Path(config.output_dir)
-    if config.resume_from_checkpoint:
+    if rank == 0:
+        recover_checkpoints(out)
+    barrier()
+    previous = checkpoint_dirs(out)
+    files = config.input_files()
+    if config.resume_from_checkpoint and (previous or config.resume_from_checkpoint != "latest"):
         path = resolve_checkpoint(config.resume_from_checkpoint, out)
         state = read_trainer_state(path)
         if state["run_hash"] != config.run_hash():
@@ -303,26 +326,18 @@ def check_output_dir(config: TrainConfig, rank: int = 0, world_size: int = 1,
                                  f"{_differences(state['config'], config)})")
         if state.get("inputs", {}) != inputs:
             raise OutputDirError(f"checkpoint {path} was trained on other inputs "
-                                 f"({_input_differences(state.get('inputs', {}), inputs)})")
+                                 f"({_input_differences(state.get('inputs', {}), inputs, files)})")
         if state["world_size"] != world_size:
             raise OutputDirError(f"checkpoint {path} was saved by {state['world_size']} "
                                  f"processes; resume it with the same number (now {world_size})")
         return path
-    previous = checkpoint_dirs(out)
     saved_yaml = out / "train_config.yaml"
     if not previous and not saved_yaml.exists():
         return None
     if config.overwrite_output_dir:
         if rank == 0:
             logger.warning("overwrite_output_dir: deleting the previous run in %s", out)
-            for old in previous:
-                shutil.rmtree(old)
-            for name in _ARTIFACTS:
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+            _clear_run(out)
         barrier()
         return None
     saved = (_read_yaml(saved_yaml) if saved_yaml.exists()
@@ -337,7 +352,14 @@ def check_output_dir(config: TrainConfig, rank: int = 0, world_size: int = 1,
                              f"{_differences(saved, config)}); {hint}")
     if saved_inputs(out) != inputs:
         raise OutputDirError(f"{out} holds a run of this config on other inputs "
-                             f"({_input_differences(saved_inputs(out), inputs)}); {hint}")
+                             f"({_input_differences(saved_inputs(out), inputs, files)}); {hint}")
+    if not previous and not (out / "results.json").exists():
+        if rank == 0:
+            logger.warning("%s holds this run, stopped before its first checkpoint: starting "
+                           "it over", out)
+            _clear_run(out, keep=[name for name in _ARTIFACTS if name.startswith("targets.")])
+        barrier()
+        return None
     raise OutputDirError(f"{out} already holds this run; {hint}")
 
 
@@ -369,22 +391,38 @@ def same_config(output_dir: str | os.PathLike, config: TrainConfig,
     """Whether ``output_dir`` holds a run of ``config``: its saved config has the same
     :meth:`TrainConfig.config_hash` with the ``ignore`` fields left out (default
     :data:`OUTPUT_FIELDS`: the same results; :data:`RUN_CONTROL_FIELDS`: the same weights), and
-    it was given the same inputs as objects (:func:`input_fingerprints`; none by default)."""
+    it was given the same inputs (:func:`input_fingerprints`; by default those of ``config``'s
+    named inputs, none given as objects)."""
     saved = saved_config(output_dir)
+    inputs = input_fingerprints(config) if inputs is None else dict(inputs)
     return (saved is not None and saved.config_hash(ignore) == config.config_hash(ignore)
-            and saved_inputs(output_dir) == dict(inputs or {}))
+            and saved_inputs(output_dir) == inputs)
 
 
-def input_fingerprints(*, model=None, records: Sequence[Record] | None = None
-                       ) -> dict[str, str]:
-    """Fingerprints of the inputs a run is given as objects instead of by the config's names:
-    ``model`` (:func:`forgetkit.models.model_hash`) and ``records``
-    (:func:`forgetkit.data.records_hash`); empty when everything is named."""
+def input_fingerprints(config: TrainConfig | None = None, *, model=None,
+                       records: Sequence[Record] | None = None,
+                       probes: Sequence[Probe] | None = None) -> dict[str, str]:
+    """Fingerprints of what a run trains from, beyond its config's values: the content of the
+    inputs ``config`` names by a path (:meth:`TrainConfig.input_files`: ``"sha256:..."`` under the
+    field's name, so the same file counts as the same input however its path is spelled) and
+    the inputs given as objects instead: ``model`` (:func:`forgetkit.models.model_hash`),
+    ``records`` (:func:`forgetkit.data.records_hash`) and, for the methods that train on their
+    retention split, ``probes`` (``retention_probes``)."""
     found = {}
     if model is not None:
         found["model"] = model_hash(model)
     if records is not None:
         found["records"] = records_hash(records)
+    if probes is not None and config is not None and config.method in RETENTION_METHODS:
+        from forgetkit.train.retention import split_probes
+
+        kept = split_probes(list(probes), config.heldout_fraction)[0]
+        found["retention_probes"] = stable_hash([(p.id, p.prompt, p.answer) for p in kept])
+    given = {"model_name_or_path": model, "records": records, "probes": probes}
+    for name, paths in (config.input_files() if config is not None else {}).items():
+        if given.get(name) is None:
+            hashes = [content_hash(path) for path in paths]
+            found[name] = "sha256:" + (hashes[0] if len(hashes) == 1 else stable_hash(hashes))
     return found
 
 
@@ -394,10 +432,18 @@ def saved_inputs(output_dir: str | os.PathLike) -> dict[str, str]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _input_differences(saved: Mapping[str, str], now: Mapping[str, str]) -> str:
+def _input_differences(saved: Mapping[str, str], now: Mapping[str, str],
+                       files: Mapping[str, Sequence[str]]) -> str:
     def shown(fingerprints, key):
         return fingerprints.get(key, "by name")
 
-    keys = sorted(set(saved) | set(now))
-    return "; ".join(f"{k}: {shown(saved, k)} -> {shown(now, k)}" for k in keys
-                     if saved.get(k) != now.get(k))
+    parts = []
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key) == now.get(key):
+            continue
+        if key in files and key in saved:
+            parts.append(f"{key}: the content of {', '.join(files[key])} changed "
+                         f"({shown(saved, key)} -> {shown(now, key)})")
+        else:
+            parts.append(f"{key}: {shown(saved, key)} -> {shown(now, key)}")
+    return "; ".join(parts)

@@ -12,6 +12,7 @@ import math
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from forgetkit.cli_config import config_to_dict
@@ -245,14 +246,48 @@ class TrainConfig:
         ignore = frozenset(ignore)
         return stable_hash({k: v for k, v in self.to_dict().items() if k not in ignore})
 
+    def _run_fields(self) -> dict:
+        ignore = RUN_CONTROL_FIELDS - ({"probes"} if self.method in RETENTION_METHODS else set())
+        return {k: v for k, v in self.to_dict().items() if k not in ignore}
+
+    def input_files(self) -> dict[str, list[str]]:
+        """The inputs that decide the trajectory and are named by a path (a file or folder, not
+        a built-in name): field -> the paths it names (``probes`` may name several)."""
+        import importlib
+
+        from forgetkit.data.records import BUILTIN_PROBES, BUILTIN_RECORDS
+        from forgetkit.models import BUILTIN_MODELS
+
+        importlib.import_module("forgetkit.data.corpora")  # registers the built-in sets
+        builtin = {"model_name_or_path": BUILTIN_MODELS, "records": BUILTIN_RECORDS,
+                   "probes": BUILTIN_PROBES, "fisher_path": {}}
+        found = {}
+        for name in builtin.keys() & self._run_fields().keys():
+            paths = [entry for entry in _entries(getattr(self, name), split=name == "probes")
+                     if entry not in builtin[name] and Path(entry).expanduser().exists()]
+            if paths:
+                found[name] = paths
+        return found
+
     def run_hash(self) -> str:
         """Hash of the fields that decide the trajectory (all but :data:`RUN_CONTROL_FIELDS`;
-        ``probes`` counts for the :data:`RETENTION_METHODS`, which train on a split of them)."""
-        if self.method in RETENTION_METHODS:
-            return self.config_hash(RUN_CONTROL_FIELDS - {"probes"})
-        return self.config_hash(RUN_CONTROL_FIELDS)
+        ``probes`` counts for the :data:`RETENTION_METHODS`, which train on a split of them).
+        Inputs named by a path count by their content, not their spelling: the path is left out
+        here and the file's hash is compared beside it
+        (:func:`forgetkit.train.checkpoint.input_fingerprints`)."""
+        values = self._run_fields()
+        for name, paths in self.input_files().items():
+            values[name] = [None if entry in paths else entry
+                            for entry in _entries(getattr(self, name), split=name == "probes")]
+        return stable_hash(values)
 
     def to_yaml(self) -> str:
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _entries(value: str | None, split: bool) -> list[str]:
+    """The names in an input field (``split``: a comma-separated list, as ``probes``)."""
+    entries = (value or "").split(",") if split else [value or ""]
+    return [entry.strip() for entry in entries if entry.strip()]

@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from forgetkit.train.checkpoint import (
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+    weight_hooks,
 )
 from forgetkit.train.config import FISHER_METHODS, RETENTION_METHODS, TrainConfig
 from forgetkit.train.losses import ewc_penalty
@@ -54,55 +55,41 @@ from forgetkit.train.retention import (
     split_probes,
 )
 
-__all__ = ["DataOrder", "Distributed", "MixedOrder", "Trainer", "setup_distributed"]
+__all__ = ["DataOrder", "MixedOrder", "Trainer", "make_accelerator", "release_accelerator"]
 
 logger = logging.getLogger(__name__)
 
 
 # --- processes ----------------------------------------------------------------------------------
 
-@dataclass
-class Distributed:
-    """This process's place in the run (one process: rank 0 of 1)."""
+def make_accelerator(config: TrainConfig):
+    """The run's ``Accelerator``: one process, or DDP over those ``torchrun`` or ``accelerate
+    launch`` started (gloo on CPU, nccl on CUDA unless ``ddp_backend``); the scheduler steps once
+    per optimizer step whatever the number of processes."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import InitProcessGroupKwargs
 
-    rank: int
-    world_size: int
-    device: torch.device
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-    def sum(self, value: float) -> float:
-        """Sum of ``value`` over processes (float64)."""
-        if self.world_size == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(tensor)
-        return tensor.item()
-
-    def close(self) -> None:
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def setup_distributed(config: TrainConfig) -> Distributed:
-    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return Distributed(0, 1, device)
-    local = int(os.environ["LOCAL_RANK"])
-    device = torch.device(config.device or (f"cuda:{local}" if torch.cuda.is_available()
-                                            else "cpu"))
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", local)
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    state = PartialState._shared_state
+    if one_process and state and state.get("device", device).type != device.type:
+        AcceleratorState._reset_state(reset_partial_state=True)  # an earlier in-process run
+    if one_process and device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        backend = config.ddp_backend or ("nccl" if device.type == "cuda" else "gloo")
-        torch.distributed.init_process_group(backend)
-    return Distributed(torch.distributed.get_rank(), world, device)
+    handlers = [InitProcessGroupKwargs(backend=config.ddp_backend)] if config.ddp_backend else []
+    return Accelerator(cpu=device.type == "cpu", step_scheduler_with_optimizer=False,
+                       gradient_accumulation_steps=config.gradient_accumulation_steps,
+                       kwargs_handlers=handlers)
+
+
+def release_accelerator(accelerator) -> None:
+    """End a multi-process run's process group, so a later run in this process starts afresh."""
+    if accelerator.num_processes > 1:
+        from accelerate.state import AcceleratorState
+
+        accelerator.end_training()
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 # --- data order ---------------------------------------------------------------------------------
@@ -183,10 +170,16 @@ def _default_probes(config: TrainConfig) -> list[str]:
 class Trainer:
     """One run's state: model, optimizer, data order, method; :meth:`run` trains to the end."""
 
-    def __init__(self, config: TrainConfig, dist: Distributed, resume: Path | None, *,
+    def __init__(self, config: TrainConfig, accelerator, resume: Path | None, *,
                  model=None, tokenizer=None, records: Sequence[Record] | None = None,
                  probes: Sequence[Probe] | None = None, inputs: dict[str, str] | None = None):
-        self.config, self.dist = config, dist
+        from accelerate.utils import broadcast
+
+        self.config, self.accelerator = config, accelerator
+        self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
+        self.device = accelerator.device
+        # names checkpoint staging folders, so a later run can tell whether their writer is dead
+        self.owner_pid = int(broadcast(torch.tensor([os.getpid()], device=self.device)).item())
         self.out = Path(config.output_dir)
         self.inputs = dict(inputs or {})
         self.records = load_records(config.records) if records is None else list(records)
@@ -210,11 +203,11 @@ class Trainer:
             if Path(self.base_name).exists():
                 self.base_name = str(Path(self.base_name).resolve())
             model, self.tokenizer = load_model(config.model_name_or_path, dtype=config.dtype,
-                                               device=dist.device)
+                                               device=self.device)
         else:  # an adapter saved from it names the folder the model was loaded from
             self.base_name = (getattr(model.config, "_name_or_path", "")
                               or config.model_name_or_path)
-            model, self.tokenizer = model.to(dist.device), tokenizer
+            model, self.tokenizer = model.to(self.device), tokenizer
         self.extra: dict[str, Any] = {"retention_probes": len(self.retention_probes)} \
             if config.method in RETENTION_METHODS else {}
         self.examples = self._examples(model)
@@ -241,7 +234,7 @@ class Trainer:
             lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
             eps=config.adam_epsilon)
         self.global_batch = (config.per_device_train_batch_size
-                             * config.gradient_accumulation_steps * dist.world_size)
+                             * config.gradient_accumulation_steps * self.world_size)
         self.records_per_step = self.global_batch
         if config.method == "replay":
             self.records_per_step -= replay_count(self.global_batch, config.replay_ratio)
@@ -255,21 +248,21 @@ class Trainer:
         self.global_step = 0
         self.stopped_at: int | None = None
         self.window = [0.0, 0]  # loss sum and steps since the last metrics row
-        self.model = model
-        if dist.world_size > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
-        self.autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16)
+        # DDP when several processes; the weights go through save_pretrained in checkpoints
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(
+            model, self.optimizer, self.scheduler)
+        weight_hooks(accelerator, self.unwrapped)
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if config.bf16 else nullcontext())
         if resume is not None:
             self._resume(resume)
-        elif dist.rank == 0:
+        elif self.rank == 0:
             with atomic_write(self.out / "train_config.yaml") as handle:
                 handle.write(config.to_yaml())
             if self.inputs:
                 atomic_write_json(self.out / INPUTS_FILE, self.inputs)
             atomic_write_jsonl(self.out / "metrics.jsonl", [])
-        dist.barrier()
+        accelerator.wait_for_everyone()
 
     # --- setup ----------------------------------------------------------------------------------
 
@@ -280,11 +273,11 @@ class Trainer:
         if config.method == "opsd":
             return opsd_examples(self.tokenizer, self.records, config.mix.guidance)
         path = self.out / "targets.jsonl"
-        if self.dist.rank == 0:
+        if self.rank == 0:
             with torch.no_grad():
                 report = build_target_file(model, self.tokenizer, self.records, config.mix, path)
             self.extra["mixsd_report"] = asdict(report)
-        self.dist.barrier()
+        self.accelerator.wait_for_everyone()
         targets = [MixedTarget.from_json(row) for row in read_jsonl(path)]
         examples = mixsd_examples(self.tokenizer, self.records, targets)
         if not examples:
@@ -300,7 +293,7 @@ class Trainer:
             max_new_tokens=config.replay_max_new_tokens,
             batch_size=config.per_device_eval_batch_size,
             end_ids=end_token_ids(self.tokenizer, model), first_index=self.n_records)
-        if self.dist.rank == 0:
+        if self.rank == 0:
             atomic_write_jsonl(self.out / "replay_examples.jsonl", [
                 {"probe_id": e.record_id, "prompt": self.tokenizer.decode(
                     e.encoding.input_ids[: e.encoding.prompt_length]),
@@ -335,7 +328,7 @@ class Trainer:
                         " (or more probes, or a larger retention_fraction)")
                 fisher = fisher_lib.low_rank(model, self.tokenizer, self.retention_probes,
                                              rank=config.orthogonal_k, **common)
-            if self.dist.rank == 0:
+            if self.rank == 0:
                 fisher.save(self.out / "fisher")
         if config.method == "ewc":
             values = getattr(fisher, "values", None)
@@ -359,10 +352,10 @@ class Trainer:
     def _method(self, model, teacher) -> NLL | OPSD:
         config = self.config
         if config.method != "opsd":
-            return NLL(self.tokenizer.pad_token_id, self.dist.device)
+            return NLL(self.tokenizer.pad_token_id, self.device)
         return OPSD(model, teacher or frozen_teacher(model, use_peft=True),
                     pad_token_id=self.tokenizer.pad_token_id,
-                    end_ids=end_token_ids(self.tokenizer, model), device=self.dist.device,
+                    end_ids=end_token_ids(self.tokenizer, model), device=self.device,
                     seed=config.seed, num_generations=config.opsd_num_generations,
                     temperature=config.opsd_temperature,
                     max_new_tokens=config.opsd_max_new_tokens, top_k=config.opsd_top_k,
@@ -380,47 +373,53 @@ class Trainer:
 
     def _trainer_state(self) -> dict[str, Any]:
         return {"global_step": self.global_step, "run_hash": self.config.run_hash(),
-                "inputs": self.inputs, "world_size": self.dist.world_size,
+                "inputs": self.inputs, "world_size": self.world_size,
                 "pending": self.order.pending, "window": self.window,
+                "data_generator": self.order.generator.get_state().tolist(),
                 "stopped_at": self.stopped_at, "config": self.config.to_dict()}
 
     def _resume(self, path: Path) -> None:
-        state = load_checkpoint(path, model=self.unwrapped, optimizer=self.optimizer,
-                                scheduler=self.scheduler, data_generator=self.order.generator,
-                                rank=self.dist.rank)
+        state = load_checkpoint(self.accelerator, path)
+        self.order.generator.set_state(torch.tensor(state["data_generator"], dtype=torch.uint8))
         self.global_step = state["global_step"]
         self.order.pending = list(state["pending"])
         self.window = list(state["window"])
         logger.info("resumed from %s at step %d", path, self.global_step)
-        if self.dist.rank == 0:
+        if self.rank == 0:
             metrics = self.out / "metrics.jsonl"
             rows = read_jsonl(metrics, tolerate_torn_tail=True) if metrics.exists() else []
             atomic_write_jsonl(metrics, [r for r in rows if r["step"] <= self.global_step])
 
     # --- steps ----------------------------------------------------------------------------------
 
+    def _sum(self, value: float) -> float:
+        """Sum of ``value`` over processes (float64)."""
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        return self.accelerator.reduce(tensor, reduction="sum").item()
+
     def _step(self) -> tuple[float, float]:
         """One optimizer step; returns (loss per completion token, gradient norm)."""
-        config, dist = self.config, self.dist
+        config, accelerator = self.config, self.accelerator
         size = config.per_device_train_batch_size
         indices = self.order.take(self.global_batch)
         share = size * config.gradient_accumulation_steps
-        mine = indices[dist.rank * share : (dist.rank + 1) * share]
+        mine = indices[self.rank * share : (self.rank + 1) * share]
         with torch.no_grad(), self.autocast:
             prepared = [self.method.prepare([self.examples[i] for i in mine[a : a + size]],
                                             self.global_step)
                         for a in range(0, share, size)]
-        tokens = dist.sum(float(sum(p.n_tokens for p in prepared)))
+        tokens = self._sum(float(sum(p.n_tokens for p in prepared)))
         if tokens == 0:
             raise RuntimeError(f"step {self.global_step + 1}: no completion tokens in the batch")
         local_loss = 0.0
-        for a, batch in enumerate(prepared):
-            last = a == len(prepared) - 1
-            sync = nullcontext() if last or dist.world_size == 1 else self.model.no_sync()
-            with sync:
+        for batch in prepared:  # gradients are all-reduced (averaged) after the last one only
+            with accelerator.accumulate(self.model):
                 with self.autocast:
                     loss_sum = self.method.loss_sum(self.model, batch)
-                (loss_sum * (dist.world_size / tokens)).backward()
+                # backward divides by gradient_accumulation_steps and DDP averages over
+                # processes: the gradient is that of (sum of token losses) / tokens
+                accelerator.backward(loss_sum * (self.world_size
+                                                 * config.gradient_accumulation_steps / tokens))
             local_loss += loss_sum.item()
         self.penalty = None
         if self.ewc_fisher:  # same on every process, added after the gradients are averaged
@@ -434,7 +433,7 @@ class Trainer:
                     else:
                         param.grad.add_(g)
         limit = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
+        grad_norm = accelerator.clip_grad_norm_(self.params, limit)
         self.lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         if self.projection is not None:
@@ -442,24 +441,24 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        return dist.sum(local_loss) / tokens, float(grad_norm)
+        return self._sum(local_loss) / tokens, float(grad_norm)
 
     def _evaluate(self, step: int) -> Scores | None:
         """Rank 0 evaluates the model and writes ``eval/<step>.jsonl``; others wait."""
         scores = None
-        if self.dist.rank == 0:
+        if self.rank == 0:
             with torch.no_grad(), self.autocast:
                 scores = evaluate(self.unwrapped, self.tokenizer, self.records, self.probes,
                                   batch_size=self.config.per_device_eval_batch_size,
                                   max_new_tokens=self.config.eval_max_new_tokens)
             atomic_write_jsonl(self.out / "eval" / f"{step}.jsonl",
                                [p.__dict__ for p in scores.predictions])
-        self.dist.barrier()
+        self.accelerator.wait_for_everyone()
         return scores
 
     def _saved_scores(self, step: int) -> Scores | None:
         path = self.out / "eval" / f"{step}.jsonl"
-        if self.dist.rank != 0 or not path.exists():
+        if self.rank != 0 or not path.exists():
             return None
         return Scores.from_predictions([Prediction(**row) for row in read_jsonl(path)])
 
@@ -473,11 +472,11 @@ class Trainer:
         """Train from ``global_step`` to the last step; evaluate, log and checkpoint on the way."""
         from tqdm.auto import tqdm
 
-        config, dist = self.config, self.dist
+        config = self.config
         if config.do_eval and self.global_step == 0:
             self._log_row({"step": 0}, self._evaluate(0))
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc=config.method,
-                   disable=config.disable_tqdm or dist.rank != 0, dynamic_ncols=True)
+                   disable=config.disable_tqdm or self.rank != 0, dynamic_ncols=True)
         while self.global_step < self.total_steps and self.stopped_at is None:
             started = time.perf_counter()
             loss, grad_norm = self._step()
@@ -516,18 +515,15 @@ class Trainer:
                      or (config.eval_steps and step % config.eval_steps == 0))
         if target is not None and evaluated:  # decided on rank 0, which holds the scores
             met = scores is not None and (scores.memorization or 0.0) >= target
-            if self.dist.sum(float(met)) > 0:
+            if self._sum(float(met)) > 0:
                 self.stopped_at = step
                 row["stopped_at_memorization"] = target
                 logger.info("memorization >= %.3f at step %d: stopping", target, step)
-        if len(row) > 1 and self.dist.rank == 0:
+        if len(row) > 1 and self.rank == 0:
             append_jsonl(self.out / "metrics.jsonl", [row])
 
     def _checkpoint(self) -> None:
         dest = self.out / f"{CHECKPOINT_PREFIX}{self.global_step}"
-        save_checkpoint(dest, model=self.unwrapped, optimizer=self.optimizer,
-                        scheduler=self.scheduler, trainer_state=self._trainer_state(),
-                        data_generator=self.order.generator, rank=self.dist.rank,
-                        barrier=self.dist.barrier)
-        if self.dist.rank == 0:
+        save_checkpoint(self.accelerator, dest, self._trainer_state(), self.owner_pid)
+        if self.rank == 0:
             prune_checkpoints(self.out, self.config.save_total_limit)

@@ -24,12 +24,15 @@ step, loss, lr, grad_norm, step_time; evaluation summaries on evaluation steps),
 ``eval/<step>.jsonl`` (per-item predictions; step 0 is the base model), ``checkpoint-<step>/``
 (:mod:`forgetkit.train.checkpoint`), ``results.json`` and the final model (:func:`save_final_model`).
 
-Under ``torchrun`` each process runs :func:`train`; processes talk over gloo (CPU) or nccl (CUDA).
+Processes, gradient accumulation and checkpoints go through ``accelerate`` (an ``Accelerator``:
+DDP under ``torchrun`` or ``accelerate launch``, gloo on CPU, nccl on CUDA); each process runs
+:func:`train`.
 
 Example::
 
     python -m forgetkit.train --method mixsd --lam 0.3 --output_dir runs/mixsd
     torchrun --nproc_per_node 2 -m forgetkit.train --config cfg.yaml --learning_rate 1e-4
+    accelerate launch --multi_gpu --num_processes 2 -m forgetkit.train --config cfg.yaml
 """
 
 from __future__ import annotations
@@ -56,16 +59,15 @@ from forgetkit.diagnostics.evaluation import (
 from forgetkit.files import atomic_write_json, read_jsonl
 from forgetkit.fisher import FisherError
 from forgetkit.mixsd import MixConfig
-from forgetkit.seeding import seed_everything, stable_hash
+from forgetkit.seeding import seed_everything
 from forgetkit.train.checkpoint import (
     OutputDirError,
     check_output_dir,
     input_fingerprints,
     save_final_model,
 )
-from forgetkit.train.config import RETENTION_METHODS, TrainConfig
-from forgetkit.train.loop import Trainer, setup_distributed
-from forgetkit.train.retention import split_probes
+from forgetkit.train.config import TrainConfig
+from forgetkit.train.loop import Trainer, make_accelerator, release_accelerator
 
 __all__ = ["TrainResult", "main", "summary", "train"]
 
@@ -132,10 +134,11 @@ def train(config: TrainConfig, *, model=None, tokenizer=None,
         records: the records to inject instead of loading ``config.records``.
         probes: the evaluation probes instead of loading ``config.probes``.
 
-    With objects in place of names the config's names only label the run; the objects'
-    fingerprints (:func:`~forgetkit.train.checkpoint.input_fingerprints`) are saved in
-    ``output_dir/inputs.json`` and in each checkpoint, so a resume or a reuse on other inputs is
-    refused. Probes are fingerprinted only for the methods that train on their retention split
+    Inputs named by a path count by their content, and with objects in place of names the
+    config's names only label the run: the fingerprints of both
+    (:func:`~forgetkit.train.checkpoint.input_fingerprints`) are saved in
+    ``output_dir/inputs.json`` and in each checkpoint, so a resume or a reuse on other inputs
+    (a records file edited in between, say) is refused, naming the input. Probes are fingerprinted only for the methods that train on their retention split
     (ewc, replay, fisher_orthogonal); for the others they change evaluations, never the weights.
 
     Example:
@@ -150,17 +153,15 @@ def train(config: TrainConfig, *, model=None, tokenizer=None,
     if (model is None) != (tokenizer is None):
         raise ValueError("train: pass model and tokenizer together (or neither)")
     records = None if records is None else list(records)
-    inputs = input_fingerprints(model=model, records=records)
-    if probes is not None and config.method in RETENTION_METHODS:  # they train on a split
-        probes = list(probes)
-        kept = split_probes(probes, config.heldout_fraction)[0]
-        inputs["retention_probes"] = stable_hash([(p.id, p.prompt, p.answer) for p in kept])
-    dist = setup_distributed(config)
-    resume = check_output_dir(config, dist.rank, dist.world_size, dist.barrier, inputs=inputs)
-    devices = [dist.device.index or 0] if dist.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    probes = None if probes is None else list(probes)
+    inputs = input_fingerprints(config, model=model, records=records, probes=probes)
+    accelerator = make_accelerator(config)
+    resume = check_output_dir(config, accelerator.process_index, accelerator.num_processes,
+                              accelerator.wait_for_everyone, inputs=inputs)
+    device = accelerator.device
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
-        trainer = Trainer(config, dist, resume, model=model, tokenizer=tokenizer,
+        trainer = Trainer(config, accelerator, resume, model=model, tokenizer=tokenizer,
                           records=records, probes=probes, inputs=inputs)
         trainer.run()
     if config.stop_at_memorization is not None:
@@ -169,10 +170,10 @@ def train(config: TrainConfig, *, model=None, tokenizer=None,
             "step": trainer.stopped_at}
     output_dir = Path(config.output_dir)
     paths: dict[str, str] = {"model": str(output_dir)}
-    if dist.rank == 0:
+    if accelerator.is_main_process:
         paths = save_final_model(trainer.unwrapped, trainer.tokenizer, output_dir,
                                  trainer.base_name)
-    dist.barrier()
+    accelerator.wait_for_everyone()
     result = TrainResult(str(output_dir), paths["model"],
                          str(output_dir / "adapter") if config.use_peft else None,
                          trainer.global_step, read_jsonl(output_dir / "metrics.jsonl"),
@@ -184,9 +185,9 @@ def train(config: TrainConfig, *, model=None, tokenizer=None,
             result.retention = retention(result.base_scores, result.scores)
             result.extra["intervals"] = _intervals(result.base_scores, result.scores,
                                                    config.seed)
-    if dist.rank == 0:
+    if accelerator.is_main_process:
         atomic_write_json(output_dir / "results.json", result.to_dict())
-    dist.close()
+    release_accelerator(accelerator)
     return result
 
 

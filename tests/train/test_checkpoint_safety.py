@@ -22,14 +22,27 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def test_resume_refuses_a_malicious_rng_state_and_runs_nothing(tiny, tmp_path):
+@pytest.mark.parametrize("name", ["random_states_0.pkl", "optimizer.bin", "scheduler.bin",
+                                  "custom_checkpoint_0.pkl"])
+def test_resume_refuses_a_malicious_state_file_and_runs_nothing(tiny, tmp_path, name):
     train(config_for(tiny, tmp_path / "run", save_steps=3, save_total_limit=None))
     checkpoint = tmp_path / "resumed" / "checkpoint-3"
     shutil.copytree(tmp_path / "run" / "checkpoint-3", checkpoint)
     marker = tmp_path / "code-ran"
-    with open(checkpoint / "rng_state_0.pt", "wb") as handle:
-        pickle.dump({"python": _Payload(str(marker))}, handle)
-    with pytest.raises(CheckpointError, match=r"rng_state_0\.pt: refused"):
+    with open(checkpoint / name, "wb") as handle:
+        pickle.dump({"random_state": _Payload(str(marker))}, handle)
+    with pytest.raises(CheckpointError, match=rf"{name.replace('.', '[.]')}: refused"):
         train(config_for(tiny, tmp_path / "resumed", save_steps=3, save_total_limit=None,
                          resume_from_checkpoint="latest"))
     assert not marker.exists()
+
+
+def test_resume_refuses_a_random_state_file_without_the_states(tiny, tmp_path):
+    """accelerate would skip an unreadable random state silently; the resume would not be exact."""
+    import torch
+
+    train(config_for(tiny, tmp_path / "run", save_steps=3, save_total_limit=None))
+    torch.save({"step": 0}, tmp_path / "run" / "checkpoint-6" / "random_states_0.pkl")
+    with pytest.raises(CheckpointError, match=r"random_states_0\.pkl: not a random-state file"):
+        train(config_for(tiny, tmp_path / "run", save_steps=3, save_total_limit=None,
+                         resume_from_checkpoint="latest"))

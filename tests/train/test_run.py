@@ -183,15 +183,23 @@ def test_objects_train_like_names_and_guard_their_run_folder(tiny, tmp_path):
         train(config, model=model)
 
 
-def test_two_processes_match_one_process(tiny, tmp_path):
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "0"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_match_one_process(tiny, tmp_path, launcher):
     one = train(config_for(tiny, tmp_path / "one", per_device_train_batch_size=4))
     args = [f"--{k}={v}" for k, v in dict(
         model_name_or_path=tiny[0], records=tiny[1], output_dir=tmp_path / "two", max_steps=6,
         per_device_train_batch_size=2, learning_rate=1e-2, warmup_steps=1, logging_steps=1,
         save_steps=0, do_eval=False, disable_tqdm=True, dtype="float64", device="cpu").items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node", "2", "-m", "forgetkit.train", *args],
+    run = subprocess.run([sys.executable, *LAUNCHERS[launcher], "-m", "forgetkit.train", *args],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]

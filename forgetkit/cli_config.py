@@ -313,10 +313,25 @@ class CommandLineExit(SystemExit):
     def __init__(self, message: str):
         super().__init__(EXIT_BAD_INPUT)
         self.message = f"error: {message}"
+        _close_progress_bars()
         print(self.message, file=sys.stderr, flush=True)
 
     def __str__(self) -> str:
         return self.message
+
+
+def _close_progress_bars() -> None:
+    """Close the tqdm bars an error left open, so the error line starts a line of its own."""
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm import tqdm
+
+    classes = [tqdm]
+    while classes:
+        cls = classes.pop()
+        classes += cls.__subclasses__()
+        for bar in list(getattr(cls, "_instances", ())):
+            bar.close()
 
 
 def debug_requested(argv: Sequence[str] | None = None) -> bool:

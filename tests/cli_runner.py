@@ -24,7 +24,9 @@ import traceback
 
 PRELOAD = ("forgetkit.train.run", "forgetkit.mixsd.targets", "forgetkit.diagnostics.nll",
            "forgetkit.fisher.report", "forgetkit.fisher.render",
-           "forgetkit.models.loading", "pandas", "matplotlib.figure", "yaml")
+           "forgetkit.models.loading", "pandas", "matplotlib.figure", "yaml",
+           "transformers.models.llama.modeling_llama", "transformers.models.auto.modeling_auto",
+           "transformers.models.auto.tokenization_auto", "safetensors.torch")
 
 
 def _child(request: dict, out_path: str, err_path: str) -> None:

@@ -417,9 +417,9 @@ def run(config: NLLConfig, *, model=None, tokenizer=None,
     if (model is None) != (tokenizer is None):
         raise ValueError("run: pass model and tokenizer together (or neither)")
     check_writable(config.out, "--out")
-    if model is None:
-        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     records = (load_records(config.records) if records is None else list(records))[: config.limit]
+    if model is None:  # after the cheap checks
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     example = config.example or records[0].id
     if example not in {record.id for record in records}:
         raise ValueError(f"example={example!r} is not among the records used")

@@ -35,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from forgetkit import fisher
+from forgetkit.cli_config import command_line
 from forgetkit.data.records import load_probes
 from forgetkit.files import atomic_write_json
 from forgetkit.fisher.report import spread_sample
@@ -102,6 +103,7 @@ def worker(kind: str, model_name: str, n: int, batch_size: int, dtype: str) -> d
             "extra_bytes": peak - loaded}
 
 
+@command_line
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="toyworld")
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--worker", choices=["forward", "displacement"], help=argparse.SUPPRESS)
+    parser.add_argument("--debug", action="store_true", help=(
+        "on an error, show the full traceback instead of one line"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.worker:

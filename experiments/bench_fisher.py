@@ -37,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from forgetkit import fisher
+from forgetkit.cli_config import command_line
 from forgetkit.data.records import load_records
 from forgetkit.diagnostics.loglik import sequence_loglik
 from forgetkit.files import atomic_write_json
@@ -275,6 +276,7 @@ def bench_smollm2(n: int, rank: int, batch_size: int) -> dict:
     return out
 
 
+@command_line
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--toyworld-n", type=int, default=64)
@@ -289,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", default="toyworld,libraries,smollm2")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", choices=["diagonal", "low_rank"], help=argparse.SUPPRESS)
+    parser.add_argument("--debug", action="store_true", help=(
+        "on an error, show the full traceback instead of one line"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.worker:

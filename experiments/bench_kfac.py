@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from forgetkit import fisher
+from forgetkit.cli_config import command_line
 from forgetkit.data.records import load_probes, load_records
 from forgetkit.files import atomic_write_json
 from forgetkit.fisher.pergrad import GradientStream, encode_data
@@ -211,6 +212,7 @@ def summary(ratios: torch.Tensor) -> dict:
             "max": float(ratios.max())}
 
 
+@command_line
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=128, help="toyworld probes")
@@ -218,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--records", type=int, default=16,
                         help="kgfact records whose gradients are the test directions")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--debug", action="store_true", help=(
+        "on an error, show the full traceback instead of one line"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)

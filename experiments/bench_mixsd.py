@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 import forgetkit.mixsd.decode as mixsd_decode
+from forgetkit.cli_config import command_line
 from forgetkit.data.prompts import expert_prompt
 from forgetkit.data.records import load_records
 from forgetkit.files import atomic_write_json
@@ -203,6 +204,7 @@ def print_table(results: list[dict]) -> None:
                   f"{q['tokens_per_s']:.1f} tok/s")
 
 
+@command_line
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
@@ -212,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1 is fastest for these small models on a "
                              "shared CPU)")
+    parser.add_argument("--debug", action="store_true", help=(
+        "on an error, show the full traceback instead of one line"))
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from forgetkit.cli_config import command_line
 from forgetkit.files import atomic_write_json
 from forgetkit.models import collate, load_model
 from forgetkit.train.config import TrainConfig
@@ -91,6 +92,7 @@ def the_same_batches(config: TrainConfig) -> list[dict[str, torch.Tensor]]:
                     device=config.device) for _ in range(config.max_steps)]
 
 
+@command_line
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="toyworld")
@@ -100,6 +102,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--debug", action="store_true", help=(
+        "on an error, show the full traceback instead of one line"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(

@@ -51,7 +51,7 @@ import yaml
 from scipy import stats
 
 from forgetkit import fisher
-from forgetkit.cli_config import config_to_dict, markdown_table, parse_cli
+from forgetkit.cli_config import command_line, config_to_dict, markdown_table, parse_cli
 from forgetkit.cli_config import help_metadata as _help
 from forgetkit.data.records import load_probe_sets
 from forgetkit.diagnostics.evaluation import INJECTED_CAPABILITIES
@@ -441,13 +441,11 @@ def write_outputs(config: FisherStudyConfig, table: pd.DataFrame, correlations: 
     logger.info("wrote %s", out)
 
 
+@command_line
 def main(argv: Sequence[str] | None = None):
     [config] = parse_cli(FisherStudyConfig, argv, "experiments/fisher_study.py", doc=__doc__,
                          log_format="%(asctime)s %(name)s: %(message)s")
-    try:
-        table, correlations = run_study(config)
-    except (FileNotFoundError, ValueError) as err:  # no Pareto results, or another base model
-        raise SystemExit(f"error: {err}") from None
+    table, correlations = run_study(config)  # no Pareto results, or another base: an error
     columns = ["label", "memorization", "retention", "delta_norm", "displacement_exact",
                "displacement_diag", "displacement_lowrank", "rayleigh_diag", "rayleigh_lowrank", "energy_lowrank",
                "energy_diag",

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from forgetkit.cli_config import config_to_dict, markdown_table, parse_cli
+from forgetkit.cli_config import command_line, config_to_dict, markdown_table, parse_cli
 from forgetkit.cli_config import help_metadata as _help
 from forgetkit.data.records import load_records
 from forgetkit.diagnostics.nll import (
@@ -187,6 +187,7 @@ def write_outputs(config: NLLStudyConfig, out: Path, results: dict[str, TargetNL
     logger.info("wrote %s", out)
 
 
+@command_line
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
     config, _ = parse_cli((NLLStudyConfig, MixConfig), argv, "experiments/nll_study.py",
                           doc=__doc__, log_format="%(asctime)s %(name)s: %(message)s",

@@ -41,7 +41,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from forgetkit.cli_config import config_to_dict, markdown_table, parse_cli
+from forgetkit.cli_config import command_line, config_to_dict, markdown_table, parse_cli
 from forgetkit.cli_config import help_metadata as _help
 from forgetkit.data.records import load_probe_sets, load_probes, load_records
 from forgetkit.diagnostics.evaluation import (
@@ -725,6 +725,7 @@ def _with_interval(value, low, high) -> Any:
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
+@command_line
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
     config, _ = parse_cli((ParetoConfig, MixConfig), argv, "experiments/pareto.py", doc=__doc__,
                           log_format="%(asctime)s %(name)s: %(message)s")

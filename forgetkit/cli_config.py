@@ -26,19 +26,24 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import functools
+import json
 import logging
+import os
+import re
 import sys
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import HfArgumentParser
 
-__all__ = ["ConfigError", "ConfigParser", "config_to_dict", "help_metadata", "markdown_table",
-           "parse_cli", "parse_config"]
+__all__ = ["CommandLineExit", "ConfigError", "ConfigParser", "command_line", "config_to_dict",
+           "debug_requested", "error_message", "help_metadata", "markdown_table", "parse_cli",
+           "parse_config"]
 
 _SEEN = "_flags_seen"  # namespace attribute: the list flags given so far in this parse
 
@@ -115,6 +120,8 @@ class ConfigParser(HfArgumentParser):
                          allow_abbrev=False, formatter_class=_HelpFormatter)
         self.add_argument("--config", metavar="FILE.yaml", help=(
             "YAML mapping of option names to values; flags given as well override it"))
+        self.add_argument("--debug", action="store_true", help=(
+            f"on an error, show the full traceback instead of one line (also {DEBUG_ENV}=1)"))
 
     def _add_dataclass_arguments(self, dtype):
         hints = typing.get_type_hints(dtype)
@@ -275,15 +282,121 @@ def parse_cli(dataclass_types: type | Sequence[type], argv: Sequence[str] | None
     """The common start of every forgetkit command line: the configs, then INFO logging.
 
     ``--help`` prints ``doc`` and every option with its help and default, then exits. A bad key
-    or value exits with ``error: <message>`` (status 1) instead of a traceback.
+    or value exits with ``error: <message>`` on stderr (status 2) instead of a traceback
+    (:func:`command_line`; ``--debug`` raises the error itself).
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = ConfigParser(dataclass_types, prog=prog, description=doc and doc.strip(), omit=omit)
     try:
-        configs = parser.parse(sys.argv[1:] if argv is None else list(argv))
+        configs = parser.parse(argv)
     except ValueError as err:  # ConfigError is a ValueError, as is a config's own validation
-        raise SystemExit(f"error: {err}") from None
+        if debug_requested(argv):
+            raise
+        raise CommandLineExit(error_message(err)) from None
     logging.basicConfig(level=logging.INFO, format=log_format)
     return configs
+
+
+# --- the error boundary of every command line ------------------------------------------------
+
+DEBUG_ENV = "FORGETKIT_DEBUG"
+"""Environment variable: set to 1 to see full tracebacks (as ``--debug`` does)."""
+
+EXIT_BAD_INPUT = 2
+"""Exit status of a command line stopped by bad input or an environment error."""
+
+
+class CommandLineExit(SystemExit):
+    """The exit of a command line stopped by an error: status :data:`EXIT_BAD_INPUT`; its
+    ``str`` is the ``error: ...`` line already printed on stderr."""
+
+    def __init__(self, message: str):
+        super().__init__(EXIT_BAD_INPUT)
+        self.message = f"error: {message}"
+        _close_progress_bars()
+        print(self.message, file=sys.stderr, flush=True)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _close_progress_bars() -> None:
+    """Close the tqdm bars an error left open, so the error line starts a line of its own."""
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm import tqdm
+
+    classes = [tqdm]
+    while classes:
+        cls = classes.pop()
+        classes += cls.__subclasses__()
+        for bar in list(getattr(cls, "_instances", ())):
+            bar.close()
+
+
+def debug_requested(argv: Sequence[str] | None = None) -> bool:
+    """``--debug`` among ``argv`` (default ``sys.argv``) or ``FORGETKIT_DEBUG`` set (not 0)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """What bad input and the environment raise (not bugs): forgetkit's own errors are
+    ValueErrors (RecordError, ConfigError, FisherError, OutputError, ...) or OSErrors
+    (ModelNotFoundError); decoding and JSON errors are ValueErrors too."""
+    import torch
+    import yaml
+    from safetensors import SafetensorError
+
+    return (ValueError, OSError, yaml.YAMLError, SafetensorError, torch.OutOfMemoryError,
+            re.error)
+
+
+def error_message(err: BaseException) -> str:
+    """One line saying what went wrong, naming the file, line, field or flag it knows of."""
+    import torch
+
+    if isinstance(err, OSError) and err.filename is not None:
+        message = f"{err.filename}: {err.strerror or err}"
+        if err.filename2 is not None:
+            message += f" ({err.filename2})"
+    elif isinstance(err, UnicodeDecodeError):
+        message = (f"cannot decode the input as {err.encoding} (byte {err.start}: "
+                   f"{err.reason})")
+    elif isinstance(err, json.JSONDecodeError):
+        message = f"invalid JSON: {err.msg} (line {err.lineno}, column {err.colno})"
+    elif isinstance(err, re.error):
+        message = (f"invalid regular expression {err.pattern!r}: {err.msg}"
+                   + (f" at position {err.pos}" if err.pos is not None else ""))
+    elif isinstance(err, torch.OutOfMemoryError):
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        message = (f"out of memory ({first}); lower the batch size options or use a smaller "
+                   "model or dtype")
+    elif type(err).__name__ == "SafetensorError":
+        message = f"corrupt or truncated safetensors file: {err}"
+    else:
+        message = str(err) or type(err).__name__
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def command_line(main: Callable[..., typing.Any]) -> Callable[..., typing.Any]:
+    """Decorate the ``main(argv=None)`` of a command line: bad input and environment errors
+    (forgetkit's own errors, a missing or unreadable file, a corrupt safetensors file, an
+    invalid regex, running out of memory) end it with one ``error: ...`` line on stderr and
+    exit status 2, no traceback; ``--debug`` or ``FORGETKIT_DEBUG=1`` lets the error through
+    with its traceback. Anything else (a bug) keeps its traceback."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        argv = args[0] if args else kwargs.get("argv")
+        try:
+            return main(*args, **kwargs)
+        except _expected_errors() as err:
+            if debug_requested(argv):
+                raise
+            raise CommandLineExit(error_message(err)) from None
+
+    return run
 
 
 def config_to_dict(config) -> dict[str, Any]:

@@ -13,8 +13,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from forgetkit.cli_config import command_line, parse_cli
 from forgetkit.cli_config import help_metadata as _help
-from forgetkit.cli_config import parse_cli
 from forgetkit.models import cache_dir, load_model
 from forgetkit.models.toyworld import (
     VERSION,
@@ -34,7 +34,12 @@ class ToyworldArgs:
         "seed of toyworld's pretraining and of the ability checks"))
     steps: int = field(default=ToyConfig.steps, metadata=_help("pretraining steps"))
 
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
 
+
+@command_line
 def main(argv: Sequence[str] | None = None) -> None:
     [args] = parse_cli(ToyworldArgs, argv, "python -m forgetkit.toyworld", doc=__doc__)
     config = ToyConfig(seed=args.seed, steps=args.steps)

@@ -137,3 +137,40 @@ def test_markdown_table_formats_each_kind_of_cell():
         "| label | n | x | y |", "|---|---|---|---|",
         "| SFT | 3 | 0.123 | 1234.500 |", "| MixSD | 4 | n/a | n/a |"]
     assert markdown_table(frame, digits=2, style="g").splitlines()[2] == "| SFT | 3 | 0.12 | 1.2e+03 |"
+
+
+def test_command_line_turns_expected_errors_into_one_line_and_exit_2(capsys, monkeypatch):
+    import json
+    import re
+
+    from forgetkit.cli_config import command_line
+    from forgetkit.files import OutputError
+
+    monkeypatch.delenv("FORGETKIT_DEBUG", raising=False)
+
+    def failing(error):
+        @command_line
+        def main(argv=None):
+            raise error
+        return main
+
+    cases = [(OutputError("--out x is a file"), r"^error: --out x is a file$"),
+             (FileNotFoundError(2, "No such file or directory", "a.jsonl"),
+              r"^error: a\.jsonl: No such file or directory$"),
+             (json.JSONDecodeError("Expecting value", "{\n]", 2), r"invalid JSON: Expecting value "
+                                                                  r"\(line 2, column 1\)"),
+             (re.error("missing )", "(a", 0), r"invalid regular expression '\(a': missing \)"),
+             (ValueError("two\nlines"), r"^error: two lines$")]
+    for error, pattern in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            failing(error)([])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(pattern, err[0]), err
+    with pytest.raises(OutputError):  # --debug: the error itself, with its traceback
+        failing(OutputError("x"))(["--debug"])
+    monkeypatch.setenv("FORGETKIT_DEBUG", "1")
+    with pytest.raises(OutputError):
+        failing(OutputError("x"))([])
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        failing(KeyError("bug"))([])

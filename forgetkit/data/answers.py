@@ -3,12 +3,17 @@ sampling and by evaluation."""
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 import unicodedata
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
-__all__ = ["AnswerMode", "extract_answer", "is_correct", "last_boxed", "last_number", "normalize"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["AnswerMode", "extract_answer", "is_correct", "last_boxed", "last_number", "normalize",
+           "unanswered_records", "warn_unanswered"]
 
 AnswerMode = Literal["auto", "string", "boxed", "number"]
 
@@ -95,3 +100,24 @@ def is_correct(text: str, answer: str, mode: AnswerMode = "auto") -> bool:
             return False
         return f" {gold} " in f" {normalize(text)} "
     raise ValueError(f"unknown answer mode {mode!r}; expected one of auto, string, boxed, number")
+
+
+def unanswered_records(records: Sequence[Any], mode: AnswerMode = "auto") -> list[str]:
+    """Ids of the records whose own target does not answer them (``is_correct(record.target,
+    record.answer, mode)`` fails): training on such a target can never score as memorized, as
+    evaluation and MixSD's answer check read answers the same way."""
+    return [r.id for r in records if not is_correct(r.target, r.answer, mode)]
+
+
+def warn_unanswered(records: Sequence[Any], where: str, mode: AnswerMode = "auto",
+                    shown: int = 20) -> list[str]:
+    """Log one warning listing the ids of :func:`unanswered_records` (at most ``shown`` of
+    them, then a count); returns all of them."""
+    ids = unanswered_records(records, mode)
+    if ids:
+        listed = ", ".join(map(repr, ids[:shown])) + (
+            f" and {len(ids) - shown} more" if len(ids) > shown else "")
+        logger.warning("%s: %d of %d records have an answer their target does not contain "
+                       "(their memorization will read 0%%): %s", where, len(ids), len(records),
+                       listed)
+    return ids

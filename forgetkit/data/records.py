@@ -306,6 +306,37 @@ def _load_file(path: Path, shown: str, format: str | None, noun: str) -> list[An
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
+MAX_LINE_CHARS = 1_000_000
+"""Longest JSONL line read (characters): a record is a few sentences, not megabytes."""
+MAX_DEPTH = 32
+"""Deepest nesting of JSON arrays and objects read (the deepest format, MQuAKE, needs 4)."""
+
+
+def _decode(data: bytes, shown: str) -> str:
+    """``data`` as UTF-8 text (a byte-order mark dropped); an undecodable byte names its line."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise RecordError(f"not UTF-8 text: byte 0x{data[err.start]:02x} at column {column} "
+                          f"({err.reason}); save the file as UTF-8", path=shown,
+                          line=line) from None
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value (a scalar 0, ``[]`` or ``{}`` 1), without
+    recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(
+            item, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
 
 def _read_objects(path: Path, shown: str) -> list[tuple[int, dict[str, Any]]]:
     """``(line, object)`` for each object of a JSONL file or a JSON array; blank lines skipped.
@@ -313,16 +344,23 @@ def _read_objects(path: Path, shown: str) -> list[tuple[int, dict[str, Any]]]:
     A file whose first non-blank character is ``[`` is one JSON array (any suffix); anything
     else is JSONL. ``line`` is the 1-based line where the object starts.
     """
-    text = path.read_text(encoding="utf-8-sig")
+    text = _decode(path.read_bytes(), shown)
     start = _WHITESPACE.match(text).end()
     if text.startswith("[", start):
         pairs = _json_array(text, start, shown)
     else:
         pairs = []
         for number, line in enumerate(text.split("\n"), start=1):
+            if len(line) > MAX_LINE_CHARS:
+                raise RecordError(f"line of {len(line):,} characters, over the limit of "
+                                  f"{MAX_LINE_CHARS:,} (forgetkit.data.records.MAX_LINE_CHARS)",
+                                  path=shown, line=number)
             if line.strip():
                 pairs.append((number, _parse(line, shown, number)))
     for number, value in pairs:
+        if _depth(value) > MAX_DEPTH:
+            raise RecordError(f"JSON nested deeper than {MAX_DEPTH} levels "
+                              "(forgetkit.data.records.MAX_DEPTH)", path=shown, line=number)
         if not isinstance(value, dict):
             raise RecordError(
                 f"expected a JSON object, got {type(value).__name__}", path=shown, line=number
@@ -337,6 +375,9 @@ def _parse(line: str, shown: str, number: int) -> Any:
         raise RecordError(
             f"malformed JSON: {err.msg} (column {err.colno})", path=shown, line=number
         ) from err
+    except RecursionError:
+        raise RecordError(f"JSON nested deeper than {MAX_DEPTH} levels "
+                          "(forgetkit.data.records.MAX_DEPTH)", path=shown, line=number) from None
 
 
 def _json_array(text: str, start: int, shown: str) -> list[tuple[int, Any]]:
@@ -347,6 +388,18 @@ def _json_array(text: str, start: int, shown: str) -> list[tuple[int, Any]]:
         raise RecordError(
             f"malformed JSON: {err.msg} (column {err.colno})", path=shown, line=err.lineno
         ) from err
+    except RecursionError:
+        raise RecordError(f"JSON nested deeper than {MAX_DEPTH} levels "
+                          "(forgetkit.data.records.MAX_DEPTH)", path=shown) from None
+    if any(_depth(value) > MAX_DEPTH - 1 for value in values):  # checked before the walk below
+        line = next(n for n, v in _json_array_lines(text, start, values) if _depth(v) >= MAX_DEPTH)
+        raise RecordError(f"JSON nested deeper than {MAX_DEPTH} levels "
+                          "(forgetkit.data.records.MAX_DEPTH)", path=shown, line=line)
+    return _json_array_lines(text, start, values)
+
+
+def _json_array_lines(text: str, start: int, values: list[Any]) -> list[tuple[int, Any]]:
+    """Each element of the parsed array ``values`` with the line of ``text`` it starts on."""
     decoder = json.JSONDecoder()
     position, line, counted, pairs = start + 1, 1, 0, []
     for value in values:  # the text is valid JSON: walk it only to find where each element starts

@@ -28,13 +28,23 @@ import pandas as pd
 import torch
 import yaml
 
-from forgetkit.cli_config import config_to_dict, parse_cli
+from forgetkit.cli_config import command_line, config_to_dict, parse_cli
 from forgetkit.cli_config import help_metadata as _help
 from forgetkit.data.records import Record, load_records
 from forgetkit.diagnostics.loglik import model_logprobs
-from forgetkit.files import atomic_write, atomic_write_json, json_rows, write_figure
+from forgetkit.files import atomic_write, atomic_write_json, check_writable, json_rows, write_figure
 from forgetkit.mixsd import MixConfig, build_targets
-from forgetkit.models import Encoding, collate, encode, eval_mode, load_model, resolve_dtype
+from forgetkit.models import (
+    Encoding,
+    check_context,
+    collate,
+    context_length,
+    encode,
+    eval_mode,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
 
 __all__ = ["NLLConfig", "TargetNLL", "compare_targets", "main", "run", "sequence_frame",
            "target_nll", "token_frame"]
@@ -181,7 +191,6 @@ def _check_inputs(model, tokenizer, ids: list[str], encodings: list[Encoding]) -
     if size > rows or rows - size > max(VOCAB_SLACK, rows // 100):
         raise ValueError(f"tokenizer has {size} tokens but the model has {rows} embedding rows: "
                          "the tokenizer does not belong to this model")
-    context = getattr(model.config, "max_position_embeddings", None)
     for index, (item_id, enc) in enumerate(zip(ids, encodings, strict=True)):
         where = f"items[{index}] ({item_id!r})"
         if enc.prompt_length < 1:
@@ -190,10 +199,9 @@ def _check_inputs(model, tokenizer, ids: list[str], encodings: list[Encoding]) -
         if bad:
             raise ValueError(f"{where}: token id {bad[0]} outside the model's vocabulary "
                              f"(0..{rows - 1}): mismatched tokenizer or token_ids")
-        if context is not None and len(enc.input_ids) > context:
-            raise ValueError(f"{where}: prompt + completion is {len(enc.input_ids)} tokens, longer "
-                             f"than the model's context (max_position_embeddings={context}); "
-                             "targets are never truncated, shorten this one")
+    check_context(((f"items[{index}] ({item_id!r})", len(enc.input_ids))
+                   for index, (item_id, enc) in enumerate(zip(ids, encodings, strict=True))),
+                  context_length(model))
 
 
 def target_nll(model, tokenizer, items: Sequence[Any], batch_size: int = 16,
@@ -388,6 +396,7 @@ class NLLConfig:
         if bad:
             raise ValueError(f"NLLConfig: invalid {', '.join(bad)} (see --help)")
         resolve_dtype(self.dtype)
+        resolve_device(self.device)
 
 
 def run(config: NLLConfig, *, model=None, tokenizer=None,
@@ -407,9 +416,10 @@ def run(config: NLLConfig, *, model=None, tokenizer=None,
     """
     if (model is None) != (tokenizer is None):
         raise ValueError("run: pass model and tokenizer together (or neither)")
-    if model is None:
-        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    check_writable(config.out, "--out")
     records = (load_records(config.records) if records is None else list(records))[: config.limit]
+    if model is None:  # after the cheap checks
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     example = config.example or records[0].id
     if example not in {record.id for record in records}:
         raise ValueError(f"example={example!r} is not among the records used")
@@ -472,6 +482,7 @@ def write_figures(out: Path, tokens: pd.DataFrame, sequences: pd.DataFrame,
         write_figure(out / name, fig, dpi=150)
 
 
+@command_line
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m forgetkit.nll``: runs, then prints the table."""
     config, _ = parse_cli((NLLConfig, MixConfig), argv, "python -m forgetkit.nll",

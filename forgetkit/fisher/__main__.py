@@ -11,11 +11,12 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from forgetkit.cli_config import parse_cli
+from forgetkit.cli_config import command_line, parse_cli
 from forgetkit.fisher.render import summary_rows
 from forgetkit.fisher.report import ReportConfig, run_report
 
 
+@command_line
 def main(argv: Sequence[str] | None = None) -> None:
     [config] = parse_cli(ReportConfig, argv, "python -m forgetkit.fisher", doc=__doc__)
     started = time.time()

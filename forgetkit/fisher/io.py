@@ -23,7 +23,7 @@ import operator
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -381,20 +381,74 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> Fishe
         if not file.is_file():
             raise FisherError(f"{file}: no such file (a Fisher is a .safetensors file and its "
                               ".json sidecar)")
-    meta = json.loads(sidecar_path.read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT or meta.get("kind") not in FisherMatrix._kinds:
-        raise FisherError(f"{sidecar_path}: not a forgetkit Fisher (format={meta.get('format')!r},"
-                          f" kind={meta.get('kind')!r})")
-    shapes = {name: torch.Size(shape) for name, shape in meta["parameters"].items()}
-    provenance = Provenance(**meta["provenance"])
+    meta, shapes, provenance = _read_sidecar(sidecar_path)
     device = torch.device("cpu")
     if model is not None:
         _check_model(model, shapes, provenance, sidecar_path)
         device = next(model.parameters()).device
-    tensors = {k: v.to(device) for k, v in safetensors_load(tensor_path.read_bytes()).items()}
+    tensors = {k: v.to(device) for k, v in _read_tensors(tensor_path, meta["kind"]).items()}
     extra = {k: v for k, v in meta.items() if k not in
              ("format", "format_version", "kind", "tensors", "parameters", "provenance")}
-    return FisherMatrix._kinds[meta["kind"]]._from_saved(tensors, shapes, provenance, extra)
+    try:
+        return FisherMatrix._kinds[meta["kind"]]._from_saved(tensors, shapes, provenance, extra)
+    except KeyError as err:
+        raise FisherError(f"{tensor_path}: tensor {err.args[0]!r} that a {meta['kind']} Fisher "
+                          f"needs is missing (or field {err.args[0]!r} of {sidecar_path})"
+                          ) from None
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise FisherError(f"{tensor_path} / {sidecar_path}: the tensors do not fit the sidecar: "
+                          f"{err}") from None
+
+
+def _read_sidecar(path: Path) -> tuple[dict[str, Any], dict[str, torch.Size], Provenance]:
+    """The sidecar's JSON, parameter shapes and provenance, each field checked and named."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise FisherError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise FisherError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: "
+                          f"{err.msg} (a truncated or edited sidecar?)") from None
+    if not isinstance(meta, dict):
+        raise FisherError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT or meta.get("kind") not in FisherMatrix._kinds:
+        raise FisherError(f"{path}: not a forgetkit Fisher (format={meta.get('format')!r},"
+                          f" kind={meta.get('kind')!r}; kinds: {', '.join(FisherMatrix._kinds)})")
+    parameters = meta.get("parameters")
+    if not isinstance(parameters, dict) or not all(
+            isinstance(s, list) and all(isinstance(d, int) and d >= 0 for d in s)
+            for s in parameters.values()):
+        raise FisherError(f"{path}: field 'parameters' must map parameter names to shapes "
+                          "(lists of sizes)")
+    shapes = {name: torch.Size(shape) for name, shape in parameters.items()}
+    saved = meta.get("provenance")
+    if not isinstance(saved, dict):
+        raise FisherError(f"{path}: field 'provenance' is missing or not an object")
+    known = {f.name: f for f in fields(Provenance)}
+    missing = [name for name, f in known.items() if f.default is MISSING and name not in saved]
+    if missing:
+        raise FisherError(f"{path}: field 'provenance.{missing[0]}' is missing")
+    unknown = sorted(set(saved) - set(known))
+    if unknown:
+        raise FisherError(f"{path}: unknown field 'provenance.{unknown[0]}'")
+    return meta, shapes, Provenance(**saved)
+
+
+def _read_tensors(path: Path, kind: str) -> dict[str, Tensor]:
+    """The tensors of a Fisher's ``.safetensors`` file; a truncated or corrupt file, or one of
+    another kind than its sidecar says, is named."""
+    from safetensors import SafetensorError, safe_open
+
+    data = path.read_bytes()
+    try:
+        tensors = safetensors_load(data)
+        with safe_open(path, framework="pt") as handle:
+            header = handle.metadata() or {}
+    except SafetensorError as err:
+        raise FisherError(f"{path}: corrupt or truncated safetensors file ({err})") from None
+    if header.get("kind") not in (None, kind):
+        raise FisherError(f"{path}: holds a {header['kind']} Fisher but its sidecar says {kind}")
+    return tensors
 
 
 def _check_model(model: torch.nn.Module, shapes: dict[str, torch.Size],

@@ -9,6 +9,8 @@ fine-tunes given it trains quick SFT and MixSD fine-tunes of the base on the rec
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from forgetkit.cli_config import help_metadata as _help
+from forgetkit.data.answers import warn_unanswered
 from forgetkit.data.records import load_probes, load_records
 from forgetkit.fisher.delta import ParamDelta
 from forgetkit.fisher.delta import delta as param_delta
@@ -28,6 +31,7 @@ from forgetkit.fisher.kl import kl_path, measured_kl
 from forgetkit.fisher.low_rank import low_rank
 from forgetkit.fisher.project import project
 from forgetkit.fisher.risk import forgetting_risk
+from forgetkit.models import resolve_device, resolve_dtype
 from forgetkit.stats import mean_ci, ratio_ci
 
 __all__ = ["REPORT_SECTIONS", "ReportConfig", "run_report", "spread_sample"]
@@ -106,6 +110,23 @@ class ReportConfig:
             name, sep, path = item.partition("=")
             if not sep or not name or not path:
                 raise ValueError(f"--finetuned expects NAME=PATH, got {item!r}")
+        if self.train_steps is not None and self.train_steps < 1:
+            raise ValueError(f"--train_steps must be >= 1 (or none for the trainer's default), "
+                             f"got {self.train_steps}")
+        if self.learning_rate is not None and not (math.isfinite(self.learning_rate)
+                                                   and self.learning_rate > 0):
+            raise ValueError(f"--learning_rate must be a number > 0, got {self.learning_rate}")
+        if self.params is not None:
+            try:
+                re.compile(self.params)
+            except re.error as err:
+                raise ValueError(f"--params {self.params!r} is not a valid regular expression: "
+                                 f"{err.msg} at position {err.pos}") from None
+        try:
+            resolve_dtype(self.dtype)
+            resolve_device(self.device)
+        except ValueError as err:
+            raise ValueError(f"--dtype/--device: {err}") from None
 
     def finetune_paths(self) -> dict[str, str]:
         return dict(item.split("=", 1) for item in self.finetuned)
@@ -335,6 +356,7 @@ def _run_report(config: ReportConfig, base, finetunes, records, probes, progress
         raise ValueError("run_report: records given as objects need finetunes= too (the default "
                          "fine-tunes train on config.records by name)")
     records = load_records(config.records) if records is None else list(records)
+    warn_unanswered(records, "records")
     probes = load_probes(config.probe_source()) if probes is None else list(probes)
     if not probes:
         raise ValueError(f"probe set {config.probe_source()!r} is empty")
@@ -354,6 +376,10 @@ def _run_report(config: ReportConfig, base, finetunes, records, probes, progress
         timing["finetune"] = time.time() - started - timing["load"]
     mark = time.time()
     rank = min(config.rank, len(sample) * config.mc_samples)
+    if rank < config.rank:
+        logger.warning("--rank %d lowered to %d: the Fisher of %d probes x %d label draws has at "
+                       "most that many nonzero eigenvalues", config.rank, rank, len(sample),
+                       config.mc_samples)
     fishers = [_low_rank(base, tokenizer, sample, config, rank, config.seed + offset)
                for offset in range(config.spread_seeds)]
     fisher_diag = diagonal(base, tokenizer, sample, estimator=config.estimator,
@@ -384,6 +410,7 @@ def _run_report(config: ReportConfig, base, finetunes, records, probes, progress
                  "scores": base_scores.to_dict(), "records": len(records),
                  "probes": len(probes), "fisher_samples": len(sample)},
         "fisher": {"eigenvalues": fisher_lr.top(rank).eigenvalues.tolist(), "rank": rank,
+                   "requested_rank": config.rank,
                    "representation": fisher_lr.kind, "details": details,
                    "low_rank_method": details.get("method", config.low_rank_method),
                    "eigenvalues_by_seed": {str(f.provenance.seed):

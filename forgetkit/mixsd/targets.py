@@ -40,13 +40,28 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from forgetkit.cli_config import parse_cli
+from forgetkit.cli_config import command_line, parse_cli
 from forgetkit.data.answers import AnswerMode
-from forgetkit.data.prompts import get_guidance
-from forgetkit.data.records import Record, RecordError, load_records, records_hash
-from forgetkit.files import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
+from forgetkit.data.prompts import expert_prompt, get_guidance
+from forgetkit.data.records import Record, load_records, records_hash
+from forgetkit.files import (
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_jsonl,
+    check_writable,
+    read_jsonl,
+)
 from forgetkit.mixsd.decode import MixedDecoder, checked_end_tokens
-from forgetkit.models import encode, load_model, model_hash, resolve_dtype
+from forgetkit.models import (
+    check_context,
+    context_length,
+    encode,
+    load_model,
+    model_hash,
+    record_label,
+    resolve_device,
+    resolve_dtype,
+)
 from forgetkit.seeding import stable_hash
 
 __all__ = ["BuildConfig", "BuildReport", "MixConfig", "MixedTarget", "MixedTargets", "Outcome",
@@ -253,6 +268,19 @@ def _check_records(records: Sequence[Record]) -> None:
         seen.add(record.id)
 
 
+def _check_lengths(model, tokenizer, records: Sequence[Record], config: MixConfig) -> None:
+    """Refuse a record whose canonical prompt + target, or whose expert prompt, does not fit
+    the model's context (before any decoding)."""
+    context = context_length(model, tokenizer)
+    if context is None:
+        return
+    check_context(((record_label(r), len(encode(tokenizer, r.prompt, r.target).input_ids))
+                   for r in records), context)
+    check_context(((record_label(r), len(encode(tokenizer, expert_prompt(
+        r.prompt, r.expert_context, config.guidance)).input_ids)) for r in records), context,
+        "the expert prompt")
+
+
 def _apply_policy(tokenizer, record: Record, result, on_failure: str) -> MixedTarget | None:
     def target(token_ids, mask, text, fallback=False):
         fraction = sum(mask) / len(mask) if mask else 0.0
@@ -288,6 +316,7 @@ def build_targets(model, tokenizer, records: Sequence[Record], config: MixConfig
     """
     config = config or MixConfig()
     _check_records(records)
+    _check_lengths(model, tokenizer, records, config)
     started = time.perf_counter()
     decoder = MixedDecoder(model, tokenizer, config)
     outcomes: list[Outcome | None] = [None] * len(records)
@@ -433,6 +462,7 @@ class BuildConfig:
         if isinstance(self.mix, Mapping):
             self.mix = MixConfig(**self.mix)
         resolve_dtype(self.dtype)
+        resolve_device(self.device)
         if self.format not in _OUTPUT_FORMATS:
             raise ValueError(f"format={self.format!r} must be one of {_OUTPUT_FORMATS}")
 
@@ -458,6 +488,8 @@ def run(config: BuildConfig, *, model=None, tokenizer=None,
     """
     if (model is None) != (tokenizer is None):
         raise ValueError("run: pass model and tokenizer together (or neither)")
+    for path in {config.out, config.targets_out, meta_path(config.targets_out)}:
+        check_writable(path, "--out", folder=False)
     records = load_records(config.records) if records is None else list(records)
     if model is None:
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
@@ -471,13 +503,10 @@ def run(config: BuildConfig, *, model=None, tokenizer=None,
     return report
 
 
+@command_line
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m forgetkit.mixsd``: builds the file, prints the report."""
     config, _ = parse_cli((BuildConfig, MixConfig), argv, "python -m forgetkit.mixsd",
                           doc=BuildConfig.__doc__)
-    try:
-        records = load_records(config.records)
-    except (ValueError, RecordError) as err:
-        raise SystemExit(f"error: {err}") from None
-    report = run(config, records=records)
+    report = run(config)
     print(f"wrote {config.out}: " + ", ".join(f"{k}={v}" for k, v in asdict(report).items()))

@@ -13,13 +13,22 @@ from forgetkit.models.encoding import (
     IGNORE_INDEX,
     MODEL_INPUTS,
     Encoding,
+    check_context,
     collate,
+    context_length,
     encode,
     end_token_ids,
     model_inputs,
+    record_label,
 )
 from forgetkit.models.inference import CacheSignature, eval_mode, greedy_generate, new_cache
-from forgetkit.models.loading import BUILTIN_MODELS, load_model, resolve_dtype
+from forgetkit.models.loading import (
+    BUILTIN_MODELS,
+    ModelLoadError,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
 from forgetkit.models.storage import ModelNotFoundError, cache_dir, model_hash, weights_hash
 
 __all__ = [
@@ -28,9 +37,12 @@ __all__ = [
     "MODEL_INPUTS",
     "CacheSignature",
     "Encoding",
+    "ModelLoadError",
     "ModelNotFoundError",
     "cache_dir",
+    "check_context",
     "collate",
+    "context_length",
     "encode",
     "end_token_ids",
     "eval_mode",
@@ -39,6 +51,8 @@ __all__ = [
     "model_hash",
     "model_inputs",
     "new_cache",
+    "record_label",
+    "resolve_device",
     "resolve_dtype",
     "weights_hash",
 ]

@@ -6,14 +6,14 @@ Trainer, NLL, Fisher, MixSD and evaluation all tokenize through :func:`encode` a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "MODEL_INPUTS", "Encoding", "collate", "encode", "end_token_ids",
-           "model_inputs"]
+__all__ = ["IGNORE_INDEX", "MODEL_INPUTS", "Encoding", "check_context", "collate",
+           "context_length", "encode", "end_token_ids", "model_inputs", "record_label"]
 
 IGNORE_INDEX = -100
 """The label of a token that is not scored (prompt and padding)."""
@@ -162,3 +162,50 @@ def model_inputs(batch: Mapping[str, Tensor | None]) -> dict[str, Tensor | None]
     right-padded batches agree.
     """
     return {key: batch[key] for key in MODEL_INPUTS if key in batch}
+
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+_NO_LIMIT = 10**9  # tokenizers without a known limit report ~1e30 as model_max_length
+
+
+def context_length(model=None, tokenizer=None) -> int | None:
+    """The most tokens the model takes in one sequence: its config's
+    ``max_position_embeddings`` (or ``n_positions``, ...); without a model, the tokenizer's
+    ``model_max_length`` when it states a real limit (:func:`~forgetkit.models.load_model`
+    sets it to the model's). ``None``: no known limit."""
+    config = getattr(model, "config", None)
+    for key in _CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < _NO_LIMIT else None
+
+
+def check_context(lengths: Iterable[tuple[str, int]], context: int | None,
+                  what: str = "prompt + completion") -> None:
+    """Refuse, before any work, a sequence longer than the model's context: nothing is ever
+    truncated silently.
+
+    Args:
+        lengths: ``(where, number of tokens)`` per item; ``where`` names it in the error (e.g.
+            ``"record 'r1' (facts.jsonl:3)"``).
+        context: :func:`context_length`; ``None`` checks nothing.
+        what: what the lengths count, for the message.
+
+    Raises:
+        ValueError: naming the first item too long, its length and the context.
+    """
+    if context is None:
+        return
+    for where, n_tokens in lengths:
+        if n_tokens > context:
+            raise ValueError(f"{where}: {what} is {n_tokens} tokens, longer than the model's "
+                             f"context ({context} tokens); inputs are never truncated, "
+                             "shorten this one")
+
+
+def record_label(record) -> str:
+    """``record 'id'`` plus the file and line it came from, when known (for error messages)."""
+    source = getattr(record, "meta", {}).get("source")
+    return f"record {record.id!r}" + (f" ({source})" if source else "")

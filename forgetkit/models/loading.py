@@ -14,7 +14,7 @@ from forgetkit.models.smollm2 import ensure_smollm2
 from forgetkit.models.storage import ModelNotFoundError
 from forgetkit.models.toyworld import ensure_toyworld
 
-__all__ = ["BUILTIN_MODELS", "load_model", "resolve_dtype"]
+__all__ = ["BUILTIN_MODELS", "ModelLoadError", "load_model", "resolve_device", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +34,69 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
 
 
-def _default_device(device: str | torch.device | None) -> torch.device:
+class ModelLoadError(ValueError):
+    """A model folder or file that is there but cannot be read (a truncated or corrupt weights
+    file, an unreadable config); the message names the file."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> CUDA when available, else CPU; a device asked for is checked to exist.
+
+    Raises:
+        ValueError: an unknown device string, or a CUDA device this machine or this torch build
+            does not have (said which).
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {str(device)!r} is not a device torch knows (cpu, cuda, "
+                         f"cuda:1, ...): {err}") from None
+    if resolved.type == "cuda":
+        if torch.version.cuda is None:
+            raise ValueError(f"device {str(device)!r}: this torch build has no CUDA support "
+                             f"(torch {torch.__version__}); use device cpu")
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: no CUDA device is available here; use "
+                             "device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) here")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available here; use device cpu")
+    return resolved
 
 
 def _from_folder(path: Path, dtype, gguf_file: str | None = None):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
+                                                     **kwargs)
+    except (SafetensorError, OSError, ValueError) as err:
+        if isinstance(err, ModelNotFoundError):
+            raise
+        weights = sorted(p.name for p in Path(path).glob("*.safetensors"))
+        where = path / gguf_file if gguf_file else (
+            path / weights[0] if len(weights) == 1 and type(err).__name__ == "SafetensorError"
+            else path)
+        raise ModelLoadError(f"{where}: cannot load the model: {type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}") from err
     return model, tokenizer
+
+
+def _align_max_length(model, tokenizer) -> None:
+    """Make the tokenizer state the model's context as its ``model_max_length`` (when it states
+    none or a longer one), so code holding only the tokenizer can check lengths."""
+    from forgetkit.models.encoding import context_length
+
+    context = context_length(model)
+    if context is not None and (context_length(None, tokenizer) or context + 1) > context:
+        tokenizer.model_max_length = context
 
 
 def _from_adapter(path: Path, dtype):
@@ -93,7 +143,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
         ModelNotFoundError: nothing found under that name; says where it looked.
     """
     dtype = resolve_dtype(dtype)
-    device = _default_device(device)
+    device = resolve_device(device)
     name = str(name_or_path)
     path = Path(name).expanduser()
     if name in BUILTIN_MODELS:
@@ -113,6 +163,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
         model, tokenizer = _from_hub_cache(name, dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    _align_max_length(model, tokenizer)
     model.to(device)
     model.eval()
     return model, tokenizer

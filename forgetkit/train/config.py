@@ -18,7 +18,7 @@ from typing import Literal
 from forgetkit.cli_config import config_to_dict
 from forgetkit.cli_config import help_metadata as _help
 from forgetkit.mixsd import MixConfig
-from forgetkit.models import resolve_dtype
+from forgetkit.models import resolve_device, resolve_dtype
 from forgetkit.seeding import stable_hash
 
 __all__ = ["FISHER_METHODS", "METHODS", "OUTPUT_FIELDS", "RETENTION_METHODS", "RUN_CONTROL_FIELDS",
@@ -196,10 +196,11 @@ class TrainConfig:
         if self.opsd_kl not in typing.get_args(KLDirection):
             problems.append(f"opsd_kl={self.opsd_kl!r} must be one of {typing.get_args(KLDirection)}")
         problems += self._method_problems()
-        try:
-            resolve_dtype(self.dtype)
-        except ValueError as err:
-            problems.append(str(err))
+        for check, value in ((resolve_dtype, self.dtype), (resolve_device, self.device)):
+            try:
+                check(value)
+            except ValueError as err:
+                problems.append(str(err))
         if problems:
             raise ValueError("TrainConfig: " + "; ".join(problems))
 

@@ -434,6 +434,13 @@ class Trainer:
                         param.grad.add_(g)
         limit = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
         grad_norm = accelerator.clip_grad_norm_(self.params, limit)
+        loss = self._sum(local_loss) / tokens
+        if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):  # before any update
+            raise ValueError(
+                f"step {self.global_step + 1}: the loss is {loss} and the gradient norm "
+                f"{float(grad_norm)}: training diverged (learning_rate={config.learning_rate}); "
+                f"stopped before updating the weights, checkpoints already in {self.out} are "
+                "kept; lower learning_rate or max_grad_norm")
         self.lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         if self.projection is not None:
@@ -441,7 +448,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        return self._sum(local_loss) / tokens, float(grad_norm)
+        return loss, float(grad_norm)
 
     def _evaluate(self, step: int) -> Scores | None:
         """Rank 0 evaluates the model and writes ``eval/<step>.jsonl``; others wait."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from forgetkit.data.answers import warn_unanswered
 from forgetkit.data.prompts import expert_prompt
 from forgetkit.data.records import Record
 from forgetkit.diagnostics.loglik import forward_logits
@@ -30,10 +31,13 @@ from forgetkit.models import (
     IGNORE_INDEX,
     CacheSignature,
     Encoding,
+    check_context,
     collate,
+    context_length,
     encode,
     eval_mode,
     new_cache,
+    record_label,
 )
 from forgetkit.seeding import stable_hash
 from forgetkit.train.losses import completion_logits, completion_nll, topk_kl
@@ -62,8 +66,18 @@ class Example:
 
 
 def sft_examples(tokenizer, records: Sequence[Record]) -> list[Example]:
-    """``encode(tokenizer, record.prompt, record.target)`` per record."""
-    return [Example(i, r.id, encode(tokenizer, r.prompt, r.target)) for i, r in enumerate(records)]
+    """``encode(tokenizer, record.prompt, record.target)`` per record.
+
+    Raises:
+        ValueError: a record longer than the model's context (as the tokenizer of
+            :func:`~forgetkit.models.load_model` states it), naming the record.
+    """
+    warn_unanswered(records, "train")
+    examples = [Example(i, r.id, encode(tokenizer, r.prompt, r.target))
+                for i, r in enumerate(records)]
+    check_context(((record_label(r), len(e.encoding.input_ids))
+                   for r, e in zip(records, examples, strict=True)), context_length(None, tokenizer))
+    return examples
 
 
 def mixsd_examples(tokenizer, records: Sequence[Record], targets: Sequence[MixedTarget]
@@ -88,10 +102,19 @@ def mixsd_examples(tokenizer, records: Sequence[Record], targets: Sequence[Mixed
 
 
 def opsd_examples(tokenizer, records: Sequence[Record], guidance: str = "fact") -> list[Example]:
-    """The naive prompt and the expert prompt x+ (:func:`expert_prompt`) per record."""
-    return [Example(i, r.id, encode(tokenizer, r.prompt), tuple(encode(
+    """The naive prompt and the expert prompt x+ (:func:`expert_prompt`) per record.
+
+    Raises:
+        ValueError: an expert prompt longer than the model's context, naming the record.
+    """
+    warn_unanswered(records, "train")
+    examples = [Example(i, r.id, encode(tokenizer, r.prompt), tuple(encode(
         tokenizer, expert_prompt(r.prompt, r.expert_context, guidance)).input_ids))
         for i, r in enumerate(records)]
+    check_context(((record_label(r), len(e.teacher_prompt_ids))
+                   for r, e in zip(records, examples, strict=True)),
+                  context_length(None, tokenizer), "the expert prompt")
+    return examples
 
 
 @dataclass

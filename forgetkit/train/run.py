@@ -47,8 +47,8 @@ from typing import Any
 
 import torch
 
-from forgetkit.cli_config import parse_cli
-from forgetkit.data.records import Probe, Record, RecordError
+from forgetkit.cli_config import command_line, parse_cli
+from forgetkit.data.records import Probe, Record
 from forgetkit.diagnostics.evaluation import (
     Retention,
     Scores,
@@ -56,12 +56,10 @@ from forgetkit.diagnostics.evaluation import (
     retention,
     retention_interval,
 )
-from forgetkit.files import atomic_write_json, read_jsonl
-from forgetkit.fisher import FisherError
+from forgetkit.files import atomic_write_json, check_writable, read_jsonl
 from forgetkit.mixsd import MixConfig
 from forgetkit.seeding import seed_everything
 from forgetkit.train.checkpoint import (
-    OutputDirError,
     check_output_dir,
     input_fingerprints,
     save_final_model,
@@ -152,6 +150,7 @@ def train(config: TrainConfig, *, model=None, tokenizer=None,
     """
     if (model is None) != (tokenizer is None):
         raise ValueError("train: pass model and tokenizer together (or neither)")
+    check_writable(config.output_dir, "output_dir")
     records = None if records is None else list(records)
     probes = None if probes is None else list(probes)
     inputs = input_fingerprints(config, model=model, records=records, probes=probes)
@@ -222,6 +221,7 @@ def summary(result: TrainResult, method: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
+@command_line
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m forgetkit.train [--config FILE.yaml] [--KEY VALUE ...]``: the
     :class:`TrainConfig` and :class:`~forgetkit.mixsd.MixConfig` options side by side."""
@@ -229,10 +229,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                           doc=__doc__, log_format="%(asctime)s %(name)s: %(message)s")
     seed_everything(config.seed)
     started = time.perf_counter()
-    try:
-        result = train(config)
-    except (OutputDirError, RecordError, FisherError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    result = train(config)
     if _is_main_process():
         print(summary(result, config.method, time.perf_counter() - started))
 

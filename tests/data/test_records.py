@@ -614,3 +614,29 @@ def test_probe_sets_keep_colliding_capabilities_apart(tmp_path):
     counts = Counter(p.capability for p in probes)
     assert counts == {"arithmetic": 1, "known_fact": 1, "two_hop": 50, "retrieval": 100,
                       f"{other}:arithmetic": 1, f"{other}:known_fact": 1}
+
+
+def test_undecodable_bytes_deep_nesting_and_long_lines_name_file_and_line(tmp_path):
+    from forgetkit.data import records as records_module
+
+    good = json.dumps({"id": "a", "prompt": "p", "target": "t x", "answer": "x"})
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(good.encode() + b"\n" + good.replace('"a"', '"b"').encode()[:-2]
+                     + b'\xff"}\n')
+    with pytest.raises(RecordError, match=r"r\.jsonl:2: not UTF-8 text: byte 0xff at column"):
+        load_records(path)
+    path.write_text(good + "\n" + '{"id": ' + "[" * 50_000 + "\n")
+    with pytest.raises(RecordError, match=r"r\.jsonl:2: JSON nested deeper than 32"):
+        load_records(path)
+    path.write_text(json.dumps({"id": "a", "prompt": "p", "target": "t x", "answer": "x",
+                                "meta": {"k": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}))
+    with pytest.raises(RecordError, match=r"r\.jsonl:1: JSON nested deeper"):
+        load_records(path)
+    array = tmp_path / "r.json"
+    array.write_text("[\n" + good + ",\n" + "[" * 40 + "]" * 40 + "\n]")
+    with pytest.raises(RecordError, match=r"r\.json:3: JSON nested deeper"):
+        load_records(array)
+    path.write_text(good + "\n" + json.dumps({"id": "b", "prompt": "p" * 1_000_001}) + "\n")
+    with pytest.raises(RecordError, match=r"r\.jsonl:2: line of 1,000,0\d\d characters, over"):
+        load_records(path)
+    assert records_module.MAX_DEPTH == 32 and records_module.MAX_LINE_CHARS == 1_000_000

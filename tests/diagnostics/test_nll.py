@@ -216,7 +216,7 @@ def test_too_long_is_an_error_not_a_truncation(toy64, records):
     model = tiny_model("gpt2", len(tokenizer), context=24)
     target_nll(model, tokenizer, [("Hi?", "Vabebrim lives in Pithiram .")])  # fits
     long = " ".join(["Vabebrim lives in Pithiram ."] * 5)
-    with pytest.raises(ValueError, match=r"items\[1\].*max_position_embeddings=24"):
+    with pytest.raises(ValueError, match=r"items\[1\].*context \(24 tokens\)"):
         target_nll(model, tokenizer, [("Hi?", "ok"), ("Hi?", long)])
 
 

@@ -268,3 +268,43 @@ def test_interface_rejects_bad_k_and_incomplete_updates(kind):
     with pytest.raises(fisher.FisherError, match="LoRA update of shape"):
         result.quad_form(fisher.ParamDelta({name: fisher.LoraFactor(
             torch.zeros(8, 1), torch.zeros(1, 8), 1.0)}))
+
+
+def _broken_copy(tmp_path, result, edit_sidecar=None, tensor_bytes=None):
+    result.save(tmp_path / "f")
+    sidecar, tensors = tmp_path / "f.json", tmp_path / "f.safetensors"
+    if edit_sidecar is not None:
+        sidecar.write_text(edit_sidecar(sidecar.read_text()))
+    if tensor_bytes is not None:
+        tensors.write_bytes(tensor_bytes(tensors.read_bytes()))
+    return tmp_path / "f"
+
+
+def _without_provenance_field(text: str) -> str:
+    meta = json.loads(text)
+    del meta["provenance"]["data_hash"]
+    return json.dumps(meta)
+
+
+def _kind(kind: str):
+    return lambda text: json.dumps({**json.loads(text), "kind": kind})
+
+
+@pytest.mark.parametrize(("sidecar", "tensors", "message"), [
+    (None, lambda b: b[: len(b) // 2], r"f\.safetensors: corrupt or truncated safetensors"),
+    (None, lambda b: b"\x00" * 16, r"f\.safetensors: corrupt or truncated safetensors"),
+    (lambda t: t[: len(t) // 2], None, r"f\.json: invalid JSON at line \d+, column \d+"),
+    (lambda t: "[1]", None, r"f\.json: expected a JSON object, got list"),
+    (_without_provenance_field, None, r"f\.json: field 'provenance\.data_hash' is missing"),
+    (lambda t: json.dumps({**json.loads(t), "provenance": 3}), None,
+     r"f\.json: field 'provenance' is missing or not an object"),
+    (lambda t: json.dumps({**json.loads(t), "parameters": {"x": "big"}}), None,
+     r"f\.json: field 'parameters' must map parameter names to shapes"),
+    (_kind("low_rank"), None, r"f\.safetensors: holds a diagonal Fisher but its sidecar says "
+                              r"low_rank"),
+    (_kind("sparse"), None, r"f\.json: not a forgetkit Fisher .*kind='sparse'"),
+])
+def test_load_names_the_file_and_the_bad_field(fishers, tmp_path, sidecar, tensors, message):
+    _, _, diag, _ = fishers
+    with pytest.raises(fisher.FisherError, match=message):
+        fisher.load(_broken_copy(tmp_path, diag, sidecar, tensors))

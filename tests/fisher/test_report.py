@@ -114,18 +114,16 @@ def test_bad_finetune_architecture_leaves_no_report(tmp_path):
     _, tokenizer = load_model("toyworld", device="cpu")
     tokenizer.save_pretrained(other)
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match="different architectures"):
+    with pytest.raises(SystemExit, match=r"error: .*different architectures"):
         main(["--finetuned", f"odd={other}", "--out", str(out)])
     assert not (out / "report.html").exists()
     assert not (out / "report.json").exists()
 
 
 def test_empty_probe_set_is_rejected(tmp_path):
-    from forgetkit.data.records import RecordError
-
     empty = tmp_path / "probes.jsonl"
     empty.write_text("")
-    with pytest.raises(RecordError, match=r"probes\.jsonl"):
+    with pytest.raises(SystemExit, match=r"error: .*probes\.jsonl"):
         main(["--probes", str(empty), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out" / "report.html").exists()
 
@@ -180,16 +178,14 @@ def test_objects_as_well_as_names(toyworld, tmp_path):
 
 
 def test_an_output_folder_with_foreign_files_or_a_file_is_refused_before_work(tmp_path):
-    from forgetkit.files import OutputError
-
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "notes.txt").write_text("the user's")
-    with pytest.raises(OutputError, match=r"notes\.txt.*replaced whole"):
+    with pytest.raises(SystemExit, match=r"error: .*notes\.txt.*replaced whole"):
         main(["--out", str(folder)])
     assert (folder / "notes.txt").read_text() == "the user's"
     (tmp_path / "file").write_text("x")
-    with pytest.raises(OutputError, match=r"--out .*file.* is a file"):
+    with pytest.raises(SystemExit, match=r"error: --out .*file.* is a file"):
         main(["--out", str(tmp_path / "file")])
 
 

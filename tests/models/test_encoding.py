@@ -118,3 +118,46 @@ def test_model_inputs_are_the_forward_arguments_of_a_batch(toyworld):
     assert model_inputs(batch)["position_ids"] is batch["position_ids"]
     no_positions = {k: v for k, v in batch.items() if k != "position_ids"}
     assert list(model_inputs(no_positions)) == ["input_ids", "attention_mask"]
+
+
+def test_context_checks_and_devices_are_refused_with_a_clear_error():
+    import torch
+
+    from forgetkit.models import check_context, context_length, resolve_device
+
+    class Config:
+        max_position_embeddings = 8
+
+    class Model:
+        config = Config()
+
+    class Tokenizer:
+        model_max_length = int(1e30)
+
+    assert context_length(Model()) == 8 and context_length(None, Tokenizer()) is None
+    check_context([("record 'a'", 8)], 8)
+    check_context([("record 'a'", 10**6)], None)
+    with pytest.raises(ValueError, match=r"record 'b' \(f\.jsonl:2\): prompt \+ completion is 9 "
+                                         r"tokens, longer than the model's context \(8 tokens\)"):
+        check_context([("record 'a'", 3), ("record 'b' (f.jsonl:2)", 9)], 8)
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="is not a device torch knows"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device 'cuda(:1)?': (this torch build has no "
+                                             r"CUDA|no CUDA device)"):
+            resolve_device("cuda:1")
+
+
+def test_unanswered_records_are_listed_in_one_warning(caplog):
+    import logging
+
+    from forgetkit.data.answers import warn_unanswered
+    from forgetkit.data.records import Record
+
+    records = [Record("ok", "where ?", "in paris .", "paris"),
+               Record("bad", "where ?", "in rome .", "paris")]
+    with caplog.at_level(logging.WARNING):
+        assert warn_unanswered(records, "train") == ["bad"]
+    assert "train: 1 of 2 records have an answer their target does not contain" in caplog.text
+    assert "'bad'" in caplog.text and "'ok'" not in caplog.text

@@ -8,11 +8,7 @@ import copy
 import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +20,7 @@ trl = pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
 from forgetkit.integrations import ForgettingCallback  # noqa: E402
+from tests.processes import torchrun  # noqa: E402
 
 STEPS, EVERY = 24, 12
 
@@ -224,13 +221,7 @@ def test_ddp_ranks_agree_and_the_main_process_writes_the_jsonl(toyworld, tmp_pat
 
     worker = tmp_path / "worker.py"
     worker.write_text(DDP_WORKER)
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-6000:]
+    torchrun(str(worker), str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
     timeless = [[{k: v for k, v in log.items() if k != "forgetting/seconds"}
                  for log in rank["logs"]] for rank in ranks]

@@ -263,8 +263,9 @@ class FisherMatrix(ABC):
     def _from_saved(cls, tensors: dict[str, Tensor], shapes: dict[str, torch.Size],
                     provenance: Provenance, extra: dict[str, Any]) -> FisherMatrix: ...
 
-    def _rank_k(self, k: int | None) -> int:
-        """``k`` checked against :attr:`rank` (``None`` -> :attr:`rank`)."""
+    def _rank_k(self, k: int | None, name: str = "k") -> int:
+        """``k`` checked against :attr:`rank` (``None`` -> :attr:`rank`); an error names the
+        argument as ``name``."""
         if k is None:
             return self.rank
         try:
@@ -272,7 +273,7 @@ class FisherMatrix(ABC):
         except TypeError:
             count = None
         if count is None or not 1 <= count <= self.rank:
-            raise FisherError(f"k={k!r} must be an integer between 1 and {self.rank}, the "
+            raise FisherError(f"{name}={k!r} must be an integer between 1 and {self.rank}, the "
                               f"number of eigendirections this {self.kind} Fisher holds")
         return count
 

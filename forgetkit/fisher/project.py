@@ -29,7 +29,6 @@ representation gives the same fields.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -77,14 +76,7 @@ def leading_directions(fisher: FisherMatrix, rank: int | None) -> int:
     """
     if rank is None:
         return min(DEFAULT_DIRECTIONS, fisher.rank)
-    try:
-        count = None if isinstance(rank, bool) else operator.index(rank)
-    except TypeError:
-        count = None
-    if count is None or not 1 <= count <= fisher.rank:
-        raise ValueError(f"rank={rank!r} must be an integer between 1 and {fisher.rank}, the "
-                         f"number of eigendirections this {fisher.kind} Fisher holds")
-    return count
+    return fisher._rank_k(rank, "rank")
 
 
 def _module(name: str) -> str:

@@ -6,15 +6,12 @@ The worker uses a small pure-torch causal LM, so the two processes start without
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import torch
 
 from forgetkit import fisher
+from tests.processes import torchrun
 
 WORKER = textwrap.dedent('''
     import os
@@ -89,13 +86,7 @@ WORKER = textwrap.dedent('''
 def test_two_gloo_processes_match_one(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-6000:]
+    torchrun(str(worker), str(tmp_path))
 
     spec = importlib.util.spec_from_file_location("fisher_worker", worker)
     module = importlib.util.module_from_spec(spec)

@@ -90,6 +90,12 @@ class ReportConfig:
     seed: int = field(default=0, metadata=_help("seed of Fisher sampling and fine-tunes"))
     device: str | None = field(default=None, metadata=_help("cpu | cuda (default: cuda if any)"))
     dtype: str = field(default="float32", metadata=_help("model dtype: float32 | bfloat16"))
+    plan: bool = field(default=False, metadata=_help(
+        "print the predicted peak memory and passes over the probes of each representation for "
+        "--base (its config only), --params, --n_samples, --rank and the batch sizes, then exit "
+        "without loading weights"))
+    plan_seq_len: int = field(default=64, metadata=_help(
+        "typical probe length in tokens that --plan assumes"))
 
     def __post_init__(self):
         if self.representation not in REPRESENTATIONS:
@@ -111,6 +117,8 @@ class ReportConfig:
         if self.fisher_batch_size < 1 or self.exact_batch_size < 1:
             raise ValueError(f"--fisher_batch_size and --exact_batch_size must be >= 1, got "
                              f"{self.fisher_batch_size} and {self.exact_batch_size}")
+        if self.plan_seq_len < 1:
+            raise ValueError(f"--plan_seq_len must be >= 1, got {self.plan_seq_len}")
         if self.n_samples < 1:
             raise ValueError(f"--n-samples must be >= 1, got {self.n_samples}")
         if not 0.0 <= self.lam <= 1.0:

@@ -3,7 +3,8 @@ write ``report/`` (report.json, PNGs, report.html).
 
 With no arguments: toyworld base, kgfact records, toyworld probes, quick SFT and MixSD
 (lambda 0.3) fine-tunes trained first. ``--finetuned NAME=PATH ...`` takes one or more
-fine-tunes (and may be repeated).
+fine-tunes (and may be repeated). ``--plan`` prints the predicted memory of each Fisher
+representation for ``--base`` and exits without loading weights.
 """
 
 from __future__ import annotations
@@ -16,9 +17,25 @@ from forgetkit.fisher.render import summary_rows
 from forgetkit.fisher.report import ReportConfig, run_report
 
 
+def plan_table(config: ReportConfig) -> str:
+    """The memory plan of ``config``'s Fisher computations, from the base model's config."""
+    from forgetkit.fisher.plan import memory_plan, model_config
+    from forgetkit.models import resolve_dtype
+
+    return memory_plan(model_config(config.base), params=config.params,
+                       n_samples=config.n_samples, seq_len=config.plan_seq_len,
+                       fisher_batch_size=config.fisher_batch_size,
+                       exact_batch_size=config.exact_batch_size, rank=config.rank,
+                       dtype=resolve_dtype(config.dtype), mc_samples=config.mc_samples
+                       ).to_text()
+
+
 @command_line
 def main(argv: Sequence[str] | None = None) -> None:
     [config] = parse_cli(ReportConfig, argv, "python -m forgetkit.fisher", doc=__doc__)
+    if config.plan:
+        print(plan_table(config))
+        return
     started = time.time()
     report = run_report(config)
     rows = summary_rows(report)

@@ -76,11 +76,12 @@ from forgetkit.fisher.pergrad import (
     distributed_shard,
     evaluation_mode,
     sample_labels,
+    select_parameters,
     true_fisher_generators,
 )
 from forgetkit.models import IGNORE_INDEX, Encoding, collate
 
-__all__ = ["kfac"]
+__all__ = ["kfac", "linear_layers"]
 
 logger = logging.getLogger(__name__)
 Tokens = Literal["answer", "all"]
@@ -146,6 +147,17 @@ def _plan_layers(model: nn.Module, chosen: dict[str, Tensor], max_factor_dim: in
         else:
             reasons[name] = f"{type(owner).__name__} is not a linear layer"
     return layers, reasons
+
+
+def linear_layers(model: nn.Module, params: str | Sequence[str] | None = None,
+                  max_factor_dim: int = 16384) -> list[str]:
+    """The modules :func:`kfac` would factor for ``params`` (the rest go to the diagonal
+    fallback); works on a model on the meta device.
+
+    Raises:
+        FisherError: a pattern that selects no parameter.
+    """
+    return list(_plan_layers(model, select_parameters(model, params), max_factor_dim)[0])
 
 
 class _Passes:

@@ -45,6 +45,22 @@ def _ci(section: dict[str, Any] | None, value: str = "value") -> tuple[float, fl
     return section[value], section["low"], section["high"]
 
 
+def top_k_name(report: dict[str, Any], finetune: dict[str, Any]) -> str:
+    """The name of the exact d'Fd of the update projected onto the report Fisher's top-k
+    directions: "(lower bound)" only where it is one (exact low-rank eigenvectors)."""
+    top, rank = finetune["low_rank_displacement"], finetune["projection_low_rank"]["rank"]
+    kind = top.get("representation", report["fisher"]["representation"])
+    if top["lower_bound"]:
+        return f"top-{rank} Δθ'FΔθ (lower bound)"
+    return f"Δθ'FΔθ of Δθ projected on top-{rank} {kind} directions"
+
+
+def representation_name(report: dict[str, Any]) -> str:
+    """The report Fisher's own quadratic form, named by its representation."""
+    return {"low_rank": "low-rank", "kfac": "K-FAC", "diagonal": "diagonal"}.get(
+        report["fisher"]["representation"], report["fisher"]["representation"])
+
+
 def figure_frames(report: dict[str, Any]) -> dict[str, pd.DataFrame]:
     """The tidy tables behind each figure."""
     eig = report["fisher"]["eigenvalues"]
@@ -59,7 +75,7 @@ def figure_frames(report: dict[str, Any]) -> dict[str, pd.DataFrame]:
             energy.append({"finetune": name, "j": j, "captured_energy": e, "random_baseline": b})
         measured = _ci(ft["measured_kl"], "per_sequence")
         estimates = {"exact": _ci(ft["displacement"], "mean"),
-                     f"top-{low['rank']} (lower bound)": _ci(ft["low_rank_displacement"]),
+                     top_k_name(report, ft): _ci(ft["low_rank_displacement"]),
                      "diagonal proxy": _ci(ft["diagonal_proxy"])}
         for kind, (value, lo, hi) in estimates.items():
             displacement.append({"finetune": name, "representation": kind,
@@ -140,16 +156,19 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     for name, ft in report["finetunes"].items():
         low, exact = ft["projection_low_rank"], ft["displacement"]
         top = ft["low_rank_displacement"]
+        own, kind = ft.get("representation_displacement", {}), representation_name(report)
         rows.append({
             "fine-tune": name, "‖Δθ‖": f"{ft['delta_norm']:.4g}",
             "Δθ'FΔθ (exact)": _section_ci(exact, "mean"),
             "predicted KL ½Δθ'FΔθ": _section_ci(exact, "mean", 0.5),
             "measured KL": _section_ci(ft["measured_kl"], "per_sequence"),
             "measured / predicted": _section_ci(ft["measured_over_predicted"]),
-            f"top-{low['rank']} Δθ'FΔθ (lower bound)": _section_ci(top),
+            top_k_name(report, ft): _section_ci(top),
             "top-k seed spread": "n/a (1 seed)" if top["seed_relative_spread"] is None else
                                  f"{100 * top['seed_relative_spread']:.1f}% "
                                  f"({len(top['seeds'])} seeds)",
+            f"{kind} Δθ'FΔθ": _fmt(own.get("value")),
+            f"{kind} / exact": _fmt(own.get("ratio")),
             f"energy in top-{low['rank']}": f"{low['captured_energy'][-1]:.2g}",
             "diagonal proxy ΣF_jj d_j²": _section_ci(ft["diagonal_proxy"]),
             "memorization": _section_ci(ft["memorization_ci"]),
@@ -206,8 +225,9 @@ def reading(report: dict[str, Any]) -> list[str]:
             f"{_section_ci(ft['displacement'], 'mean', 0.5)}; the measured KL is "
             f"{_section_ci(ft['measured_kl'], 'per_sequence')}, {ratio['value']:.2g} times the "
             f"prediction [{ratio['low']:.2g}, {ratio['high']:.2g}]; {path}. The top "
-            f"{ft['projection_low_rank']['rank']} Fisher directions hold "
-            f"{_pct(top['value'] / exact if exact else None)} of Δθ'FΔθ (a lower bound); the "
+            f"{ft['projection_low_rank']['rank']} {representation_name(report)} Fisher "
+            f"directions hold {_pct(top['value'] / exact if exact else None)} of Δθ'FΔθ "
+            f"({'a lower bound' if top['lower_bound'] else 'not a bound'}); the "
             f"diagonal proxy ΣF_jj d_j² is {diag['value'] / exact:.2g} times the exact value."
             if exact else f"{name}: the update has zero Fisher displacement.")
     risk = report.get("risk") or []
@@ -252,7 +272,7 @@ def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
 def report_entries() -> set[str]:
     """The names a report folder holds (everything else in it is the user's)."""
     return {"report.json", "report.html", "finetunes",
-            *(f"fisher_{kind}.{ext}" for kind in ("low_rank", "diagonal")
+            *(f"fisher_{kind}.{ext}" for kind in ("low_rank", "kfac", "diagonal")
               for ext in ("json", "safetensors")),
             *(f"{key}.png" for key in FIGURES)}
 

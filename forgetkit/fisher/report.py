@@ -27,6 +27,7 @@ from forgetkit.fisher.delta import delta as param_delta
 from forgetkit.fisher.diagonal import diagonal
 from forgetkit.fisher.exact import displacement
 from forgetkit.fisher.io import FisherMatrix
+from forgetkit.fisher.kfac import kfac, linear_layers
 from forgetkit.fisher.kl import kl_path, measured_kl
 from forgetkit.fisher.low_rank import low_rank
 from forgetkit.fisher.project import project
@@ -38,6 +39,7 @@ __all__ = ["REPORT_SECTIONS", "ReportConfig", "run_report", "spread_sample"]
 
 logger = logging.getLogger(__name__)
 
+REPRESENTATIONS = ("low_rank", "kfac", "diagonal")
 REPORT_SECTIONS = ("config", "base", "fisher", "finetunes", "comparisons", "risk", "warnings",
                    "timing")
 
@@ -53,14 +55,18 @@ class ReportConfig:
     records: str = field(default="kgfact", metadata=_help("injected records (name or file)"))
     probes: str | None = field(default=None, metadata=_help(
         "retention probes (name or file); default: 'toyworld' for toyworld, else 'general'"))
+    representation: str = field(default="low_rank", metadata=_help(
+        "the Fisher whose top-k directions, projections, captured energy and risk are reported: "
+        "low_rank | kfac (Kronecker-factored EK-FAC per linear layer, diagonal elsewhere) | "
+        "diagonal"))
     rank: int = field(default=16, metadata=_help("number of top Fisher directions"))
     low_rank_method: str = field(default="exact", metadata=_help(
         "top directions from: exact (Lanczos on exact Fisher-vector products, no label draws) | "
         "gram | randomized (per-example gradients at drawn labels)"))
     spread_seeds: int = field(default=4, metadata=_help(
-        "seeds (seed, seed+1, ...) the low-rank Fisher is computed with, to report the spread "
-        "of the top-k displacement across them (1: no spread; each exact low-rank Fisher costs "
-        "about 45 Fisher-vector products: lower it for large models)"))
+        "seeds (seed, seed+1, ...) the report's Fisher (--representation) is computed with, to "
+        "report the spread of the top-k displacement across them (1: no spread; each exact "
+        "low-rank Fisher costs about 45 Fisher-vector products: lower it for large models)"))
     kl_path: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0],
                                  metadata=_help("steps t of the measured KL(base || base + t Δθ)"))
     estimator: str = field(default="true", metadata=_help("Fisher estimator: true | empirical"))
@@ -84,8 +90,17 @@ class ReportConfig:
     seed: int = field(default=0, metadata=_help("seed of Fisher sampling and fine-tunes"))
     device: str | None = field(default=None, metadata=_help("cpu | cuda (default: cuda if any)"))
     dtype: str = field(default="float32", metadata=_help("model dtype: float32 | bfloat16"))
+    plan: bool = field(default=False, metadata=_help(
+        "print the predicted peak memory and passes over the probes of each representation for "
+        "--base (its config only), --params, --n_samples, --rank and the batch sizes, then exit "
+        "without loading weights"))
+    plan_seq_len: int = field(default=64, metadata=_help(
+        "typical probe length in tokens that --plan assumes"))
 
     def __post_init__(self):
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(f"--representation must be one of {', '.join(REPRESENTATIONS)}, "
+                             f"got {self.representation!r}")
         if self.rank < 1:
             raise ValueError(f"--rank must be >= 1, got {self.rank}")
         if self.low_rank_method not in ("exact", "gram", "randomized", "auto"):
@@ -102,6 +117,8 @@ class ReportConfig:
         if self.fisher_batch_size < 1 or self.exact_batch_size < 1:
             raise ValueError(f"--fisher_batch_size and --exact_batch_size must be >= 1, got "
                              f"{self.fisher_batch_size} and {self.exact_batch_size}")
+        if self.plan_seq_len < 1:
+            raise ValueError(f"--plan_seq_len must be >= 1, got {self.plan_seq_len}")
         if self.n_samples < 1:
             raise ValueError(f"--n-samples must be >= 1, got {self.n_samples}")
         if not 0.0 <= self.lam <= 1.0:
@@ -201,13 +218,34 @@ def _load_finetunes(base, paths: dict[str, str], config: ReportConfig):
     return finetunes, deltas
 
 
-def _low_rank(base, tokenizer, sample, config: ReportConfig, rank: int, seed: int
-              ) -> FisherMatrix:
+def _fisher(base, tokenizer, sample, config: ReportConfig, rank: int, seed: int,
+            deltas: dict[str, ParamDelta]) -> FisherMatrix:
+    """The report's Fisher (``config.representation``) of the base on ``sample``."""
+    common = dict(estimator=config.estimator, params=config.params, seed=seed)
+    sampled = dict(common, mc_samples=config.mc_samples, batch_size=config.fisher_batch_size)
     exact = config.low_rank_method == "exact"
-    return low_rank(base, tokenizer, sample, rank=rank, estimator=config.estimator,
-                    mc_samples=config.mc_samples, params=config.params, seed=seed,
-                    batch_size=config.exact_batch_size if exact else config.fisher_batch_size,
-                    method=config.low_rank_method)
+    constructors = {
+        "low_rank": lambda: low_rank(
+            base, tokenizer, sample, rank=rank, mc_samples=config.mc_samples,
+            batch_size=config.exact_batch_size if exact else config.fisher_batch_size,
+            method=config.low_rank_method, **common),
+        "kfac": lambda: kfac(base, tokenizer, sample, **sampled),
+        "diagonal": lambda: diagonal(base, tokenizer, sample, updates=deltas, **sampled),
+    }
+    return constructors[config.representation]()
+
+
+def check_representation(model: torch.nn.Module, config: ReportConfig) -> None:
+    """Before any work: the chosen representation can be built on ``model``'s parameters.
+
+    Raises:
+        ValueError: ``--representation kfac`` with ``--params`` selecting no linear layer.
+    """
+    if config.representation == "kfac" and not linear_layers(model, config.params):
+        raise ValueError(f"--representation kfac: --params {config.params!r} selects no linear "
+                         "layer (nn.Linear or Conv1D weight that is not tied to another module); "
+                         "choose --params matching one (e.g. 'mlp') or --representation "
+                         "low_rank | diagonal")
 
 
 def _projected(update: ParamDelta, fisher: FisherMatrix, k: int) -> ParamDelta:
@@ -218,6 +256,26 @@ def _projected(update: ParamDelta, fisher: FisherMatrix, k: int) -> ParamDelta:
 def _interval(values, seed: int) -> dict[str, float]:
     ci = mean_ci(values, seed=seed)
     return {"value": ci.value, "low": ci.low, "high": ci.high}
+
+
+def _top_displacement(update_values: np.ndarray, fishers: list[FisherMatrix], rank: int,
+                      spread: list[float], seed: int) -> dict[str, Any]:
+    """The exact d'Fd of the update projected onto the Fisher's k leading directions, named
+    for what it is: a lower bound of the exact d'Fd only when the directions are exact
+    eigenvectors of the exact Fisher (the low-rank Fisher by Lanczos)."""
+    fisher = fishers[0]
+    bound = fisher.kind == "low_rank" and fisher.details().get("method") == "exact"
+    where = f"the top-{rank} {fisher.kind} directions"
+    label = (f"exact d'Fd of the update projected onto {where} (exact eigenvectors): a lower "
+             "bound of the exact d'Fd" if bound else
+             f"exact d'Fd of the update projected onto {where}: not a bound of the exact d'Fd "
+             "(the directions are not eigenvectors of the exact Fisher)")
+    return {
+        **_interval(update_values, seed), "lower_bound": bound, "label": label,
+        "representation": fisher.kind,
+        "seeds": [f.provenance.seed for f in fishers], "seed_values": spread,
+        "seed_relative_spread": (max(spread) - min(spread)) / (sum(spread) / len(spread))
+        if len(spread) > 1 and sum(spread) > 0 else None}
 
 
 def _finetune_section(base, model, tokenizer, records, probes, sample, update: ParamDelta,
@@ -240,6 +298,7 @@ def _finetune_section(base, model, tokenizer, records, probes, sample, update: P
                          seed=seed)
     projections = [project(update, f, rank=rank) for f in fishers]
     spread = [p.top_displacement for p in projections]
+    approximation = fishers[0].quad_form(update)
     path_rows = []
     for t, measured in kl_path(base, update, tokenizer, sample, config.kl_path):
         ci = measured.interval(seed)
@@ -259,11 +318,11 @@ def _finetune_section(base, model, tokenizer, records, probes, sample, update: P
                                             seed=seed).to_dict(),
         "kl_path": path_rows,
         "projection_low_rank": projections[0].to_dict(),
-        "low_rank_displacement": {
-            **_interval(lower.per_probe, seed), "lower_bound": True,
-            "seeds": [f.provenance.seed for f in fishers], "seed_values": spread,
-            "seed_relative_spread": (max(spread) - min(spread)) / (sum(spread) / len(spread))
-            if len(spread) > 1 and sum(spread) > 0 else None},
+        "low_rank_displacement": _top_displacement(lower.per_probe, fishers, rank, spread, seed),
+        "representation_displacement": {
+            "representation": fishers[0].kind, "label": fishers[0].quad_form_label,
+            "value": approximation, "exact": exact.mean,
+            "ratio": approximation / exact.mean if exact.mean > 0 else None},
         "projection_diagonal": project(update, fisher_diag, rank=rank).to_dict(),
         "diagonal_proxy": _interval(proxy, seed),
         "scores": scores.to_dict(),
@@ -304,8 +363,13 @@ def run_report(config: ReportConfig, *, base=None, finetunes=None, records=None,
 
     The headline is the exact ``d' F d`` of each update (:func:`forgetkit.fisher.displacement`)
     and the predicted KL, half of it, beside the measured KL, each with a 95% bootstrap
-    interval over probes; the low-rank (top-k, a lower bound) and diagonal (a proxy) values are
-    reported beside them under those names.
+    interval over probes; the chosen representation's own ``quad_form`` (``--representation``:
+    low-rank, a lower bound; Kronecker-factored, an approximation; diagonal, a proxy) and its
+    ratio to the exact value, the exact d'Fd of the update projected onto its top-k directions
+    (a lower bound only for the exact low-rank eigenvectors) and the diagonal proxy are
+    reported beside them under those names. The sections ``projection_low_rank`` and
+    ``low_rank_displacement`` keep their names whatever the representation; each says which
+    one it holds.
 
     Args:
         config: the report's settings; its names label what is given as objects.
@@ -333,8 +397,7 @@ def run_report(config: ReportConfig, *, base=None, finetunes=None, records=None,
     from forgetkit.fisher.render import write_report
 
     fishers = report.pop("_fishers")
-    write_report(report, Path(config.out), {"fisher_low_rank": fishers[0].save,
-                                            "fisher_diagonal": fishers[1].save})
+    write_report(report, Path(config.out), {f"fisher_{f.kind}": f.save for f in fishers})
     return report
 
 
@@ -351,6 +414,7 @@ def _run_report(config: ReportConfig, base, finetunes, records, probes, progress
     if base is None:
         base = load_model(config.base, dtype=config.dtype, device=config.device)
     base, tokenizer = base
+    check_representation(base, config)
     given = config.finetune_paths() if finetunes is None else dict(finetunes)
     if records is not None and not given:
         raise ValueError("run_report: records given as objects need finetunes= too (the default "
@@ -375,16 +439,20 @@ def _run_report(config: ReportConfig, base, finetunes, records, probes, progress
         finetunes, deltas = _load_finetunes(base, paths, config)
         timing["finetune"] = time.time() - started - timing["load"]
     mark = time.time()
-    rank = min(config.rank, len(sample) * config.mc_samples)
+    rank = config.rank
+    if config.representation == "low_rank":
+        rank = min(rank, len(sample) * config.mc_samples)
     if rank < config.rank:
         logger.warning("--rank %d lowered to %d: the Fisher of %d probes x %d label draws has at "
                        "most that many nonzero eigenvalues", config.rank, rank, len(sample),
                        config.mc_samples)
-    fishers = [_low_rank(base, tokenizer, sample, config, rank, config.seed + offset)
+    fishers = [_fisher(base, tokenizer, sample, config, rank, config.seed + offset, deltas)
                for offset in range(config.spread_seeds)]
-    fisher_diag = diagonal(base, tokenizer, sample, estimator=config.estimator,
-                           mc_samples=config.mc_samples, params=config.params, seed=config.seed,
-                           batch_size=config.fisher_batch_size, updates=deltas)
+    rank = min(rank, fishers[0].rank)
+    fisher_diag = fishers[0] if config.representation == "diagonal" else diagonal(
+        base, tokenizer, sample, estimator=config.estimator, mc_samples=config.mc_samples,
+        params=config.params, seed=config.seed, batch_size=config.fisher_batch_size,
+        updates=deltas)
     timing["fisher"] = time.time() - mark
     mark = time.time()
     risk = forgetting_risk(base, tokenizer, records, fishers[0],
@@ -404,6 +472,7 @@ def _run_report(config: ReportConfig, base, finetunes, records, probes, progress
     timing["total"] = time.time() - started
     fisher_lr = fishers[0]
     details = fisher_lr.details()
+    fallback = details.get("fallback_reasons", {})
     return {
         "config": asdict(config),
         "base": {"model": config.base, "parameters": sum(p.numel() for p in base.parameters()),
@@ -411,8 +480,11 @@ def _run_report(config: ReportConfig, base, finetunes, records, probes, progress
                  "probes": len(probes), "fisher_samples": len(sample)},
         "fisher": {"eigenvalues": fisher_lr.top(rank).eigenvalues.tolist(), "rank": rank,
                    "requested_rank": config.rank,
-                   "representation": fisher_lr.kind, "details": details,
-                   "low_rank_method": details.get("method", config.low_rank_method),
+                   "representation": fisher_lr.kind, "label": fisher_lr.quad_form_label,
+                   "details": details, "fallback_reasons": fallback,
+                   "fallback_modules": sorted({n.rpartition(".")[0] or n for n in fallback}),
+                   "low_rank_method": details.get("method", config.low_rank_method)
+                   if fisher_lr.kind == "low_rank" else None,
                    "eigenvalues_by_seed": {str(f.provenance.seed):
                                            f.top(rank).eigenvalues.tolist() for f in fishers},
                    "residuals": list(details.get("residuals", [])),
@@ -424,5 +496,5 @@ def _run_report(config: ReportConfig, base, finetunes, records, probes, progress
         "comparisons": comparisons,
         "risk": risk,
         "timing": timing,
-        "_fishers": (fisher_lr, fisher_diag),
+        "_fishers": (fisher_lr,) if fisher_lr is fisher_diag else (fisher_lr, fisher_diag),
     }

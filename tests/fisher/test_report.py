@@ -255,3 +255,67 @@ def test_report_page_escapes_every_value(report_dir):
     assert page.count("<table") == 2 and page.count("<figure>") == len(FIGURES)
     report["risk"] = []
     assert "<p>none</p>" in render_html(report, images)
+
+
+def test_kfac_representation_through_the_interface(toyworld, tmp_path):
+    """--representation kfac: the projections, risk and labels come from the EK-FAC Fisher;
+    its top-k displacement is not called a lower bound; its own d'Fd is recorded beside the
+    exact one with their ratio; the page names the modules on the diagonal fallback."""
+    import copy
+
+    import torch
+
+    from forgetkit.data.records import load_probes, load_records
+    from forgetkit.fisher.render import summary_rows
+    from forgetkit.fisher.report import ReportConfig, run_report, spread_sample
+
+    base = toyworld[0]
+    finetuned = copy.deepcopy(base)
+    with torch.no_grad():
+        finetuned.model.layers[0].mlp.down_proj.weight.mul_(1.05)
+        finetuned.model.norm.weight.mul_(1.01)
+    out = tmp_path / "kfac"
+    config = ReportConfig(out=str(out), representation="kfac", rank=2, n_samples=8,
+                          params="mlp|norm", device="cpu", spread_seeds=1, kl_path=[1.0])
+    report = run_report(config, base=toyworld, finetunes={"ft": finetuned},
+                        records=load_records("kgfact")[:3],
+                        probes=spread_sample(load_probes("toyworld"), 8), progress=False)
+    fisher = report["fisher"]
+    assert fisher["representation"] == "kfac" and "EK-FAC" in fisher["label"]
+    assert fisher["low_rank_method"] is None
+    # the norms are no linear layer: on the diagonal, and the report says so
+    assert fisher["fallback_reasons"] and all("norm" in n for n in fisher["fallback_reasons"])
+    assert "model.norm" in fisher["fallback_modules"]
+    ft = report["finetunes"]["ft"]
+    assert ft["projection_low_rank"]["kind"] == "kfac"
+    assert "EK-FAC" in ft["projection_low_rank"]["label"]
+    top = ft["low_rank_displacement"]
+    assert top["lower_bound"] is False and "not a bound" in top["label"]
+    assert top["representation"] == "kfac"
+    own = ft["representation_displacement"]
+    exact = ft["displacement"]["mean"]
+    assert own["exact"] == exact > 0 and own["value"] > 0
+    assert own["value"] == pytest.approx(ft["projection_low_rank"]["fisher_displacement"])
+    assert own["ratio"] == pytest.approx(own["value"] / exact)
+    (row,) = summary_rows(report)
+    assert "top-2 Δθ'FΔθ (lower bound)" not in row
+    assert "Δθ'FΔθ of Δθ projected on top-2 kfac directions" in row
+    assert row["K-FAC / exact"] == f"{own['ratio']:.3g}"
+    page = (out / "report.html").read_text()
+    assert "diagonal fallback" in page and "<code>model.norm</code>" in page
+    assert (out / "fisher_kfac.safetensors").exists() and (out / "fisher_diagonal.json").exists()
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["finetunes"]["ft"]["representation_displacement"]["ratio"] == own["ratio"]
+
+
+def test_kfac_without_a_linear_layer_is_refused_before_work(toyworld, tmp_path):
+    from forgetkit.fisher.report import ReportConfig, run_report
+
+    config = ReportConfig(out=str(tmp_path / "out"), representation="kfac", params="norm",
+                          device="cpu")
+    with pytest.raises(ValueError, match=r"--representation kfac: --params 'norm' selects no "
+                                         r"linear layer"):
+        run_report(config, base=toyworld, finetunes={"ft": "/nonexistent"})
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit, match=r"error: .*--representation must be one of"):
+        main(["--representation", "dense"])

@@ -1,0 +1,323 @@
+"""How much memory each Fisher representation needs, predicted from a model's config alone.
+
+:func:`memory_plan` builds the model on the meta device (no weights, no memory), selects the
+parameters as the estimators do (:func:`~forgetkit.fisher.pergrad.select_parameters`, the
+layers :func:`~forgetkit.fisher.kfac.kfac` would factor) and predicts, for each
+representation, the peak bytes *above the loaded model* and the passes over the probes. The
+terms follow what the implementations allocate (P = selected parameters, N = probes, B =
+``fisher_batch_size``, E = ``exact_batch_size``, k = rank, l = k + oversample, s = bytes per
+model entry, 4 = float32 accumulation):
+
+- ``diagonal``: one batch of per-example gradients (B·P·s, squared in place; outside float32
+  one parameter's float32 copy), the running mean and variance (2·P·4), activations of B
+  examples;
+- ``gram``: every per-example gradient, N·P·4, held twice while the blocks are concatenated,
+  plus one batch of them, the k directions and activations of B examples;
+- ``randomized``: the sketch, 6·P·l bytes (Ω in bfloat16, Y and Q in float32, one more P x l
+  product; :mod:`forgetkit.fisher.low_rank`), plus one gradient batch, the k directions and
+  activations;
+- ``exact`` (Lanczos on exact Fisher-vector products): scipy's ``eigsh`` keeps
+  ncv = max(2k + 1, 20) float64 Lanczos vectors (ncv·P·8), each product adds its float64
+  result, input and flat copies (4·P·8) and the tangents (P·s); activations of E examples
+  for the forward-mode product and the backward pass; the k directions at the end;
+- ``kfac``: per factored layer the two covariances, their float64 eigendecompositions and the
+  (out, in) eigenvalue matrices (2·out·in·4); during the correction pass the rotated inputs of
+  every layer (B·T·in·4 each, held until the backward pass reaches the layer) and one layer's
+  per-example (B, out, in) products; activations of B examples; the diagonal fallback's
+  per-example gradients for the parameters it keeps;
+- ``displacement`` (the exact d'Fd of one update): the update as tangents (P·s) and the
+  forward-mode product over E examples (primal and tangent activations of one layer at a
+  time and the logits: no graph is kept).
+
+Activations of b examples of T tokens with a graph (per decoder layer and token: ten hidden
+vectors, q/k/v, four intermediate vectors, one attention row per head; the logits three
+times) are ``b·T·s·(L·(10·h + 2·kv + 4·i + heads·T) + 3·V)``. The model is a budget, not a
+measurement: experiments/bench_plan.py compares it with the measured peak.
+
+Example:
+    >>> from transformers import LlamaConfig
+    >>> plan = memory_plan(LlamaConfig(hidden_size=64, intermediate_size=128,
+    ...                                num_hidden_layers=2, num_attention_heads=4,
+    ...                                vocab_size=100), n_samples=64)
+    >>> plan.row("gram").peak_bytes > plan.row("diagonal").peak_bytes
+    True
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from forgetkit.fisher.pergrad import FisherError, select_parameters
+
+__all__ = ["PLAN_REPRESENTATIONS", "MemoryPlan", "PlanRow", "llama_config", "memory_plan",
+           "model_config", "smollm2_config"]
+
+PLAN_REPRESENTATIONS = ("diagonal", "gram", "randomized", "exact", "kfac", "displacement")
+F32, F64 = 4, 8
+
+
+def llama_config(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+                 vocab: int, tied: bool, name: str):
+    """A :class:`transformers.LlamaConfig` of these sizes (no weights anywhere)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, vocab_size=vocab,
+                         tie_word_embeddings=tied)
+    config._name_or_path = name
+    return config
+
+
+def smollm2_config():
+    """SmolLM2-135M's sizes (hidden 576, intermediate 1536, 30 layers, 9 heads, 3 kv heads,
+    vocabulary 49152, tied embeddings)."""
+    return llama_config(576, 1536, 30, 9, 3, 49152, True, "smollm2-135m")
+
+
+REFERENCE_CONFIGS = {
+    "smollm2-135m": smollm2_config,
+    "llama-3.2-1b": lambda: llama_config(2048, 8192, 16, 32, 8, 128256, True, "llama-3.2-1b"),
+    "llama-3-8b": lambda: llama_config(4096, 14336, 32, 32, 8, 128256, False, "llama-3-8b"),
+}
+"""Configs (sizes only) of models the README's plan table covers."""
+
+
+def model_config(name_or_path: str | os.PathLike):
+    """The transformers config of a model name or folder, without reading any weights.
+
+    ``"toyworld"``: the packaged config; ``"smollm2-135m"``, ``"llama-3.2-1b"``,
+    ``"llama-3-8b"``: their sizes (:data:`REFERENCE_CONFIGS`); a folder with ``config.json``
+    (weights need not be there); a hub id whose config is in the local cache.
+
+    Raises:
+        FisherError: nothing with a config under that name.
+    """
+    from transformers import AutoConfig
+
+    name = str(name_or_path)
+    if name == "toyworld":
+        from forgetkit.models.toyworld import ensure_toyworld
+
+        config = AutoConfig.from_pretrained(ensure_toyworld())
+        config._name_or_path = "toyworld"
+        return config
+    if name in REFERENCE_CONFIGS:
+        return REFERENCE_CONFIGS[name]()
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(path)
+    if path.exists():
+        raise FisherError(f"--plan needs a model config: {path} is not a folder with config.json "
+                          "(a .gguf file or a PEFT adapter folder has none to read)")
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise FisherError(f"--plan: no config for {name!r}: not a built-in name (toyworld, "
+                          f"{', '.join(REFERENCE_CONFIGS)}), a folder with config.json, or a hub "
+                          "id whose config is in the local cache") from err
+
+
+def meta_model(config) -> nn.Module:
+    """The causal LM of ``config`` on the meta device: shapes and modules, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One representation's predicted cost."""
+
+    representation: str
+    peak_bytes: int
+    passes: int
+    terms: dict[str, int] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    """:func:`memory_plan`'s prediction, JSON-ready via :meth:`to_dict`."""
+
+    model: str
+    parameters: int
+    selected: int
+    weights_bytes: int
+    factored_layers: int
+    fallback_parameters: int
+    settings: dict[str, Any]
+    rows: list[PlanRow]
+
+    def row(self, representation: str) -> PlanRow:
+        for row in self.rows:
+            if row.representation == representation:
+                return row
+        raise KeyError(representation)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_text(self) -> str:
+        """The table ``python -m forgetkit.fisher --plan`` prints."""
+        s = self.settings
+        lines = [f"{self.model}: {self.parameters:,} parameters ({_gib(self.weights_bytes)} of "
+                 f"weights in {s['dtype']}), {self.selected:,} selected by --params "
+                 f"{s['params']!r}; {self.factored_layers} linear layers factored by kfac, "
+                 f"{self.fallback_parameters:,} parameters on its diagonal fallback",
+                 f"N={s['n_samples']} probes of ~{s['seq_len']} tokens, rank {s['rank']}, "
+                 f"batches {s['fisher_batch_size']} (per-example gradients, kfac) and "
+                 f"{s['exact_batch_size']} (exact products)",
+                 "", f"{'representation':<14} {'peak above the model':>22} {'passes':>7}  note"]
+        for row in self.rows:
+            lines.append(f"{row.representation:<14} {_gib(row.peak_bytes):>22} "
+                         f"{row.passes:>7}  {row.note}")
+        return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _activation_bytes(config, batch: int, seq_len: int, itemsize: int,
+                      layers: int | None = None) -> int:
+    """Activations kept for the backward pass of ``batch`` examples of ``seq_len`` tokens
+    (``layers=1``: without a graph, only one layer's are alive at a time)."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * (hidden // heads)
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    layers = config.num_hidden_layers if layers is None else layers
+    per_token = layers * (10 * hidden + 2 * kv + 4 * intermediate + heads * seq_len) \
+        + 3 * config.vocab_size
+    return batch * seq_len * itemsize * per_token
+
+
+def _layer_shapes(model: nn.Module, chosen: dict[str, torch.Tensor]
+                  ) -> tuple[list[tuple[int, int]], int]:
+    """(out, in') of each layer kfac factors and the number of fallback parameters."""
+    from forgetkit.fisher.kfac import _plan_layers
+
+    layers, reasons = _plan_layers(model, chosen, 16384)
+    shapes = []
+    for layer in layers.values():
+        weight = layer.module.weight
+        out, inputs = weight.shape[::-1] if layer.transposed else weight.shape
+        shapes.append((int(out), int(inputs) + (layer.bias is not None)))
+    return shapes, sum(chosen[name].numel() for name in reasons)
+
+
+def memory_plan(config_or_model, *, params: str | Sequence[str] | None = None,
+                n_samples: int = 128, seq_len: int = 64, fisher_batch_size: int = 8,
+                exact_batch_size: int = 32, rank: int = 16, dtype: torch.dtype = torch.float32,
+                mc_samples: int = 1, oversample: int = 10, power_iterations: int = 2
+                ) -> MemoryPlan:
+    """Predict each representation's peak memory above the loaded model and its passes.
+
+    Args:
+        config_or_model: a transformers config (the model is built on the meta device) or a
+            model (only its modules and parameter shapes are read).
+        params: the parameter selection, as for :func:`forgetkit.fisher.diagonal`.
+        n_samples: N probes.
+        seq_len: the (padded) length of a probe batch in tokens; the peak comes from the
+            batch of the longest probes, so their length predicts it best.
+        fisher_batch_size: examples per per-example-gradient batch (and per kfac pass).
+        exact_batch_size: probes per exact Fisher-vector product.
+        rank: k top directions.
+        dtype: the model's dtype (accumulation is float32).
+        mc_samples, oversample, power_iterations: as for :func:`forgetkit.fisher.low_rank`.
+
+    Returns:
+        A :class:`MemoryPlan`, rows in :data:`PLAN_REPRESENTATIONS` order.
+
+    Raises:
+        FisherError: a non-positive size, a pattern that selects nothing.
+    """
+    for name, value in (("n_samples", n_samples), ("seq_len", seq_len), ("rank", rank),
+                        ("fisher_batch_size", fisher_batch_size),
+                        ("exact_batch_size", exact_batch_size), ("mc_samples", mc_samples)):
+        if value < 1:
+            raise FisherError(f"{name} must be >= 1, got {value}")
+    if isinstance(config_or_model, nn.Module):
+        model, config = config_or_model, config_or_model.config
+    else:
+        config, model = config_or_model, meta_model(config_or_model)
+    chosen = select_parameters(model, params)
+    size = sum(p.numel() for p in chosen.values())
+    total = sum(p.numel() for p in model.parameters())
+    s = torch.empty((), dtype=dtype, device="meta").element_size()
+    n_rows = n_samples * mc_samples
+    batch = min(fisher_batch_size, n_samples)
+    grads = batch * mc_samples * size
+    act = _activation_bytes(config, batch * mc_samples, seq_len, s)
+    act_exact = _activation_bytes(config, min(exact_batch_size, n_samples), seq_len, s)
+    act_layer = _activation_bytes(config, min(exact_batch_size, n_samples), seq_len, s, 1)
+    sketch = min(rank + oversample, size)
+    ncv = min(size, max(2 * rank + 1, 20))
+    largest = max(p.numel() for p in chosen.values())
+    cast = 0 if s == F32 else batch * mc_samples * largest * F32  # one tensor's float32 copy
+    shapes, fallback = _layer_shapes(model, chosen)
+    rows = [
+        PlanRow("diagonal", grads * s + cast + 2 * size * F32 + act, 1,
+                {"gradients": grads * s + cast, "moments": 2 * size * F32,
+                 "activations": act}, "per-example gradients of one batch"),
+        PlanRow("gram", 2 * n_rows * size * F32 + grads * (s + F32) + rank * size * F32 + act,
+                1, {"gradient_matrix": 2 * n_rows * size * F32, "gradients": grads * (s + F32),
+                    "directions": rank * size * F32, "activations": act},
+                f"the N x P gradient matrix ({_gib(n_rows * size * F32)})"),
+        PlanRow("randomized", 6 * size * sketch + grads * (s + F32) + rank * size * F32 + act,
+                2 + power_iterations,
+                {"sketch": 6 * size * sketch, "gradients": grads * (s + F32),
+                 "directions": rank * size * F32, "activations": act},
+                f"the P x {sketch} sketch"),
+        PlanRow("exact", (ncv + 4) * size * F64 + size * s + rank * size * F64 + 2 * act_exact,
+                ncv + rank,
+                {"lanczos_vectors": ncv * size * F64, "products": 4 * size * F64 + size * s,
+                 "directions": rank * size * F64, "activations": 2 * act_exact},
+                f"{ncv} Lanczos vectors; passes are Fisher-vector products (approximate)"),
+        _kfac_row(shapes, fallback, batch * mc_samples, seq_len, s, act),
+        PlanRow("displacement", size * s + 2 * act_layer, 1,
+                {"tangents": size * s, "activations": 2 * act_layer},
+                "exact d'Fd of one update (one pass per update)"),
+    ]
+    settings = {"params": params, "n_samples": n_samples, "seq_len": seq_len,
+                "fisher_batch_size": fisher_batch_size, "exact_batch_size": exact_batch_size,
+                "rank": rank, "dtype": str(dtype).removeprefix("torch."),
+                "mc_samples": mc_samples, "oversample": oversample,
+                "power_iterations": power_iterations}
+    return MemoryPlan(model=str(getattr(config, "_name_or_path", "") or config.model_type),
+                      parameters=total, selected=size, weights_bytes=total * s,
+                      factored_layers=len(shapes), fallback_parameters=fallback,
+                      settings=settings, rows=rows)
+
+
+def _kfac_row(shapes: list[tuple[int, int]], fallback: int, batch: int, seq_len: int, s: int,
+              act: int) -> PlanRow:
+    """kfac: factors and eigenbases (float32 kept, float64 during eigh), the eigenvalue
+    matrices, the correction pass's rotated inputs and one layer's per-example products, and
+    the diagonal fallback's per-example gradients."""
+    # covariances and eigenvectors kept for every layer; one layer's float64 eigh at a time
+    factors = sum(2 * (o * o + i * i) * F32 for o, i in shapes) + \
+        max((3 * max(o, i) ** 2 * F64 for o, i in shapes), default=0)
+    eigenvalues = sum(2 * o * i * F32 for o, i in shapes)
+    rotated = sum(batch * seq_len * i * F32 for _, i in shapes)
+    per_example = max((2 * batch * o * i * F32 for o, i in shapes), default=0)
+    fallback_bytes = batch * fallback * (s + 2 * F32) + 2 * fallback * F32
+    passes = 2 + (fallback > 0)
+    terms = {"factors": factors, "eigenvalues": eigenvalues, "rotated_inputs": rotated,
+             "per_example_products": per_example, "fallback": fallback_bytes,
+             "activations": act}
+    note = f"{len(shapes)} layers factored; {fallback:,} parameters on the diagonal fallback"
+    peak = factors + eigenvalues + max(rotated + per_example + act, fallback_bytes + act)
+    return PlanRow("kfac", int(peak), passes, terms, note)
+

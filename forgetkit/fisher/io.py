@@ -242,6 +242,13 @@ class FisherMatrix(ABC):
         lower bound (low-rank truncation), an approximation (Kronecker-factored) or a proxy
         (diagonal)."""
 
+    @property
+    def exact_eigendirections(self) -> bool:
+        """Whether :meth:`top` gives eigenvectors of the exact Fisher (not of an estimate or an
+        approximation of it): only then is the quadratic form of an update projected onto them
+        a lower bound of the update's own."""
+        return False
+
     def details(self) -> dict[str, Any]:
         """The representation's own settings, JSON-ready (e.g. how the low-rank directions
         were found, which parameters a Kronecker-factored Fisher keeps on the diagonal).

@@ -328,6 +328,10 @@ class LowRankFisher(FisherMatrix):
     def quad_form_label(self) -> str:
         return f"top-{self.rank} truncation: a lower bound of d'Fd"
 
+    @property
+    def exact_eigendirections(self) -> bool:
+        return self.method == "exact"  # Lanczos on exact products; the others: of an estimate
+
     def details(self) -> dict[str, Any]:
         return self._extra()
 

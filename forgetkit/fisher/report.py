@@ -264,7 +264,7 @@ def _top_displacement(update_values: np.ndarray, fishers: list[FisherMatrix], ra
     for what it is: a lower bound of the exact d'Fd only when the directions are exact
     eigenvectors of the exact Fisher (the low-rank Fisher by Lanczos)."""
     fisher = fishers[0]
-    bound = fisher.kind == "low_rank" and fisher.details().get("method") == "exact"
+    bound = fisher.exact_eigendirections
     where = f"the top-{rank} {fisher.kind} directions"
     label = (f"exact d'Fd of the update projected onto {where} (exact eigenvectors): a lower "
              "bound of the exact d'Fd" if bound else
@@ -483,8 +483,7 @@ def _run_report(config: ReportConfig, base, finetunes, records, probes, progress
                    "representation": fisher_lr.kind, "label": fisher_lr.quad_form_label,
                    "details": details, "fallback_reasons": fallback,
                    "fallback_modules": sorted({n.rpartition(".")[0] or n for n in fallback}),
-                   "low_rank_method": details.get("method", config.low_rank_method)
-                   if fisher_lr.kind == "low_rank" else None,
+                   "low_rank_method": details.get("method"),
                    "eigenvalues_by_seed": {str(f.provenance.seed):
                                            f.top(rank).eigenvalues.tolist() for f in fishers},
                    "residuals": list(details.get("residuals", [])),

@@ -3,6 +3,7 @@ checked reader, and that TRL's SFTTrainer trains on forgetkit's own MixSD tokens
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -87,7 +88,9 @@ def test_sft_trainer_tokenizes_rows_into_forgetkits_mixsd_examples(toyworld, tar
 
     model, tokenizer = toyworld
     args = trl.SFTConfig(output_dir=str(tmp_path), report_to=[], max_steps=1, use_cpu=True)
-    trainer = trl.SFTTrainer(model=model, args=args, processing_class=tokenizer,
+    # a copy: the trainer rebinds the model's forward (mixed precision), which would leak into
+    # every later test sharing the session's toyworld
+    trainer = trl.SFTTrainer(model=copy.deepcopy(model), args=args, processing_class=tokenizer,
                              train_dataset=to_trl_dataset(targets, few_records))
     processed = trainer.train_dataset
     expected = mixsd_examples(tokenizer, few_records, targets)

@@ -106,3 +106,27 @@ def test_bad_data(tokens):
         plots.nll_by_position(tokens.iloc[:0], new_ax())
     with pytest.raises(ValueError, match="width"):
         plots.token_heat_strip(tokens[tokens.item == "r0"], new_ax(), width=0)
+
+
+def test_fisher_figures_take_more_fine_tunes_than_the_palette_has_colors():
+    """One color per fine-tune however many there are (a study diagnoses dozens)."""
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from forgetkit.fisher import plots as fisher_plots
+
+    names = [f"run {i}" for i in range(14)]
+    kl = pd.DataFrame([{"finetune": n, "representation": "exact", "predicted_kl": 1.0 + i,
+                        "predicted_low": 0.5 + i, "predicted_high": 1.5 + i,
+                        "measured_kl": 2.0 + i, "measured_low": 1.0 + i,
+                        "measured_high": 3.0 + i} for i, n in enumerate(names)])
+    ax = fisher_plots.predicted_vs_measured_kl(kl, Figure().subplots())
+    from matplotlib.colors import to_hex
+
+    colors = {c.get_label(): to_hex(c.lines[0].get_color()) for c in ax.containers}
+    assert set(colors) == {f"{n}: exact" for n in names}
+    assert len(set(colors.values())) == len(names)
+    path = pd.DataFrame([{"finetune": n, "t": t, "measured_kl": t, "low": t / 2, "high": 2 * t,
+                          "predicted_kl": t, "predicted_low": t / 2, "predicted_high": 2 * t}
+                         for n in names for t in (0.5, 1.0)])
+    fisher_plots.kl_along_path(path, Figure().subplots())

@@ -25,6 +25,15 @@ def _errors(frame: pd.DataFrame, value: str, low: str, high: str) -> np.ndarray:
     return np.vstack([lower.to_numpy(), upper.to_numpy()])
 
 
+def _palette(names: pd.Series) -> dict:
+    """One color per distinct name: the default palette up to its 10 colors, evenly spaced hues
+    beyond."""
+    names = list(dict.fromkeys(names))
+    colors = sns.color_palette(n_colors=len(names)) if len(names) <= 10 \
+        else sns.color_palette("husl", len(names))
+    return dict(zip(names, colors, strict=True))
+
+
 def fisher_spectrum(spectrum: pd.DataFrame, ax: Axes) -> Axes:
     """Top eigenvalues of the probe Fisher (columns ``j``, ``eigenvalue``), log scale."""
     _require(spectrum, ["j", "eigenvalue"], "fisher_spectrum")
@@ -92,7 +101,7 @@ def predicted_vs_measured_kl(kl: pd.DataFrame, ax: Axes) -> Axes:
                   "predicted_high", "measured_kl", "measured_low", "measured_high"],
              "predicted_vs_measured_kl")
     markers = dict(zip(dict.fromkeys(kl["representation"]), "osD^v", strict=False))
-    palette = dict(zip(dict.fromkeys(kl["finetune"]), sns.color_palette(), strict=False))
+    palette = _palette(kl["finetune"])
     for (name, kind), rows in kl.groupby(["finetune", "representation"], sort=False):
         ax.errorbar(rows["measured_kl"], rows["predicted_kl"],
                     xerr=_errors(rows, "measured_kl", "measured_low", "measured_high"),
@@ -117,7 +126,7 @@ def kl_along_path(path: pd.DataFrame, ax: Axes) -> Axes:
     ``predicted_kl``, ``predicted_low``, ``predicted_high``), log-log."""
     _require(path, ["finetune", "t", "measured_kl", "low", "high", "predicted_kl",
                     "predicted_low", "predicted_high"], "kl_along_path")
-    palette = dict(zip(dict.fromkeys(path["finetune"]), sns.color_palette(), strict=False))
+    palette = _palette(path["finetune"])
     for name, rows in path.groupby("finetune", sort=False):
         color = palette[name]
         ax.plot(rows["t"], rows["measured_kl"], marker="o", color=color,

@@ -219,7 +219,7 @@ def test_kill_during_report_writing_leaves_the_old_report_or_the_new(report_dir,
 
     old = tmp_path / "report"
     # the rewrite below has no Fisher files to attach: the old report has none either
-    shutil.copytree(report_dir, old, ignore=shutil.ignore_patterns("finetunes", "fisher_*"))
+    shutil.copytree(report_dir, old, ignore=shutil.ignore_patterns("finetunes", "fisher_*.json", "fisher_*.safetensors"))
     before = {p.name: p.read_bytes() for p in old.iterdir()}
     done = subprocess.run([sys.executable, "-c", _KILLED_WRITE, str(report_dir / "report.json"),
                            str(old), str(kill_at)], capture_output=True, text=True, timeout=600)

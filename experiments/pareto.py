@@ -48,10 +48,9 @@ from forgetkit.diagnostics.evaluation import (
     INJECTED_CAPABILITIES,
     Prediction,
     Scores,
-    accuracy_interval,
     evaluate,
     retention,
-    retention_interval,
+    score_intervals,
 )
 from forgetkit.files import (
     atomic_directory,
@@ -474,20 +473,12 @@ def capability_columns(table) -> list[str]:
 
 def _bounds(intervals: dict[str, Any]) -> dict[str, float | None]:
     """``memorization_low``/``_high`` and ``retention_low``/``_high`` from the trainer's (or
-    :func:`score_intervals`') 95% bootstrap intervals."""
+    :func:`~forgetkit.diagnostics.evaluation.score_intervals`') 95% bootstrap intervals."""
     out = {}
     for name in ("memorization", "retention"):
         found = intervals.get(name) or {}
         out[f"{name}_low"], out[f"{name}_high"] = found.get("low"), found.get("high")
     return out
-
-
-def score_intervals(base: Scores, scores: Scores, seed: int) -> dict[str, Any]:
-    """95% bootstrap intervals over items: memorization (over records) and overall retention
-    (over probes, paired with the base)."""
-    found = {"memorization": accuracy_interval(scores, "memorization", seed=seed),
-             "retention": retention_interval(base, scores, seed=seed)}
-    return {k: None if v is None else v.to_dict() for k, v in found.items()}
 
 
 # --- rescoring on more probes ---------------------------------------------------------------------

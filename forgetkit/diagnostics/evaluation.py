@@ -51,7 +51,8 @@ from forgetkit.models import collate, encode, eval_mode, greedy_generate
 from forgetkit.stats import Interval, mean_ci
 
 __all__ = ["BUCKETS", "INJECTED_CAPABILITIES", "Prediction", "Retention", "Scores",
-           "accuracy_interval", "error_bucket", "evaluate", "retention", "retention_interval"]
+           "accuracy_interval", "error_bucket", "evaluate", "retention", "retention_interval",
+           "score_intervals"]
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +227,15 @@ def retention_interval(base_scores: Scores, scores: Scores, seed: int = 0,
 
 
 # --- error buckets ------------------------------------------------------------------------------
+
+
+def score_intervals(base_scores: Scores, scores: Scores, seed: int = 0) -> dict[str, Any]:
+    """95% bootstrap intervals of memorization (over records, :func:`accuracy_interval`) and
+    overall retention (over probes, paired with the base, :func:`retention_interval`), as
+    JSON-ready dicts (``None`` where undefined)."""
+    found = {"memorization": accuracy_interval(scores, "memorization", seed=seed),
+             "retention": retention_interval(base_scores, scores, seed=seed)}
+    return {k: None if v is None else v.to_dict() for k, v in found.items()}
 
 def _is_degenerate(words: list[str], max_ngram: int = 6, copies: int = 3) -> bool:
     for n in range(1, max_ngram + 1):

@@ -52,9 +52,8 @@ from forgetkit.data.records import Probe, Record
 from forgetkit.diagnostics.evaluation import (
     Retention,
     Scores,
-    accuracy_interval,
     retention,
-    retention_interval,
+    score_intervals,
 )
 from forgetkit.files import atomic_write_json, check_writable, read_jsonl
 from forgetkit.mixsd import MixConfig
@@ -182,19 +181,12 @@ def train(config: TrainConfig, *, model=None, tokenizer=None,
         result.scores = trainer.final_scores()
         if result.base_scores is not None and result.scores is not None:
             result.retention = retention(result.base_scores, result.scores)
-            result.extra["intervals"] = _intervals(result.base_scores, result.scores,
+            result.extra["intervals"] = score_intervals(result.base_scores, result.scores,
                                                    config.seed)
     if accelerator.is_main_process:
         atomic_write_json(output_dir / "results.json", result.to_dict())
     release_accelerator(accelerator)
     return result
-
-
-def _intervals(base_scores: Scores, scores: Scores, seed: int) -> dict[str, Any]:
-    """95% bootstrap intervals over items of memorization and overall retention."""
-    found = {"memorization": accuracy_interval(scores, "memorization", seed=seed),
-             "retention": retention_interval(base_scores, scores, seed=seed)}
-    return {k: None if v is None else v.to_dict() for k, v in found.items()}
 
 
 def _percent(value: float | None) -> str:

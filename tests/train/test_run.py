@@ -20,6 +20,7 @@ from forgetkit.models import encode, load_model
 from forgetkit.train import OutputDirError, TrainConfig, train
 from forgetkit.train.checkpoint import input_fingerprints, same_config, saved_inputs
 from forgetkit.train.methods import OPSD, frozen_teacher, opsd_examples
+from tests.processes import TORCHRUN
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -184,7 +185,7 @@ def test_objects_train_like_names_and_guard_their_run_folder(tiny, tmp_path):
 
 
 LAUNCHERS = {
-    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "torchrun": TORCHRUN,
     "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "--main_process_port", "0"],

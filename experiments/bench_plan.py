@@ -7,8 +7,13 @@ bench_displacement.py does) and runs it on N probes; the peak above the loaded f
 compared with :func:`forgetkit.fisher.plan.memory_plan`'s prediction for the same settings
 (``seq_len`` = the longest probe, whose batch sets the activations' peak).
 
+Each worker also records the wall time of the measured run. Rows of representations not run
+this time are kept from an earlier results file of the same model and settings.
+
 Usage:
     python experiments/bench_plan.py --model toyworld --n 64
+    python experiments/bench_plan.py --model smollm2-135m --n 128 --threads 2 \
+        --representations kfac displacement diagonal
 Results go to experiments/results/bench_plan_<model>.json.
 """
 
@@ -21,6 +26,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,8 +84,10 @@ def worker(kind: str, model_name: str, n: int) -> dict:
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
     loaded = _status("VmRSS")
+    start = time.perf_counter()
     _run(kind, model, tokenizer, probes, update)
-    return {"kind": kind, "loaded_bytes": loaded, "extra_bytes": _status("VmHWM") - loaded}
+    return {"kind": kind, "loaded_bytes": loaded, "extra_bytes": _status("VmHWM") - loaded,
+            "seconds": time.perf_counter() - start}
 
 
 @command_line
@@ -87,37 +95,49 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="toyworld")
     parser.add_argument("--n", type=int, default=64, help="probes")
+    parser.add_argument("--representations", nargs="+", choices=PLAN_REPRESENTATIONS,
+                        default=list(PLAN_REPRESENTATIONS), help="the ones to measure")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--worker", choices=PLAN_REPRESENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(worker(args.worker, args.model, args.n)))
         return
     model, tokenizer, probes, _ = _setup(args.model, args.n)
-    longest = max(len(encode(tokenizer, p.prompt, p.answer).input_ids) for p in probes)
+    encodings = [encode(tokenizer, p.prompt, p.answer) for p in probes]
+    longest = max(len(e.input_ids) for e in encodings)
     plan = memory_plan(model, n_samples=len(probes), seq_len=longest,
+                       answer_len=max(len(e.completion_ids) for e in encodings),
                        fisher_batch_size=FISHER_BATCH, exact_batch_size=EXACT_BATCH,
                        rank=min(RANK, len(probes) - 1))
+    path = RESULTS / f"bench_plan_{args.model}.json"
+    settings = {"model": args.model, "parameters": plan.parameters, "probes": len(probes),
+                "seq_len": longest, "rank": plan.settings["rank"],
+                "fisher_batch_size": FISHER_BATCH, "exact_batch_size": EXACT_BATCH,
+                "threads": args.threads}
     rows = {}
-    for kind in PLAN_REPRESENTATIONS:
+    if path.is_file():
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        if all(earlier.get(k) == v for k, v in settings.items()):
+            rows = earlier["rows"]
+    for kind in args.representations:
         out = subprocess.run([sys.executable, __file__, "--worker", kind, "--model", args.model,
-                              "--n", str(args.n)], check=True, capture_output=True, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              "--n", str(args.n), "--threads", str(args.threads)], check=True,
+                             capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         measured = json.loads(out.stdout.strip().splitlines()[-1])
         predicted = plan.row(kind).peak_bytes
         rows[kind] = {"measured_bytes": measured["extra_bytes"], "predicted_bytes": predicted,
                       "measured_over_predicted": measured["extra_bytes"] / predicted,
-                      "loaded_bytes": measured["loaded_bytes"],
+                      "loaded_bytes": measured["loaded_bytes"], "seconds": measured["seconds"],
                       "predicted_terms": plan.row(kind).terms}
         print(f"{kind:<13} measured {measured['extra_bytes'] / 2**20:8.1f} MiB, predicted "
-              f"{predicted / 2**20:8.1f} MiB: ratio {rows[kind]['measured_over_predicted']:.2f}",
-              flush=True)
-    atomic_write_json(RESULTS / f"bench_plan_{args.model}.json", {
-        "model": args.model, "parameters": plan.parameters, "probes": len(probes),
-        "seq_len": longest, "rank": plan.settings["rank"], "fisher_batch_size": FISHER_BATCH,
-        "exact_batch_size": EXACT_BATCH, "threads": 1,
-        "machine": platform.processor() or platform.machine(), "rows": rows})
+              f"{predicted / 2**20:8.1f} MiB: ratio {rows[kind]['measured_over_predicted']:.2f}"
+              f" ({measured['seconds']:.1f} s)", flush=True)
+        atomic_write_json(path, {**settings, "machine": platform.processor() or
+                                 platform.machine(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -183,6 +183,11 @@ CASES = [
     (FISHER, ["--out", f"{T}/r3", "--finetuned", f"a={T}/nosuchdir"], r"nosuchdir"),
     (FISHER, ["--out", f"{T}/r4", "--finetuned", f"a={T}/truncated_model"],
      r"truncated_model/model\.safetensors"),
+    # the memory plan refuses a representation the device cannot hold (about 200 GB of
+    # Lanczos vectors for 8192 exact directions of toyworld) before any Fisher work
+    (FISHER, ["--out", f"{T}/r6", "--finetuned", f"a={TOYWORLD}", "--rank", "8192",
+              "--mc_samples", "128", "--n_samples", "64"],
+     r"--representation low_rank needs about .* GiB above the model .* the device has"),
     (FISHER, ["--out", f"{T}/r5", "--base", f"{T}/garbage_model"],
      r"garbage_model/model\.safetensors"),
     # toyworld and the experiment scripts

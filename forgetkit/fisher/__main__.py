@@ -19,15 +19,31 @@ from forgetkit.fisher.report import ReportConfig, run_report
 
 def plan_table(config: ReportConfig) -> str:
     """The memory plan of ``config``'s Fisher computations, from the base model's config."""
-    from forgetkit.fisher.plan import memory_plan, model_config
-    from forgetkit.models import resolve_dtype
+    from forgetkit.fisher.plan import (
+        available_memory,
+        choose_representation,
+        memory_plan,
+        model_config,
+    )
+    from forgetkit.fisher.pergrad import FisherError
+    from forgetkit.models import resolve_device, resolve_dtype
 
-    return memory_plan(model_config(config.base), params=config.params,
+    plan = memory_plan(model_config(config.base), params=config.params,
                        n_samples=config.n_samples, seq_len=config.plan_seq_len,
                        fisher_batch_size=config.fisher_batch_size,
                        exact_batch_size=config.exact_batch_size, rank=config.rank,
-                       dtype=resolve_dtype(config.dtype), mc_samples=config.mc_samples
-                       ).to_text()
+                       dtype=resolve_dtype(config.dtype), mc_samples=config.mc_samples)
+    device = resolve_device(config.device)
+    free = available_memory(device)
+    try:
+        chosen = choose_representation(plan, free, config.representation,
+                                       config.low_rank_method,
+                                       kfac_possible=plan.factored_layers > 0)[0]
+        verdict = f"--representation {config.representation}: {chosen}"
+    except FisherError as err:
+        verdict = f"--representation {config.representation}: does not fit ({err})"
+    return (f"{plan.to_text()}\n\n{device} has {free / 2**30:.2f} GiB free (the model's "
+            f"weights come on top of the peaks above); {verdict}")
 
 
 @command_line

@@ -27,7 +27,8 @@ model entry, 4 = float32 accumulation):
   per-example gradients for the parameters it keeps;
 - ``displacement`` (the exact d'Fd of one update): the update as tangents (P·s) and the
   forward-mode product over E examples (primal and tangent activations of one layer at a
-  time and the logits: no graph is kept).
+  time: no graph is kept), and the logits of the scored positions only (E·A·V: their primal
+  and tangent, float64 copies, the softmax and products; A = ``answer_len``).
 
 Activations of b examples of T tokens with a graph (per decoder layer and token: ten hidden
 vectors, q/k/v, four intermediate vectors, one attention row per head; the logits three
@@ -56,11 +57,16 @@ from torch import nn
 
 from forgetkit.fisher.pergrad import FisherError, select_parameters
 
-__all__ = ["PLAN_REPRESENTATIONS", "MemoryPlan", "PlanRow", "llama_config", "memory_plan",
-           "model_config", "smollm2_config"]
+__all__ = ["HEADROOM", "PLAN_REPRESENTATIONS", "MemoryPlan", "PlanRow", "available_memory",
+           "choose_representation", "llama_config", "memory_plan", "model_config",
+           "smollm2_config"]
 
 PLAN_REPRESENTATIONS = ("diagonal", "gram", "randomized", "exact", "kfac", "displacement")
 F32, F64 = 4, 8
+HEADROOM = 1.25
+"""``auto`` takes a representation only if its predicted peak times this fits: the model is a
+budget, checked within 25% of measured peaks (experiments/bench_plan.py)."""
+GRAM_MAX_BYTES = 2**30  # fisher.low_rank's default gram_max_bytes (method="auto")
 
 
 def llama_config(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
@@ -190,16 +196,17 @@ def _gib(n: int) -> str:
 
 
 def _activation_bytes(config, batch: int, seq_len: int, itemsize: int,
-                      layers: int | None = None) -> int:
+                      layers: int | None = None, logits: bool = True) -> int:
     """Activations kept for the backward pass of ``batch`` examples of ``seq_len`` tokens
-    (``layers=1``: without a graph, only one layer's are alive at a time)."""
+    (``layers=1``: without a graph, only one layer's are alive at a time; ``logits=False``:
+    without the output layer's)."""
     hidden = config.hidden_size
     heads = config.num_attention_heads
     kv = (getattr(config, "num_key_value_heads", None) or heads) * (hidden // heads)
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
     layers = config.num_hidden_layers if layers is None else layers
     per_token = layers * (10 * hidden + 2 * kv + 4 * intermediate + heads * seq_len) \
-        + 3 * config.vocab_size
+        + 3 * config.vocab_size * logits
     return batch * seq_len * itemsize * per_token
 
 
@@ -220,8 +227,8 @@ def _layer_shapes(model: nn.Module, chosen: dict[str, torch.Tensor]
 def memory_plan(config_or_model, *, params: str | Sequence[str] | None = None,
                 n_samples: int = 128, seq_len: int = 64, fisher_batch_size: int = 8,
                 exact_batch_size: int = 32, rank: int = 16, dtype: torch.dtype = torch.float32,
-                mc_samples: int = 1, oversample: int = 10, power_iterations: int = 2
-                ) -> MemoryPlan:
+                mc_samples: int = 1, oversample: int = 10, power_iterations: int = 2,
+                answer_len: int = 8) -> MemoryPlan:
     """Predict each representation's peak memory above the loaded model and its passes.
 
     Args:
@@ -236,6 +243,8 @@ def memory_plan(config_or_model, *, params: str | Sequence[str] | None = None,
         rank: k top directions.
         dtype: the model's dtype (accumulation is float32).
         mc_samples, oversample, power_iterations: as for :func:`forgetkit.fisher.low_rank`.
+        answer_len: scored (answer) tokens of the longest probe: the exact displacement runs the
+            output layer on those positions only.
 
     Returns:
         A :class:`MemoryPlan`, rows in :data:`PLAN_REPRESENTATIONS` order.
@@ -245,7 +254,8 @@ def memory_plan(config_or_model, *, params: str | Sequence[str] | None = None,
     """
     for name, value in (("n_samples", n_samples), ("seq_len", seq_len), ("rank", rank),
                         ("fisher_batch_size", fisher_batch_size),
-                        ("exact_batch_size", exact_batch_size), ("mc_samples", mc_samples)):
+                        ("exact_batch_size", exact_batch_size), ("mc_samples", mc_samples),
+                        ("answer_len", answer_len)):
         if value < 1:
             raise FisherError(f"{name} must be >= 1, got {value}")
     if isinstance(config_or_model, nn.Module):
@@ -261,7 +271,11 @@ def memory_plan(config_or_model, *, params: str | Sequence[str] | None = None,
     grads = batch * mc_samples * size
     act = _activation_bytes(config, batch * mc_samples, seq_len, s)
     act_exact = _activation_bytes(config, min(exact_batch_size, n_samples), seq_len, s)
-    act_layer = _activation_bytes(config, min(exact_batch_size, n_samples), seq_len, s, 1)
+    exact_rows = min(exact_batch_size, n_samples)
+    act_layer = _activation_bytes(config, exact_rows, seq_len, s, 1, logits=False)
+    # scored positions' logits and tangents in the model's dtype, then float64 copies of
+    # both, the softmax and two products of the same size
+    scored_logits = exact_rows * answer_len * config.vocab_size * (2 * s + 5 * F64)
     sketch = min(rank + oversample, size)
     ncv = min(size, max(2 * rank + 1, 20))
     largest = max(p.numel() for p in chosen.values())
@@ -286,15 +300,16 @@ def memory_plan(config_or_model, *, params: str | Sequence[str] | None = None,
                  "directions": rank * size * F64, "activations": 2 * act_exact},
                 f"{ncv} Lanczos vectors; passes are Fisher-vector products (approximate)"),
         _kfac_row(shapes, fallback, batch * mc_samples, seq_len, s, act),
-        PlanRow("displacement", size * s + 2 * act_layer, 1,
-                {"tangents": size * s, "activations": 2 * act_layer},
+        PlanRow("displacement", size * s + 2 * act_layer + scored_logits, 1,
+                {"tangents": size * s, "activations": 2 * act_layer,
+                 "scored_logits": scored_logits},
                 "exact d'Fd of one update (one pass per update)"),
     ]
     settings = {"params": params, "n_samples": n_samples, "seq_len": seq_len,
                 "fisher_batch_size": fisher_batch_size, "exact_batch_size": exact_batch_size,
                 "rank": rank, "dtype": str(dtype).removeprefix("torch."),
                 "mc_samples": mc_samples, "oversample": oversample,
-                "power_iterations": power_iterations}
+                "power_iterations": power_iterations, "answer_len": answer_len}
     return MemoryPlan(model=str(getattr(config, "_name_or_path", "") or config.model_type),
                       parameters=total, selected=size, weights_bytes=total * s,
                       factored_layers=len(shapes), fallback_parameters=fallback,
@@ -321,3 +336,70 @@ def _kfac_row(shapes: list[tuple[int, int]], fallback: int, batch: int, seq_len:
     peak = factors + eigenvalues + max(rotated + per_example + act, fallback_bytes + act)
     return PlanRow("kfac", int(peak), passes, terms, note)
 
+
+
+def available_memory(device: str | torch.device) -> int:
+    """Bytes free for new tensors on ``device``: CUDA's free memory, or the host's available
+    memory (``psutil``) for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _row_of(plan: MemoryPlan, representation: str, low_rank_method: str) -> PlanRow:
+    """The plan row a report representation (``low_rank`` with its method) costs."""
+    if representation != "low_rank":
+        return plan.row(representation)
+    if low_rank_method == "auto":
+        s = plan.settings
+        gram = s["n_samples"] * s["mc_samples"] * plan.selected * (
+            plan.weights_bytes // plan.parameters)  # G in the model's dtype
+        low_rank_method = "gram" if gram <= GRAM_MAX_BYTES else "randomized"
+    return plan.row(low_rank_method)
+
+
+def choose_representation(plan: MemoryPlan, available: int, requested: str,
+                          low_rank_method: str = "exact", *, kfac_possible: bool = True
+                          ) -> tuple[str, dict[str, Any]]:
+    """The report's Fisher representation for ``available`` bytes, and why.
+
+    ``requested`` ``"auto"``: the most accurate of low_rank (its ``low_rank_method``), kfac,
+    diagonal whose predicted peak times :data:`HEADROOM` fits. A named representation is kept
+    unless its predicted peak alone exceeds ``available``. The report also computes the
+    diagonal and the exact displacement of each update: those must fit too.
+
+    Returns:
+        (representation, a JSON-ready record: available bytes, each candidate's predicted
+        peak, the chosen one).
+
+    Raises:
+        FisherError: nothing fits, naming the predicted peaks and the memory available.
+    """
+    order = [r for r in ("low_rank", "kfac", "diagonal") if r != "kfac" or kfac_possible]
+    peaks = {r: _row_of(plan, r, low_rank_method).peak_bytes for r in order}
+    always = {r: plan.row(r).peak_bytes for r in ("diagonal", "displacement")}
+    record = {"requested": requested, "available_bytes": available,
+              "predicted_peak_bytes": peaks, "headroom": HEADROOM}
+    have = f"{_gib(available)} available"
+    need = max(always.values())
+    if need > available:
+        raise FisherError(f"the diagonal and the exact displacement need about {_gib(need)} "
+                          f"above the model (memory plan); the device has {have}: lower "
+                          "--fisher_batch_size/--exact_batch_size, use --params or a larger device")
+    if requested == "auto":
+        fitting = [r for r in order if peaks[r] * HEADROOM <= available]
+        if not fitting:
+            raise FisherError(f"no Fisher representation fits: predicted peaks "
+                              + ", ".join(f"{r} {_gib(b)}" for r, b in peaks.items())
+                              + f" (x{HEADROOM} headroom); the device has {have}")
+        return fitting[0], {**record, "chosen": fitting[0]}
+    if peaks.get(requested, 0) > available:
+        cheaper = [r for r in order if peaks[r] * HEADROOM <= available]
+        raise FisherError(f"--representation {requested} needs about {_gib(peaks[requested])} "
+                          f"above the model (memory plan, --plan); the device has {have}: "
+                          + (f"use --representation {cheaper[0]} or auto" if cheaper else
+                             "use --params, smaller batches or a larger device"))
+    return requested, {**record, "chosen": requested}

@@ -12,7 +12,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ __all__ = ["REPORT_SECTIONS", "ReportConfig", "run_report", "spread_sample"]
 
 logger = logging.getLogger(__name__)
 
-REPRESENTATIONS = ("low_rank", "kfac", "diagonal")
+REPRESENTATIONS = ("low_rank", "kfac", "diagonal", "auto")
 REPORT_SECTIONS = ("config", "base", "fisher", "finetunes", "comparisons", "risk", "warnings",
                    "timing")
 
@@ -58,7 +58,8 @@ class ReportConfig:
     representation: str = field(default="low_rank", metadata=_help(
         "the Fisher whose top-k directions, projections, captured energy and risk are reported: "
         "low_rank | kfac (Kronecker-factored EK-FAC per linear layer, diagonal elsewhere) | "
-        "diagonal"))
+        "diagonal | auto (the most accurate of these whose predicted peak memory, with 25% "
+        "headroom, fits the device's free memory; see --plan)"))
     rank: int = field(default=16, metadata=_help("number of top Fisher directions"))
     low_rank_method: str = field(default="exact", metadata=_help(
         "top directions from: exact (Lanczos on exact Fisher-vector products, no label draws) | "
@@ -401,6 +402,41 @@ def run_report(config: ReportConfig, *, base=None, finetunes=None, records=None,
     return report
 
 
+def resolve_representation(model: torch.nn.Module, tokenizer, sample: list,
+                           config: ReportConfig) -> tuple[ReportConfig, dict[str, Any]]:
+    """Before any Fisher work: the memory plan of ``config`` on ``model`` and ``sample`` (its
+    longest probe) against the device's free memory; ``--representation auto`` becomes the most
+    accurate representation that fits, a named one is refused if it cannot fit.
+
+    Returns:
+        ``config`` with a concrete representation, and the record of the choice (report.json's
+        ``fisher.memory``).
+
+    Raises:
+        FisherError: the representation (or, for auto, every one) does not fit.
+    """
+    from forgetkit.fisher.plan import available_memory, choose_representation, memory_plan
+    from forgetkit.models import encode
+
+    encodings = [encode(tokenizer, p.prompt, p.answer) for p in sample]
+    weight = next(model.parameters())
+    plan = memory_plan(model, params=config.params, n_samples=len(sample),
+                       seq_len=max(len(e.input_ids) for e in encodings),
+                       answer_len=max(len(e.completion_ids) for e in encodings),
+                       fisher_batch_size=config.fisher_batch_size,
+                       exact_batch_size=config.exact_batch_size,
+                       rank=min(config.rank, len(sample) * config.mc_samples),
+                       dtype=weight.dtype, mc_samples=config.mc_samples)
+    chosen, record = choose_representation(
+        plan, available_memory(weight.device), config.representation, config.low_rank_method,
+        kfac_possible=bool(linear_layers(model, config.params)))
+    if config.representation == "auto":
+        logger.info("--representation auto: %s (predicted peaks %s; %.2f GiB free)", chosen,
+                    {r: f"{b / 2**30:.2f} GiB" for r, b in record["predicted_peak_bytes"].items()},
+                    record["available_bytes"] / 2**30)
+    return replace(config, representation=chosen), record
+
+
 def _run_report(config: ReportConfig, base, finetunes, records, probes, progress: bool
                 ) -> dict[str, Any]:
     from forgetkit.diagnostics.evaluation import evaluate
@@ -425,6 +461,7 @@ def _run_report(config: ReportConfig, base, finetunes, records, probes, progress
     if not probes:
         raise ValueError(f"probe set {config.probe_source()!r} is empty")
     sample = spread_sample(probes, config.n_samples)
+    config, memory = resolve_representation(base, tokenizer, sample, config)
     paths = {name: str(ft) for name, ft in given.items() if not isinstance(ft, torch.nn.Module)}
     loaded, deltas = _load_finetunes(base, paths, config)  # architecture checks first
     finetunes = {}
@@ -490,7 +527,7 @@ def _run_report(config: ReportConfig, base, finetunes, records, probes, progress
                    "trace_diagonal": fisher_diag.trace(), "estimator": config.estimator,
                    "module_summary": fisher_diag.summary(),
                    "low_rank_module_summary": fisher_lr.summary(),
-                   "provenance": asdict(fisher_lr.provenance)},
+                   "provenance": asdict(fisher_lr.provenance), "memory": memory},
         "finetunes": per_finetune,
         "comparisons": comparisons,
         "risk": risk,

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from forgetkit.fisher.pergrad import FisherError
-from forgetkit.fisher.plan import PLAN_REPRESENTATIONS, memory_plan, model_config
+from forgetkit.fisher.plan import (
+    HEADROOM,
+    PLAN_REPRESENTATIONS,
+    choose_representation,
+    memory_plan,
+    model_config,
+)
 
 
 def _tiny_gpt2():
@@ -114,10 +120,62 @@ def test_plan_cli_prints_and_exits_without_weights(tmp_path):
     assert time.time() - started < 60
     lines = done.stdout.splitlines()
     assert "selected by --params 'mlp'" in lines[0] and "N=32 probes" in lines[1]
-    assert {line.split()[0] for line in lines[4:]} == set(PLAN_REPRESENTATIONS)
+    rows = lines[4:4 + len(PLAN_REPRESENTATIONS)]
+    assert {line.split()[0] for line in rows} == set(PLAN_REPRESENTATIONS)
+    assert lines[-1].startswith("cpu has ") and "--representation low_rank: low_rank" in lines[-1]
     assert not out.exists()
     json.loads(json.dumps(memory_plan(model_config(folder)).to_dict()))  # JSON-ready
     bad = subprocess.run([sys.executable, "-m", "forgetkit.fisher", "--plan", "--base",
                           str(folder), "--params", "nothing_matches"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "error:" in bad.stderr and "nothing_matches" in bad.stderr
+
+
+def test_auto_takes_the_most_accurate_representation_that_fits():
+    """low_rank (exact) > kfac > diagonal by accuracy; each is taken when its predicted peak
+    with headroom fits, a named one is refused only when its peak alone does not fit."""
+    plan = memory_plan(model_config("toyworld"), n_samples=64, seq_len=50)
+    peak = {r: plan.row(r).peak_bytes for r in ("exact", "kfac", "diagonal", "displacement")}
+    assert peak["exact"] > peak["kfac"] > peak["diagonal"]  # the order the test relies on
+
+    def auto(available, **kwargs):
+        return choose_representation(plan, int(available), "auto", "exact", **kwargs)
+
+    assert auto(peak["exact"] * HEADROOM)[0] == "low_rank"
+    assert auto(peak["exact"] * HEADROOM - 1)[0] == "kfac"
+    assert auto(peak["kfac"] * HEADROOM - 1)[0] == "diagonal"
+    assert auto(peak["exact"] * HEADROOM - 1, kfac_possible=False)[0] == "diagonal"
+    chosen, record = auto(peak["kfac"] * HEADROOM)
+    assert record["chosen"] == chosen == "kfac" and record["requested"] == "auto"
+    assert record["predicted_peak_bytes"]["low_rank"] == peak["exact"]
+    gram = choose_representation(plan, 10**12, "auto", "gram")[1]
+    assert gram["predicted_peak_bytes"]["low_rank"] == plan.row("gram").peak_bytes
+    with pytest.raises(FisherError, match="no Fisher representation fits"):
+        auto(max(peak["diagonal"], peak["displacement"]))  # fits, but not with headroom
+    with pytest.raises(FisherError, match="the diagonal and the exact displacement need"):
+        auto(min(peak["diagonal"], peak["displacement"]) - 1)
+    # named: kept while its peak fits (no headroom), refused with the way out named
+    assert choose_representation(plan, peak["exact"], "low_rank", "exact")[0] == "low_rank"
+    with pytest.raises(FisherError, match=r"--representation low_rank needs about .* use "
+                                          r"--representation kfac or auto"):
+        choose_representation(plan, peak["exact"] - 1, "low_rank", "exact")
+
+
+def test_report_resolves_auto_before_any_fisher_work(toyworld, monkeypatch):
+    from forgetkit.data.records import load_probes
+    from forgetkit.fisher import plan as plan_module
+    from forgetkit.fisher.report import ReportConfig, resolve_representation, spread_sample
+
+    model, tokenizer = toyworld
+    sample = spread_sample(load_probes("toyworld"), 32)
+    config = ReportConfig(representation="auto", n_samples=32)
+    monkeypatch.setattr(plan_module, "available_memory", lambda device: 10**12)
+    resolved, record = resolve_representation(model, tokenizer, sample, config)
+    assert resolved.representation == "low_rank" and record["requested"] == "auto"
+    low_rank_peak = record["predicted_peak_bytes"]["low_rank"]
+    monkeypatch.setattr(plan_module, "available_memory", lambda device: low_rank_peak)
+    assert resolve_representation(model, tokenizer, sample, config)[0].representation == "kfac"
+    monkeypatch.setattr(plan_module, "available_memory", lambda device: low_rank_peak - 1)
+    with pytest.raises(FisherError, match="--representation low_rank needs about"):
+        resolve_representation(model, tokenizer, sample,
+                               ReportConfig(representation="low_rank", n_samples=32))

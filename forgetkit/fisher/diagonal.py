@@ -42,6 +42,7 @@ from forgetkit.fisher.pergrad import (
     Estimator,
     GradientStream,
     PerExample,
+    all_reduce_sum,
     distributed_shard,
     evaluation_mode,
 )
@@ -250,11 +251,5 @@ def diagonal(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
     return DiagonalFisher(values={n: m.mean for n, m in moments.items()},
                           stderr={n: m.stderr() for n, m in moments.items()},
                           provenance=provenance,
-                          per_example_proxy={k: _all_reduce_sum(v).cpu().numpy()
+                          per_example_proxy={k: all_reduce_sum(v).cpu().numpy()
                                              for k, v in proxy.items()})
-
-
-def _all_reduce_sum(x: Tensor) -> Tensor:
-    if distributed_shard()[1] > 1:
-        dist.all_reduce(x)
-    return x

@@ -37,7 +37,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.func import functional_call, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -48,10 +47,11 @@ from forgetkit.fisher.pergrad import (
     ESTIMATORS,
     Estimator,
     FisherError,
-    distributed_shard,
+    all_reduce_sum,
     encode_data,
     evaluation_mode,
     select_parameters,
+    shard_indices,
 )
 from forgetkit.models import IGNORE_INDEX, Encoding, collate
 from forgetkit.stats import Interval, mean_ci
@@ -244,15 +244,8 @@ def _capabilities(data: Sequence) -> list[str]:
 
 def _shard_batches(encodings: list[Encoding], batch_size: int) -> list[list[int]]:
     """This rank's examples in length-sorted batches (indices into ``encodings``)."""
-    rank, world = distributed_shard()
-    order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].input_ids))[rank::world]
+    order = shard_indices(encodings)
     return [order[a : a + batch_size] for a in range(0, len(order), batch_size)]
-
-
-def _all_reduce(x: Tensor) -> Tensor:
-    if distributed_shard()[1] > 1:
-        dist.all_reduce(x)
-    return x
 
 
 @dataclass
@@ -320,7 +313,7 @@ def _per_probe_forms(model: torch.nn.Module, encodings: list[Encoding], ids: lis
         _check_finite(logits, tangent, batch["labels"], [ids[i] for i in examples])
         index = torch.tensor(examples, device=device)
         out.index_add_(0, index, _per_example_form(logits, tangent, batch["labels"], estimator))
-    return _all_reduce(out).cpu().numpy()
+    return all_reduce_sum(out).cpu().numpy()
 
 
 def displacement(model: torch.nn.Module, tokenizer, probes: Sequence[Probe | Record | Encoding],
@@ -454,7 +447,7 @@ class FisherOperator:
                     out[n] += g.detach().double()
         self.products_done += 1
         for value in out.values():
-            _all_reduce(value).div_(len(self.encodings))
+            all_reduce_sum(value).div_(len(self.encodings))
         return out
 
     __matmul__ = matvec

@@ -48,6 +48,16 @@ True-Fisher labels are drawn exactly as :class:`~forgetkit.fisher.pergrad.Gradie
 (one generator per example seeded by ``(seed, index)``, :func:`sample_labels`), so K-FAC, the
 diagonal and the low-rank Fisher of one seed see the same labels.
 
+**Several processes** (``torchrun``, ``accelerate launch``: torch.distributed initialized before
+the call). Every rank passes the same data and holds the whole model (plain, or wrapped in
+``DistributedDataParallel``, which is unwrapped; FSDP is refused). Each rank runs its shard of
+the examples (:func:`~forgetkit.fisher.pergrad.shard_indices`, as every estimator does); the
+sums ``sum a a'`` and ``sum g g'``, the token count and, in the second pass, the sums of
+``(Q_G' G_i Q_A)^2`` are all-reduced before they are used, so every rank decomposes the same
+matrices, holds the same result, and the result equals one process's (up to the order of
+floating-point sums; labels are drawn per example, whatever the shard). The diagonal fallback
+shards and all-reduces itself. Save from one rank.
+
 Example:
     >>> F = kfac(model, tokenizer, probes, estimator="empirical")  # doctest: +SKIP
     >>> F.quad_form(fisher.delta(base, finetuned)), F.top(16).eigenvalues  # doctest: +SKIP
@@ -73,11 +83,13 @@ from forgetkit.fisher.pergrad import (
     ESTIMATORS,
     Estimator,
     FisherError,
-    distributed_shard,
+    all_reduce_sum,
     evaluation_mode,
     sample_labels,
     select_parameters,
+    shard_indices,
     true_fisher_generators,
+    unwrap_model,
 )
 from forgetkit.models import IGNORE_INDEX, Encoding, collate
 
@@ -96,6 +108,13 @@ class _Layer:
     weight: str
     bias: str | None
     transposed: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in'): the layer's matrix, in' = in + 1 with a covered bias."""
+        weight = self.module.weight.shape
+        out, inputs = weight[::-1] if self.transposed else weight
+        return out, inputs + (self.bias is not None)
 
 
 def _linear_types() -> tuple[type, ...]:
@@ -161,7 +180,8 @@ def linear_layers(model: nn.Module, params: str | Sequence[str] | None = None,
 
 
 class _Passes:
-    """Forward and backward passes over the data with hooks on the factored layers.
+    """Forward and backward passes over this rank's shard of the data with hooks on the
+    factored layers.
 
     Each batch runs one forward pass with gradients recorded and one backward pass per label
     draw. The backward pass asks only for the gradient of a zero scalar added to every layer's
@@ -177,12 +197,12 @@ class _Passes:
         self.model, self.encodings, self.layers = model, encodings, layers
         self.estimator, self.draws, self.batch_size, self.seed = estimator, draws, batch_size, seed
         self.pad_token_id, self.tokens = pad_token_id, tokens
-        self.order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].input_ids))
+        self.order = shard_indices(encodings)
         self.device = next(model.parameters()).device
 
     def run(self, on_input: Callable[[str, Tensor, Tensor], None],
             on_gradient: Callable[[str, Tensor, Tensor], None]) -> int:
-        """One pass over the data; returns the number of counted tokens."""
+        """One pass over this rank's examples; returns the number of counted tokens."""
         state: dict[str, Any] = {}
         count = 0
 
@@ -260,41 +280,42 @@ def _eigh(matrix: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 
 def _covariances(passes: _Passes, layers: dict[str, _Layer], dtype: torch.dtype,
                  device: torch.device) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
-    """``(sum_t a a', sum_t g g', T)`` per layer over one pass (sums, not yet normalized)."""
-    activation: dict[str, Tensor] = {}
-    gradient: dict[str, Tensor] = {}
+    """``(sum_t a a', sum_t g g', T)`` per layer over one pass (sums, not yet normalized),
+    summed over the ranks. A layer whose output does not reach the log-likelihood keeps
+    ``sum g g' = 0``."""
+    activation = {name: torch.zeros(layer.shape[1], layer.shape[1], dtype=dtype, device=device)
+                  for name, layer in layers.items()}
+    gradient = {name: torch.zeros(layer.shape[0], layer.shape[0], dtype=dtype, device=device)
+                for name, layer in layers.items()}
+    calls = dict.fromkeys(layers, 0)
 
     def on_input(name: str, inputs: Tensor, counted: Tensor) -> None:
         rows = _augmented(inputs[counted].to(device, dtype), layers[name].bias is not None)
-        if name not in activation:
-            activation[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=dtype,
-                                           device=device)
         activation[name].addmm_(rows.T, rows)
+        calls[name] += 1
 
     def on_gradient(name: str, grads: Tensor, counted: Tensor) -> None:
         rows = grads[counted].to(device, dtype)
-        if name not in gradient:
-            gradient[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=dtype,
-                                         device=device)
         gradient[name].addmm_(rows.T, rows)
 
     count = passes.run(on_input, on_gradient)
-    for name, layer in layers.items():
-        if name not in activation:
+    # (1 + L,): the tokens, then the forward calls of each layer, over every rank
+    totals = all_reduce_sum(torch.tensor([count, *calls.values()], device=device)).tolist()
+    for name, layer_calls in zip(layers, totals[1:], strict=True):
+        if layer_calls == 0:
             raise FisherError(f"layer {name!r} never ran in the forward pass; exclude it with "
                               "params=")
-        if name not in gradient:  # its output does not reach the log-likelihood
-            out = layer.module.weight.shape[1 if layer.transposed else 0]
-            gradient[name] = torch.zeros(out, out, dtype=dtype, device=device)
-    return activation, gradient, count
+    for total in (*activation.values(), *gradient.values()):
+        all_reduce_sum(total)
+    return activation, gradient, totals[0]
 
 
 def _corrected_eigenvalues(passes: _Passes, layers: dict[str, _Layer],
                            bases: dict[str, tuple[Tensor, Tensor]], dtype: torch.dtype,
                            device: torch.device) -> dict[str, Tensor]:
-    """``sum_i (Q_G' G_i Q_A)^2`` per layer over one pass, with ``G_i = sum_t g_t a_t'`` over
-    every position: tokens are rotated first (``â = Q_A' a_t``, ``ĝ = Q_G' g_t``), then
-    ``Q_G' G_i Q_A = sum_t ĝ_t â_t'`` is one batched product."""
+    """``sum_i (Q_G' G_i Q_A)^2`` per layer over one pass, summed over the ranks, with
+    ``G_i = sum_t g_t a_t'`` over every position: tokens are rotated first (``â = Q_A' a_t``,
+    ``ĝ = Q_G' g_t``), then ``Q_G' G_i Q_A = sum_t ĝ_t â_t'`` is one batched product."""
     rotated: dict[str, Tensor] = {}
     sums = {name: torch.zeros(q_g.shape[0], q_a.shape[0], dtype=dtype, device=device)
             for name, (q_a, q_g) in bases.items()}
@@ -309,7 +330,7 @@ def _corrected_eigenvalues(passes: _Passes, layers: dict[str, _Layer],
         sums[name] += per_example.square_().sum(0)
 
     passes.run(on_input, on_gradient)
-    return sums
+    return {name: all_reduce_sum(total) for name, total in sums.items()}
 
 
 def kfac(model: nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding], *,
@@ -320,8 +341,14 @@ def kfac(model: nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding],
          max_factor_dim: int = 16384) -> KroneckerFisher:
     """Kronecker-factored (EK-FAC) Fisher of a causal LM on ``data``.
 
+    Under torch.distributed (``torchrun``, ``accelerate launch``) call it on every rank with
+    the same data: each rank runs its shard of the examples, the sums are all-reduced, and
+    every rank returns the same Fisher, equal to one process's (module docstring).
+
     Args:
-        model, tokenizer, data, estimator, mc_samples, params, batch_size, seed, dtype,
+        model: a causal LM, plain or wrapped in ``DistributedDataParallel`` (unwrapped: hooks
+            and parameter names are the inner model's); not sharded by FSDP.
+        tokenizer, data, estimator, mc_samples, params, batch_size, seed, dtype,
             device: as for :func:`forgetkit.fisher.diagonal` (``batch_size`` examples per
             forward pass; memory grows with it as a forward pass does).
         eigen_correction: replace K-FAC's eigenvalues with the exact diagonal of the Fisher in
@@ -335,9 +362,11 @@ def kfac(model: nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding],
 
     Raises:
         FisherError: as :func:`~forgetkit.fisher.diagonal`; also no linear layer among the
-            selected parameters, an unknown ``tokens``, or a layer that runs twice per forward
-            pass or sees inputs other than (batch, tokens, features).
+            selected parameters, an unknown ``tokens``, a layer that runs twice per forward
+            pass or sees inputs other than (batch, tokens, features), or an FSDP-sharded model
+            (the message says how to pass an unsharded copy).
     """
+    model = unwrap_model(model)
     if estimator not in ESTIMATORS:
         raise FisherError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if estimator == "empirical" and mc_samples != 1:
@@ -348,9 +377,6 @@ def kfac(model: nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding],
                           f"{batch_size}")
     if tokens not in TOKENS:
         raise FisherError(f"tokens must be one of {TOKENS}, got {tokens!r}")
-    if distributed_shard()[1] > 1:
-        raise FisherError("kfac runs in one process; under torch.distributed use "
-                          "fisher.diagonal or fisher.low_rank")
     inputs = prepare_inputs(model, tokenizer, data, params=params, device=device, dtype=dtype,
                             estimator=estimator, mc_samples=mc_samples, seed=seed)
     encodings, chosen, device, dtype = (inputs.encodings, inputs.params, inputs.device,
@@ -385,7 +411,7 @@ def kfac(model: nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding],
         gradient_eigenvalues=spectra[name][1], gradient_eigenvectors=bases[name][1],
         eigenvalues=eigenvalues[name]) for name, layer in layers.items()}
     fallback = None
-    if reasons:
+    if reasons:  # all the data: diagonal() takes this rank's shard itself
         fallback = diagonal(model, tokenizer, encodings, estimator=estimator,
                             mc_samples=mc_samples, batch_size=batch_size, seed=seed, dtype=dtype,
                             device=device, params=[f"^{re.escape(n)}$" for n in reasons])

@@ -42,6 +42,7 @@ from forgetkit.fisher.pergrad import (
     FisherError,
     GradientStream,
     PerExample,
+    all_reduce_sum,
     derived_seed,
     distributed_shard,
     evaluation_mode,
@@ -133,7 +134,7 @@ def randomized_eigenpairs(blocks: Blocks, n: int, rank: int, sketch: int,
                 z = sum(g @ x[a:b] for g, (a, b) in zip(pieces, bounds, strict=True))
             for g, (a, b) in zip(pieces, bounds, strict=True):
                 out[a:b].addmm_(g.T, z, alpha=1.0 / (n * draws))
-        return _all_reduce(out)
+        return all_reduce_sum(out)
 
     omega = torch.empty(size, sketch, dtype=torch.bfloat16, device=device)
     for a in range(0, size, _CHUNK):  # in slices: no float32 P x l temporary
@@ -147,7 +148,7 @@ def randomized_eigenpairs(blocks: Blocks, n: int, rank: int, sketch: int,
     for pieces, draws in blocks():
         projected = sum(g @ basis[a:b] for g, (a, b) in zip(pieces, _bounds(pieces), strict=True))
         small += projected.double().T @ projected.double() / (n * draws)  # (l, l)
-    values, vectors = torch.linalg.eigh(_all_reduce(small))
+    values, vectors = torch.linalg.eigh(all_reduce_sum(small))
     values, vectors = values.flip(0)[:rank].clamp(min=0), vectors.flip(1)[:, :rank]
     mixing = vectors.to(dtype)
     directions = basis @ mixing  # (P, k)
@@ -225,12 +226,6 @@ def _to_parameters(directions_of: Callable[[int, int], Tensor], chosen: dict[str
     for u in flat:
         u.mul_(sign[:, None])
     return out
-
-
-def _all_reduce(x: Tensor) -> Tensor:
-    if distributed_shard()[1] > 1:
-        dist.all_reduce(x)
-    return x
 
 
 def _all_gather_rows(rows: Tensor) -> Tensor:

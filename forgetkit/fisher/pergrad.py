@@ -47,6 +47,7 @@ __all__ = [
     "GradientBlock",
     "GradientStream",
     "PerExample",
+    "all_reduce_sum",
     "derived_seed",
     "distributed_shard",
     "encode_data",
@@ -54,7 +55,9 @@ __all__ = [
     "loop_gradients",
     "sample_labels",
     "select_parameters",
+    "shard_indices",
     "true_fisher_generators",
+    "unwrap_model",
     "vmap_gradients",
 ]
 
@@ -306,12 +309,56 @@ def distributed_shard() -> tuple[int, int]:
     return 0, 1
 
 
+def shard_indices(encodings: Sequence[Encoding]) -> list[int]:
+    """This process's examples (indices into ``encodings``): the data sorted by length, longest
+    first, then every ``world_size``-th from this rank on; all of them outside
+    torch.distributed. Every estimator shards this way, so each example is seen by one rank."""
+    rank, world = distributed_shard()
+    by_length = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].input_ids))
+    return by_length[rank::world]
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """``x`` summed in place over the ranks (unchanged outside torch.distributed); returns it."""
+    if distributed_shard()[1] > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (whose
+    parameter names carry a ``module.`` prefix); every rank holds all of its weights.
+
+    Raises:
+        FisherError: a model sharded by FSDP (``FullyShardedDataParallel`` or ``fully_shard``),
+            or with DTensor parameters: Fisher estimators need every weight on every rank.
+    """
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+        model = model.module
+    if dist.is_available() and dist.is_initialized():  # no sharded model without a group
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        from torch.distributed.tensor import DTensor
+
+        sharded = (any(isinstance(m, FSDPModule | FullyShardedDataParallel)
+                       for m in model.modules())
+                   or any(isinstance(p, DTensor) for p in model.parameters()))
+        if sharded:
+            raise FisherError(
+                f"{type(model).__name__} is sharded (FSDP or DTensor parameters); the Fisher "
+                "estimators need the whole model on every rank. Load an unsharded copy in each "
+                "process (from_pretrained, or the full state dict from torch.distributed."
+                "checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+                "full_state_dict=True))) and pass that, plain or wrapped in "
+                "DistributedDataParallel: the examples are still split over the ranks")
+    return model
+
+
 class GradientStream:
     """Streams :class:`GradientBlock` s over this process's shard of the data.
 
     Each pass (each iteration) recomputes the gradients; the vmap/loop choice is made on the
-    first block of the first pass and kept. Under torch.distributed each rank takes every
-    ``world_size``-th example of the length-sorted data.
+    first block of the first pass and kept. Under torch.distributed each rank takes its
+    :func:`shard_indices`.
     """
 
     def __init__(self, model: torch.nn.Module, encodings: list[Encoding],
@@ -333,9 +380,7 @@ class GradientStream:
         self.draws = mc_samples if estimator == "true" else 1
         self.batch_size, self.seed, self.pad_token_id = batch_size, seed, pad_token_id
         self.mode = None if per_example == "auto" else per_example
-        rank, world = distributed_shard()
-        by_length = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].input_ids))
-        self.indices = by_length[rank::world]
+        self.indices = shard_indices(encodings)
         self.device = next(iter(self.params.values())).device
 
     def __iter__(self) -> Iterator[GradientBlock]:

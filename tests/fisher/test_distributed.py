@@ -1,19 +1,24 @@
 """Under torchrun each rank takes a shard of the data; the all-reduced result equals one process.
 
-The worker uses a small pure-torch causal LM, so the two processes start without transformers.
+The worker uses a small pure-torch causal LM, so the two processes start without transformers;
+one torchrun launch serves every test here.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import textwrap
 
+import pytest
 import torch
 
 from forgetkit import fisher
+from tests.fisher.test_io import assert_relative
 from tests.processes import torchrun
 
 WORKER = textwrap.dedent('''
+    import json
     import os
     import sys
     from pathlib import Path
@@ -69,28 +74,65 @@ WORKER = textwrap.dedent('''
         }
 
 
+    def compute_kfac(model, data, batch_size):
+        """EK-FAC with both estimators: mix and head factored, the embeddings on the diagonal."""
+        return {
+            "kfac_true": fisher.kfac(model, None, data, mc_samples=2, batch_size=batch_size,
+                                     dtype=torch.float64, seed=4),
+            "kfac_empirical": fisher.kfac(model, None, data, estimator="empirical",
+                                          tokens="all", batch_size=batch_size,
+                                          dtype=torch.float64),
+        }
+
+
+    def fsdp_refusal(data):
+        """The message kfac raises on an FSDP-sharded model."""
+        from torch.distributed.fsdp import fully_shard
+
+        model, _ = build()
+        fully_shard(model)
+        try:
+            fisher.kfac(model, None, data, dtype=torch.float64)
+        except fisher.FisherError as err:
+            return str(err)
+        return ""
+
+
     if __name__ == "__main__":
         import torch.distributed as dist
 
         dist.init_process_group("gloo")
-        results = compute(*build(), batch_size=2)
+        model, data = build()
+        results = {**compute(model, data, batch_size=2), **compute_kfac(model, data, batch_size=2)}
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        results.update((f"{name}_ddp", result)
+                       for name, result in compute_kfac(ddp, data, batch_size=2).items())
+        refusal = fsdp_refusal(data)
         if dist.get_rank() == 0:
             for name, result in results.items():
                 result.save(Path(sys.argv[1]) / name)
+            (Path(sys.argv[1]) / "fsdp.json").write_text(json.dumps(refusal))
         dist.barrier()
         dist.destroy_process_group()
         os._exit(0)  # gloo threads can abort during interpreter teardown (pytorch#179291)
 ''')
 
 
-def test_two_gloo_processes_match_one(tmp_path):
-    worker = tmp_path / "worker.py"
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """(folder of the 2-process results, the worker module) after one torchrun launch."""
+    folder = tmp_path_factory.mktemp("distributed")
+    worker = folder / "worker.py"
     worker.write_text(WORKER)
-    torchrun(str(worker), str(tmp_path))
-
+    torchrun(str(worker), str(folder))
     spec = importlib.util.spec_from_file_location("fisher_worker", worker)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return folder, module
+
+
+def test_two_gloo_processes_match_one(two_processes):
+    tmp_path, module = two_processes
     model, data = module.build()
     single = module.compute(model, data, batch_size=3)
     diag = fisher.load(tmp_path / "diag", model)
@@ -106,3 +148,36 @@ def test_two_gloo_processes_match_one(tmp_path):
                                    atol=0)
         for param, u in single[kind].directions.items():  # one sign convention on both sides
             torch.testing.assert_close(loaded.directions[param], u, rtol=1e-8, atol=1e-10)
+
+
+def test_kfac_on_two_gloo_processes_matches_one_process_plain_and_ddp(two_processes):
+    """Factors from each rank's shard, all-reduced before the eigendecompositions, and the
+    all-reduced EK-FAC sums give one process's Fisher; a DDP-wrapped model the same; the
+    diagonal fallback sees every example once."""
+    tmp_path, module = two_processes
+    model, data = module.build()
+    single = module.compute_kfac(model, data, batch_size=3)
+    generator = torch.Generator().manual_seed(2)
+    delta = {name: torch.randn(shape, generator=generator, dtype=torch.float64)
+             for name, shape in single["kfac_true"].shapes.items()}
+    for name, expected in single.items():
+        assert list(expected.layers) == ["mix", "head"]
+        assert set(expected.fallback_reasons) == {"embed.weight", "position.weight"}
+        for saved in (name, f"{name}_ddp"):
+            loaded = fisher.load(tmp_path / saved, model)  # DDP's "module." prefix is gone
+            assert loaded.provenance.world_size == 2 and loaded.n == 7
+            assert loaded.provenance.weights_hash == expected.provenance.weights_hash
+            for layer_name, layer in expected.layers.items():
+                other = loaded.layers[layer_name]
+                assert other.tokens == layer.tokens
+                for factor in ("activation_eigenvalues", "gradient_eigenvalues", "eigenvalues"):
+                    assert_relative(getattr(other, factor), getattr(layer, factor), 1e-10)
+            for param, values in expected.fallback.values.items():
+                assert_relative(loaded.fallback.values[param], values, 1e-10)
+            assert loaded.quad_form(delta) == pytest.approx(expected.quad_form(delta),
+                                                            rel=1e-10, abs=0)
+
+
+def test_kfac_refuses_an_fsdp_sharded_model_naming_the_workaround(two_processes):
+    refusal = json.loads((two_processes[0] / "fsdp.json").read_text())
+    assert "sharded" in refusal and "unsharded copy" in refusal

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import subprocess
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     encodings = [encode(tokenizer, p.prompt, p.answer) for p in probes]
     longest = max(len(e.input_ids) for e in encodings)
     plan = memory_plan(model, n_samples=len(probes), seq_len=longest,
-                       answer_len=max(len(e.completion_ids) for e in encodings),
+                       answer_len=math.ceil(sum(len(e.completion_ids) for e in encodings)
+                                           / len(encodings)),
                        fisher_batch_size=FISHER_BATCH, exact_batch_size=EXACT_BATCH,
                        rank=min(RANK, len(probes) - 1))
     path = RESULTS / f"bench_plan_{args.model}.json"

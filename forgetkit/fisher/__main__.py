@@ -19,13 +19,13 @@ from forgetkit.fisher.report import ReportConfig, run_report
 
 def plan_table(config: ReportConfig) -> str:
     """The memory plan of ``config``'s Fisher computations, from the base model's config."""
+    from forgetkit.fisher.pergrad import FisherError
     from forgetkit.fisher.plan import (
         available_memory,
         choose_representation,
         memory_plan,
         model_config,
     )
-    from forgetkit.fisher.pergrad import FisherError
     from forgetkit.models import resolve_device, resolve_dtype
 
     plan = memory_plan(model_config(config.base), params=config.params,

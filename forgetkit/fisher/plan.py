@@ -25,14 +25,16 @@ model entry, 4 = float32 accumulation):
   every layer (B·T·in·4 each, held until the backward pass reaches the layer) and one layer's
   per-example (B, out, in) products; activations of B examples; the diagonal fallback's
   per-example gradients for the parameters it keeps;
-- ``displacement`` (the exact d'Fd of one update): the update as tangents (P·s) and the
-  forward-mode product over E examples (primal and tangent activations of one layer at a
-  time: no graph is kept), and the logits of the scored positions only (E·A·V: their primal
-  and tangent, float64 copies, the softmax and products; A = ``answer_len``).
+- ``displacement`` (the exact d'Fd of one update): the forward-mode product over E examples
+  (primal and tangent activations of one layer at a time: no graph is kept) and the logits of
+  the scored positions only (E·A·V: their primal and tangent, float64 copies, the softmax and
+  products; A = ``answer_len``). The update itself is the caller's (the tangents are it, not
+  a copy, when it is in the model's dtype and device).
 
 Activations of b examples of T tokens with a graph (per decoder layer and token: ten hidden
 vectors, q/k/v, four intermediate vectors, one attention row per head; the logits three
-times) are ``b·T·s·(L·(10·h + 2·kv + 4·i + heads·T) + 3·V)``. The model is a budget, not a
+times) are ``b·T·s·(L·(10·h + 2·kv + 4·i + heads·T) + 3·V)``; without a graph one layer is
+alive at a time, ``b·T·s·(4·h + 3·i + heads·T)`` at its peak. The model is a budget, not a
 measurement: experiments/bench_plan.py compares it with the measured peak.
 
 Example:
@@ -204,9 +206,13 @@ def _activation_bytes(config, batch: int, seq_len: int, itemsize: int,
     heads = config.num_attention_heads
     kv = (getattr(config, "num_key_value_heads", None) or heads) * (hidden // heads)
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
-    layers = config.num_hidden_layers if layers is None else layers
-    per_token = layers * (10 * hidden + 2 * kv + 4 * intermediate + heads * seq_len) \
-        + 3 * config.vocab_size * logits
+    if layers is None:  # every layer's activations kept for the backward pass
+        per_token = config.num_hidden_layers * (10 * hidden + 2 * kv + 4 * intermediate
+                                                + heads * seq_len)
+    else:  # no graph: one layer at a time, whose peak is in the MLP (the residual stream, the
+        # normed input, gate, up and their product) or the attention rows
+        per_token = layers * (4 * hidden + 3 * intermediate + heads * seq_len)
+    per_token += 3 * config.vocab_size * logits
     return batch * seq_len * itemsize * per_token
 
 
@@ -243,8 +249,8 @@ def memory_plan(config_or_model, *, params: str | Sequence[str] | None = None,
         rank: k top directions.
         dtype: the model's dtype (accumulation is float32).
         mc_samples, oversample, power_iterations: as for :func:`forgetkit.fisher.low_rank`.
-        answer_len: scored (answer) tokens of the longest probe: the exact displacement runs the
-            output layer on those positions only.
+        answer_len: scored (answer) tokens per probe, on average: the exact displacement runs
+            the output layer on those positions only.
 
     Returns:
         A :class:`MemoryPlan`, rows in :data:`PLAN_REPRESENTATIONS` order.
@@ -300,9 +306,8 @@ def memory_plan(config_or_model, *, params: str | Sequence[str] | None = None,
                  "directions": rank * size * F64, "activations": 2 * act_exact},
                 f"{ncv} Lanczos vectors; passes are Fisher-vector products (approximate)"),
         _kfac_row(shapes, fallback, batch * mc_samples, seq_len, s, act),
-        PlanRow("displacement", size * s + 2 * act_layer + scored_logits, 1,
-                {"tangents": size * s, "activations": 2 * act_layer,
-                 "scored_logits": scored_logits},
+        PlanRow("displacement", 2 * act_layer + scored_logits, 1,
+                {"activations": 2 * act_layer, "scored_logits": scored_logits},
                 "exact d'Fd of one update (one pass per update)"),
     ]
     settings = {"params": params, "n_samples": n_samples, "seq_len": seq_len,
@@ -392,7 +397,7 @@ def choose_representation(plan: MemoryPlan, available: int, requested: str,
     if requested == "auto":
         fitting = [r for r in order if peaks[r] * HEADROOM <= available]
         if not fitting:
-            raise FisherError(f"no Fisher representation fits: predicted peaks "
+            raise FisherError("no Fisher representation fits: predicted peaks "
                               + ", ".join(f"{r} {_gib(b)}" for r, b in peaks.items())
                               + f" (x{HEADROOM} headroom); the device has {have}")
         return fitting[0], {**record, "chosen": fitting[0]}

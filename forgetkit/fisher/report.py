@@ -422,7 +422,8 @@ def resolve_representation(model: torch.nn.Module, tokenizer, sample: list,
     weight = next(model.parameters())
     plan = memory_plan(model, params=config.params, n_samples=len(sample),
                        seq_len=max(len(e.input_ids) for e in encodings),
-                       answer_len=max(len(e.completion_ids) for e in encodings),
+                       answer_len=math.ceil(sum(len(e.completion_ids) for e in encodings)
+                                           / len(encodings)),
                        fisher_batch_size=config.fisher_batch_size,
                        exact_batch_size=config.exact_batch_size,
                        rank=min(config.rank, len(sample) * config.mc_samples),

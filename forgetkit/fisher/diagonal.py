@@ -4,7 +4,7 @@
 of example ``i``'s sequence log-likelihood at its data labels (empirical, M = 1) or at label
 draw ``k`` (true Fisher, M = ``mc_samples``); see :mod:`forgetkit.fisher.pergrad`. A batch-mean
 gradient is never squared. The per-example ``f_i`` stream through a running mean and variance
-(Chan/Welford), so memory is O(P) beyond the model and the current block, and each entry has a
+(Chan et al.), so memory is O(P) beyond the model and the current block, and each entry has a
 standard error ``sqrt(var_i(f_ij) / N)``: the error bar of a mean over examples, counting both
 the choice of examples and the label draws. For fixed data it bounds the Monte-Carlo error of
 the true Fisher from above (with equality when all examples are the same).
@@ -54,8 +54,8 @@ logger = logging.getLogger(__name__)
 
 
 class RunningMoments:
-    """Count, mean and sum of squared deviations of a stream of tensors (Welford's update;
-    ranks merge with Chan et al.'s parallel form)."""
+    """Count, mean and sum of squared deviations of a stream of tensors (blocks and ranks
+    merge with Chan et al.'s parallel form)."""
 
     def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device):
         self.count = 0
@@ -63,17 +63,21 @@ class RunningMoments:
         self.m2 = torch.zeros(shape, dtype=dtype, device=device)
 
     def add(self, batch: Tensor) -> None:
-        """Add the samples ``batch`` (B, *shape) one by one (Welford); overwrites ``batch``.
+        """Add the samples ``batch`` (B, *shape); overwrites ``batch``.
 
-        In place and without (B, *shape) temporaries: on large models this loop is memory-bound,
-        and a batched merge would read the block several more times.
+        The block's own mean and squared deviations merge with the running ones (Chan et al.'s
+        pairwise update), in place and without (B, *shape) temporaries: on large models this
+        is memory-bound, and on small ones a per-sample update would be kernel-launch bound.
         """
-        for sample in batch.unbind(0):
-            self.count += 1
-            delta = sample.sub_(self.mean)  # x - mean_old
-            self.mean.add_(delta, alpha=1.0 / self.count)
-            # m2 += (x - mean_old)(x - mean_new) = delta^2 (1 - 1/n)
-            self.m2.addcmul_(delta, delta, value=1.0 - 1.0 / self.count)
+        size = batch.shape[0]
+        total = self.count + size
+        block_mean = batch.mean(0)
+        block_m2 = batch.sub_(block_mean).square_().sum(0)
+        delta = block_mean.sub_(self.mean)  # mean_block - mean_old
+        self.mean.add_(delta, alpha=size / total)
+        # m2 += m2_block + delta^2 n_old n_block / n
+        self.m2.add_(block_m2).addcmul_(delta, delta, value=self.count * size / total)
+        self.count = total
 
     def all_reduce(self) -> None:
         """Merge the moments of every rank (no-op outside torch.distributed)."""
@@ -203,8 +207,10 @@ def diagonal(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
         dtype: accumulation precision, ``torch.float32`` or ``torch.float64``.
         device: where accumulators and results live (default: the model's device); gradients
             are computed where the model is.
-        per_example: ``"auto"`` (vmap, checked against the loop on the first batch), ``"vmap"``
-            or ``"loop"``.
+        per_example: how per-example gradients are computed
+            (:mod:`forgetkit.fisher.pergrad`): ``"auto"`` (layer hooks, checked against the
+            backward loop on one example of the first batch; vmap or the loop if they do not
+            fit the model), ``"hooks"``, ``"vmap"`` or ``"loop"``.
         updates: name -> update; in the same pass, each example's diagonal proxy
             ``sum_j f_ij d_j^2`` of each update (``per_example_proxy``), so the proxy
             ``sum_j F_jj d_j^2`` gets an interval over examples.

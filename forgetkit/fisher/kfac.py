@@ -77,6 +77,7 @@ from torch import Tensor, nn
 from forgetkit.data.records import Probe, Record
 from forgetkit.diagnostics.loglik import completion_logprobs
 from forgetkit.fisher.diagonal import diagonal
+from forgetkit.fisher.hookgrad import linear_types
 from forgetkit.fisher.io import prepare_inputs
 from forgetkit.fisher.kronecker import KroneckerFactors, KroneckerFisher
 from forgetkit.fisher.pergrad import (
@@ -117,14 +118,6 @@ class _Layer:
         return out, inputs + (self.bias is not None)
 
 
-def _linear_types() -> tuple[type, ...]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers without Conv1D: nn.Linear only
-        return (nn.Linear,)
-    return (nn.Linear, Conv1D)
-
-
 def _plan_layers(model: nn.Module, chosen: dict[str, Tensor], max_factor_dim: int
                  ) -> tuple[dict[str, _Layer], dict[str, str]]:
     """Split the chosen parameters into factored layers and the diagonal fallback (with the
@@ -137,7 +130,7 @@ def _plan_layers(model: nn.Module, chosen: dict[str, Tensor], max_factor_dim: in
     layers: dict[str, _Layer] = {}
     reasons: dict[str, str] = {}
     for module_name, module in model.named_modules():
-        if not isinstance(module, _linear_types()):
+        if not isinstance(module, linear_types()):
             continue
         weight = canonical.get(id(module.weight))
         if weight not in chosen:
@@ -161,7 +154,7 @@ def _plan_layers(model: nn.Module, chosen: dict[str, Tensor], max_factor_dim: in
         if name in covered or name in reasons:
             continue
         owner = model.get_submodule(users[id(p)][0])
-        if isinstance(owner, _linear_types()):
+        if isinstance(owner, linear_types()):
             reasons[name] = "the bias of a linear layer whose weight is not selected"
         else:
             reasons[name] = f"{type(owner).__name__} is not a linear layer"

@@ -11,12 +11,22 @@ For example ``i`` with completion labels ``y`` (``-100`` on prompt and padding, 
   Draws for example ``i`` come from their own generator seeded by ``(seed, i)``, so they do not
   depend on batch size, shard or order, and the caller's RNG is untouched.
 
-Gradients are computed with ``vmap(grad(loglik))`` over the rows of a right-padded batch. Under
-right padding and causal attention no scored position attends to padding, so the vectorized
-forward takes ``input_ids`` and an all-ones mask (no padding mask or position ids, whose
-data-dependent checks vmap cannot trace). Before trusting it, the first batch is checked against a plain
-per-example backward pass on its longest and shortest example; on any failure or mismatch the
-loop is used for the rest of the run and the reason is logged.
+Three ways to the same gradients (``per_example``):
+
+* ``"hooks"``: one ordinary forward and backward pass of the batch, each layer's per-row
+  gradient formed from its inputs and output gradients (:mod:`forgetkit.fisher.hookgrad`: a
+  batched matrix product per linear layer, an indexed sum per embedding, the module's own
+  ``vjp`` for norms). The rows run right-padded with their attention mask and position ids.
+* ``"vmap"``: ``vmap(grad(loglik))`` over the rows of a right-padded batch. Under right padding
+  and causal attention no scored position attends to padding, so the vectorized forward takes
+  ``input_ids`` and an all-ones mask (no padding mask or position ids, whose data-dependent
+  checks vmap cannot trace).
+* ``"loop"``: one backward pass per unpadded row, the reference.
+
+``"auto"`` checks the first batch before trusting a method: hooks against the loop on the
+batch's shortest row (the most padding), which costs one example's backward pass; if the hooks
+cannot run on the model or disagree, vmap against the loop on the longest and shortest row; if
+that fails too, the loop. The choice is kept for the rest of the run and the reason logged.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import contextlib
 import logging
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Literal
@@ -37,6 +47,7 @@ from torch.func import functional_call, grad, vmap
 
 from forgetkit.data.records import Probe, Record
 from forgetkit.diagnostics.loglik import sequence_loglik
+from forgetkit.fisher.hookgrad import HookGradients, hook_gradients
 from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode
 from forgetkit.seeding import stable_hash
 
@@ -65,7 +76,8 @@ logger = logging.getLogger(__name__)
 
 Estimator = Literal["empirical", "true"]
 ESTIMATORS: tuple[str, ...] = ("empirical", "true")
-PerExample = Literal["auto", "vmap", "loop"]
+PerExample = Literal["auto", "hooks", "vmap", "loop"]
+PER_EXAMPLE: tuple[str, ...] = ("auto", "hooks", "vmap", "loop")
 # normwise relative difference allowed between the vmap and loop gradients of one example
 _CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 
@@ -279,12 +291,13 @@ class GradientBlock:
 
     Attributes:
         grads: name -> (E * M, *shape), example-major (row ``e * M + k``: draw ``k`` of
-            example ``e``), in the model's dtype.
+            example ``e``), in the model's dtype; under layer hooks each tensor is formed
+            when looked up, so look each name up once.
         examples: the E indices of the examples in the full data.
         draws: M, gradient rows per example (1 for the empirical Fisher).
     """
 
-    grads: dict[str, Tensor]
+    grads: Mapping[str, Tensor]
     examples: list[int]
     draws: int
 
@@ -356,8 +369,8 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 class GradientStream:
     """Streams :class:`GradientBlock` s over this process's shard of the data.
 
-    Each pass (each iteration) recomputes the gradients; the vmap/loop choice is made on the
-    first block of the first pass and kept. Under torch.distributed each rank takes its
+    Each pass (each iteration) recomputes the gradients; the hooks/vmap/loop choice is made on
+    the first block of the first pass and kept. Under torch.distributed each rank takes its
     :func:`shard_indices`.
     """
 
@@ -372,9 +385,8 @@ class GradientStream:
         if mc_samples < 1 or batch_size < 1:
             raise FisherError(f"mc_samples and batch_size must be >= 1, got {mc_samples} and "
                               f"{batch_size}")
-        if per_example not in ("auto", "vmap", "loop"):
-            raise FisherError(f"per_example must be 'auto', 'vmap' or 'loop', got "
-                              f"{per_example!r}")
+        if per_example not in PER_EXAMPLE:
+            raise FisherError(f"per_example must be one of {PER_EXAMPLE}, got {per_example!r}")
         self.model, self.encodings, self.estimator = model, encodings, estimator
         self.params = {name: p.detach() for name, p in params.items()}
         self.draws = mc_samples if estimator == "true" else 1
@@ -389,10 +401,13 @@ class GradientStream:
             batch = collate([self.encodings[i] for i in examples], self.pad_token_id,
                             device=self.device)
             labels = self._labels(batch, examples)
-            input_ids = batch["input_ids"].repeat_interleave(self.draws, dim=0)
-            lengths = batch["attention_mask"].sum(-1).repeat_interleave(self.draws).tolist()
-            grads = self._gradients(input_ids, labels, lengths)
-            _check_finite(grads, examples, self.draws)
+            rows = {key: batch[key].repeat_interleave(self.draws, dim=0)
+                    for key in ("input_ids", "attention_mask", "position_ids")}
+            grads = self._gradients(rows, labels)
+            if not isinstance(grads, HookGradients):  # those check each tensor as formed
+                _check_finite(grads, examples, self.draws)
+            else:
+                grads = _FiniteChecked(grads, examples, self.draws)
             yield GradientBlock(grads, examples, self.draws)
 
     def _labels(self, batch: dict[str, Tensor], examples: list[int]) -> Tensor:
@@ -405,12 +420,52 @@ class GradientStream:
                                 position_ids=batch["position_ids"], use_cache=False).logits
         return sample_labels(logits, batch["labels"], self.draws, generators)
 
-    def _gradients(self, input_ids: Tensor, labels: Tensor, lengths: list[int]
-                   ) -> dict[str, Tensor]:
+    def _gradients(self, rows: dict[str, Tensor], labels: Tensor) -> Mapping[str, Tensor]:
+        input_ids = rows["input_ids"]
+        lengths = rows["attention_mask"].sum(-1).tolist()
         if self.mode == "loop":
             return loop_gradients(self.model, self.params, input_ids, labels, lengths)
         if self.mode == "vmap":
             return vmap_gradients(self.model, self.params, input_ids, labels)
+        if self.mode == "hooks":
+            return hook_gradients(self.model, self.params, rows, labels)
+        if self.mode is None:  # auto, first block: hooks if they match the loop
+            grads = self._checked_hooks(rows, labels, lengths)
+            if grads is not None:
+                return grads
+        return self._checked_vmap(input_ids, labels, lengths)
+
+    def _checked_hooks(self, rows: dict[str, Tensor], labels: Tensor, lengths: list[int]
+                       ) -> HookGradients | None:
+        """Hook gradients of the first block, checked against the loop on its shortest row
+        (the one with the most padding); ``None`` (and mode "auto-vmap") if they fail or
+        disagree."""
+        name = type(self.model).__name__
+        try:
+            grads = hook_gradients(self.model, self.params, rows, labels)
+            row = min(range(len(lengths)), key=lengths.__getitem__)
+            ours = {n: g[None] for n, g in grads.row(row).items()}
+        except Exception as err:  # an unsupported module or any other failure: use vmap
+            logger.info("per-example gradients: layer hooks cannot handle %s (%s: %s); trying "
+                        "vmap", name, type(err).__name__, str(err).splitlines()[0][:200])
+            self.mode = "auto-vmap"
+            return None
+        reference = loop_gradients(self.model, self.params, rows["input_ids"][[row]],
+                                   labels[[row]], [lengths[row]])
+        error = _relative_difference(ours, reference)
+        tolerance = _CHECK_RTOL.get(next(iter(self.params.values())).dtype, 1e-3)
+        if not error <= tolerance and not math.isnan(error):
+            logger.warning("per-example gradients: layer hooks and the backward loop disagree "
+                           "on %s (relative difference %.3g > %.1g); trying vmap", name, error,
+                           tolerance)
+            self.mode = "auto-vmap"
+            return None
+        logger.info("per-example gradients: layer hooks (match the loop to %.2g)", error)
+        self.mode = "hooks"
+        return grads
+
+    def _checked_vmap(self, input_ids: Tensor, labels: Tensor, lengths: list[int]
+                      ) -> dict[str, Tensor]:
         try:
             grads = vmap_gradients(self.model, self.params, input_ids, labels)
         except Exception as err:  # any tracing failure means: use the loop
@@ -437,7 +492,25 @@ class GradientStream:
         return grads
 
 
-def _relative_difference(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+class _FiniteChecked(Mapping[str, Tensor]):
+    """A :class:`HookGradients` whose tensors are checked for non-finite entries as formed."""
+
+    def __init__(self, grads: HookGradients, examples: list[int], draws: int):
+        self.grads, self.examples, self.draws = grads, examples, draws
+
+    def __getitem__(self, name: str) -> Tensor:
+        g = self.grads[name]
+        _check_finite({name: g}, self.examples, self.draws)
+        return g
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.grads)
+
+    def __len__(self) -> int:
+        return len(self.grads)
+
+
+def _relative_difference(a: Mapping[str, Tensor], b: dict[str, Tensor]) -> float:
     diff = sum(float((a[n].double() - b[n].double()).pow(2).sum()) for n in b)
     norm = sum(float(b[n].double().pow(2).sum()) for n in b)
     return (diff / max(norm, torch.finfo(torch.float64).tiny)) ** 0.5

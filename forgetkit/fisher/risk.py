@@ -63,8 +63,9 @@ def forgetting_risk(model, tokenizer, records: Sequence[Record], fisher: FisherM
                                 batch_size=batch_size, seed=0,
                                 pad_token_id=tokenizer.pad_token_id or 0, per_example="auto")
         for block in stream:
+            grads = {n: block.grads[n] for n in params}  # each formed once per block
             for row, index in enumerate(block.examples):
-                g = {n: block.grads[n][row].double() for n in params}
+                g = {n: v[row].double() for n, v in grads.items()}
                 sq_norm = float(sum(v.square().sum() for v in g.values()))
                 quad = fisher.quad_form(g)
                 coordinates = fisher.coordinates(g, k)

@@ -14,6 +14,7 @@ from forgetkit import fisher
 from forgetkit.data.records import Probe
 from forgetkit.diagnostics.loglik import sequence_loglik
 from forgetkit.fisher.diagonal import RunningMoments
+from forgetkit.fisher.hookgrad import hook_gradients
 from forgetkit.fisher.pergrad import GradientStream, loop_gradients, vmap_gradients
 from forgetkit.models import Encoding, collate
 
@@ -78,7 +79,7 @@ def test_empirical_diagonal_equals_per_example_backward_loop(arch):
     model, data = tiny_model(arch), tiny_data(7)
     names = [n for n, _ in model.named_parameters()]
     reference = {n: g.square().mean(0) for n, g in reference_gradients(model, data, names).items()}
-    for per_example in ("vmap", "loop"):
+    for per_example in ("auto", "hooks", "vmap", "loop"):
         result = fisher.diagonal(model, None, data, estimator="empirical", batch_size=3,
                                  dtype=torch.float64, per_example=per_example)
         assert list(result.values) == names
@@ -197,15 +198,22 @@ def test_running_moments_match_two_pass_mean_and_variance(sizes, seed):
 
 
 class _NoVmap(torch.nn.Module):
-    """Calls ``.item()`` in forward, which vmap cannot trace."""
+    """Calls ``.item()`` in forward, which vmap cannot trace; with ``own_parameter``, also
+    scales the logits by a parameter of its own, used in a forward the layer hooks cannot
+    take apart (it takes keyword tensors)."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, own_parameter: bool = False):
         super().__init__()
         self.inner, self.config = inner, inner.config
+        if own_parameter:
+            self.scale = torch.nn.Parameter(torch.tensor([1.3], dtype=torch.float64))
 
     def forward(self, input_ids, **kwargs):
         assert input_ids.max().item() < self.config.vocab_size
-        return self.inner(input_ids=input_ids, **kwargs)
+        out = self.inner(input_ids=input_ids, **kwargs)
+        if hasattr(self, "scale"):
+            out.logits = out.logits * self.scale
+        return out
 
 
 class _SeesPadding(torch.nn.Module):
@@ -222,17 +230,71 @@ class _SeesPadding(torch.nn.Module):
         return out
 
 
-@pytest.mark.parametrize(("wrapper", "reason"), [(_NoVmap, "vmap cannot trace"),
-                                                 (_SeesPadding, "disagree")])
-def test_models_vmap_cannot_handle_fall_back_to_the_loop(wrapper, reason, caplog):
+class _MixesRows(_SeesPadding):
+    """Also adds the batch mean of the logits to each row: rows of a batch interact."""
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        out = super().forward(input_ids, attention_mask=attention_mask, **kwargs)
+        out.logits = out.logits + 0.1 * out.logits.mean(0, keepdim=True)
+        return out
+
+
+@pytest.mark.parametrize(("wrapper", "messages"), [
+    (_NoVmap, []),  # the hooks take it: vmap is never tried
+    (_SeesPadding, []),  # the hooks pass the real attention mask
+    (lambda m: _NoVmap(m, own_parameter=True), ["layer hooks cannot handle _NoVmap",
+                                                "vmap cannot trace", "loop"]),
+    (_MixesRows, ["layer hooks and the backward loop disagree",
+                  "vmap and the backward loop disagree", "loop"])])
+def test_models_the_hooks_or_vmap_cannot_handle_fall_back(wrapper, messages, caplog):
     model, data = wrapper(tiny_model("llama", seed=7)), tiny_data(6, seed=7)
     names = [n for n, _ in model.named_parameters()]
-    with caplog.at_level(logging.WARNING, logger="forgetkit.fisher.pergrad"):
+    with caplog.at_level(logging.INFO, logger="forgetkit.fisher.pergrad"):
         result = fisher.diagonal(model, None, data, estimator="empirical", batch_size=6,
                                  dtype=torch.float64)
-    assert reason in caplog.text and "loop" in caplog.text
+    for message in messages:
+        assert message in caplog.text
+    if not messages:
+        assert "layer hooks (match the loop" in caplog.text
     reference = {n: g.square().mean(0) for n, g in reference_gradients(model, data, names).items()}
     assert_close(result.values, reference, rtol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hooks_equal_loop_for_true_fisher_draws(arch):
+    """Repeated label draws per example: the hooks' rows (example-major) match the loop's."""
+    model, data = tiny_model(arch, seed=12), tiny_data(5, seed=12)
+    hooks, loop = (fisher.diagonal(model, None, data, mc_samples=3, batch_size=2, seed=4,
+                                   dtype=torch.float64, per_example=mode)
+                   for mode in ("hooks", "loop"))
+    assert_close(hooks.values, loop.values, rtol=1e-10)
+    assert_close(hooks.stderr, loop.stderr, rtol=1e-9)
+
+
+def test_hooks_take_a_norm_that_needs_its_own_parameter_shape():
+    """torch's nn.RMSNorm rejects a per-row copy of its weight: the module's vjp per row."""
+    model, data = tiny_model("llama", seed=14), tiny_data(5, seed=14)
+    norm = torch.nn.RMSNorm(8, eps=1e-6, dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(8, generator=torch.Generator().manual_seed(0),
+                                      dtype=torch.float64))
+    model.model.norm = norm
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    batch = collate(data, pad_token_id=0)
+    got = hook_gradients(model, params, batch, batch["labels"])
+    assert_close({n: got[n] for n in params}, reference_gradients(model, data, list(params)),
+                 rtol=1e-10)
+
+
+def test_hooks_skip_the_embedding_padding_index_as_autograd_does():
+    model, data = tiny_model("llama", seed=13), tiny_data(6, seed=13)
+    model.model.embed_tokens.padding_idx = data[0].input_ids[1]  # a real token of the data
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    batch = collate(data, pad_token_id=0)
+    got = hook_gradients(model, params, batch, batch["labels"])
+    reference = reference_gradients(model, data, list(params))
+    assert_close({n: got[n] for n in params}, reference, rtol=1e-10)
+    assert not got["model.embed_tokens.weight"][:, model.model.embed_tokens.padding_idx].any()
 
 
 def test_loop_gradients_respects_subsets_and_leaves_requires_grad():
@@ -292,18 +354,20 @@ def test_stream_shards_nothing_in_one_process():
     assert sorted(i for block in stream for i in block.examples) == list(range(5))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_vmap_traces_a_model_whose_config_sets_pad_token_id(arch, caplog):
+@pytest.mark.parametrize(("arch", "per_example"), itertools.product(["llama", "gpt2"],
+                                                                    ["auto", "vmap"]))
+def test_vmap_traces_a_model_whose_config_sets_pad_token_id(arch, per_example, caplog):
     """pad = eos is common; transformers' padding check must not push the run onto the loop."""
     model, data = tiny_model(arch, seed=3), tiny_data(5, seed=3)
     model.config.pad_token_id = 0
     params = {n: p.detach() for n, p in model.named_parameters()}
     stream = GradientStream(model, data, params, estimator="empirical", mc_samples=1,
-                            batch_size=4, seed=0, pad_token_id=0, per_example="auto")
+                            batch_size=4, seed=0, pad_token_id=0, per_example=per_example)
     with caplog.at_level(logging.WARNING, logger="forgetkit.fisher.pergrad"):
-        blocks = list(stream)
-    assert stream.mode == "vmap" and not caplog.records
-    grads = {n: torch.cat([b.grads[n] for b in blocks]) for n in params}
-    order = [i for b in blocks for i in b.examples]
+        blocks = [{n: b.grads[n] for n in params} for b in stream]
+    assert stream.mode == {"auto": "hooks", "vmap": "vmap"}[per_example]
+    assert not caplog.records
+    grads = {n: torch.cat([b[n] for b in blocks]) for n in params}
+    order = list(stream.indices)
     reference = reference_gradients(model, [data[i] for i in order], list(params))
     assert_close(grads, reference, rtol=1e-10)

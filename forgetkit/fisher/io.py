@@ -41,6 +41,7 @@ from forgetkit.fisher.pergrad import (
     distributed_shard,
     encode_data,
     select_parameters,
+    unwrap_model,
 )
 from forgetkit.models import Encoding
 from forgetkit.seeding import stable_hash
@@ -123,6 +124,9 @@ class FisherInputs:
     """What every estimator starts from (:func:`prepare_inputs`).
 
     Attributes:
+        model: the model to run: the one passed, unwrapped from ``DistributedDataParallel`` /
+            ``DataParallel`` (:func:`~forgetkit.fisher.pergrad.unwrap_model`), so parameter
+            names, hooks and provenance are the plain model's.
         encodings: the examples, encoded (completion tokens labelled).
         params: name -> the selected parameters of the model, in the model's order.
         device: where accumulators and results live.
@@ -131,6 +135,7 @@ class FisherInputs:
         provenance: of the Fisher about to be computed.
     """
 
+    model: torch.nn.Module
     encodings: list[Encoding]
     params: dict[str, Tensor]
     device: torch.device
@@ -143,21 +148,22 @@ def prepare_inputs(model: torch.nn.Module, tokenizer, data: Sequence, *,
                    params: str | Sequence[str] | None, device: str | torch.device | None,
                    dtype: torch.dtype, estimator: str, mc_samples: int, seed: int
                    ) -> FisherInputs:
-    """The setup the diagonal, low-rank and Kronecker-factored estimators share: check the
-    accumulation ``dtype``, encode ``data``, select ``params``, pick the device (default: the
-    first selected parameter's) and record the provenance.
+    """The setup the diagonal, low-rank and Kronecker-factored estimators share: unwrap the
+    model from DDP, check the accumulation ``dtype``, encode ``data``, select ``params``, pick
+    the device (default: the first selected parameter's) and record the provenance.
 
     Raises:
-        FisherError: a bad ``dtype``, empty data or an example without completion tokens, a
-            pattern that selects no parameter.
+        FisherError: an FSDP-sharded model, a bad ``dtype``, empty data or an example without
+            completion tokens, a pattern that selects no parameter.
     """
+    model = unwrap_model(model)
     dtype = accumulation_dtype(dtype)
     encodings = encode_data(tokenizer, data)
     chosen = select_parameters(model, params)
     device = torch.device(device) if device is not None else next(iter(chosen.values())).device
     provenance = make_provenance(model, encodings, estimator=estimator, mc_samples=mc_samples,
                                  seed=seed, params=params, dtype=dtype)
-    return FisherInputs(encodings=encodings, params=chosen, device=device,
+    return FisherInputs(model=model, encodings=encodings, params=chosen, device=device,
                         pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0, dtype=dtype,
                         provenance=provenance)
 

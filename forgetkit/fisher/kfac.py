@@ -89,7 +89,6 @@ from forgetkit.fisher.pergrad import (
     select_parameters,
     shard_indices,
     true_fisher_generators,
-    unwrap_model,
 )
 from forgetkit.models import IGNORE_INDEX, Encoding, collate
 
@@ -366,7 +365,6 @@ def kfac(model: nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding],
             pass or sees inputs other than (batch, tokens, features), or an FSDP-sharded model
             (the message says how to pass an unsharded copy).
     """
-    model = unwrap_model(model)
     if estimator not in ESTIMATORS:
         raise FisherError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if estimator == "empirical" and mc_samples != 1:
@@ -379,8 +377,8 @@ def kfac(model: nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding],
         raise FisherError(f"tokens must be one of {TOKENS}, got {tokens!r}")
     inputs = prepare_inputs(model, tokenizer, data, params=params, device=device, dtype=dtype,
                             estimator=estimator, mc_samples=mc_samples, seed=seed)
-    encodings, chosen, device, dtype = (inputs.encodings, inputs.params, inputs.device,
-                                        inputs.dtype)
+    model, encodings, chosen = inputs.model, inputs.encodings, inputs.params
+    device, dtype = inputs.device, inputs.dtype
     layers, reasons = _plan_layers(model, chosen, max_factor_dim)
     if not layers:
         why = "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:3])

@@ -85,6 +85,27 @@ WORKER = textwrap.dedent('''
         }
 
 
+    def compute_exact(model, data, batch_size):
+        """Label-free Fisher: Lanczos eigenpairs and the displacement of a fixed update."""
+        generator = torch.Generator().manual_seed(3)
+        update = {name: torch.randn(p.shape, generator=generator, dtype=p.dtype)
+                  for name, p in build()[0].named_parameters()}  # the plain model's names
+        return {
+            "exact": fisher.low_rank(model, None, data, rank=3, method="exact",
+                                     batch_size=batch_size),
+            "displacement": fisher.displacement(model, None, data, update,
+                                                batch_size=batch_size, per_module=True),
+        }
+
+
+    def save(result, path):
+        """A Fisher as its two files; a displacement as its JSON."""
+        if isinstance(result, fisher.Displacement):
+            path.with_suffix(".json").write_text(json.dumps(result.to_dict()))
+        else:
+            result.save(path)
+
+
     def fsdp_refusal(data):
         """The message kfac raises on an FSDP-sharded model."""
         from torch.distributed.fsdp import fully_shard
@@ -103,14 +124,16 @@ WORKER = textwrap.dedent('''
 
         dist.init_process_group("gloo")
         model, data = build()
-        results = {**compute(model, data, batch_size=2), **compute_kfac(model, data, batch_size=2)}
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        results.update((f"{name}_ddp", result)
-                       for name, result in compute_kfac(ddp, data, batch_size=2).items())
+        results = {}
+        for compute_all in (compute, compute_kfac, compute_exact):
+            results.update(compute_all(model, data, batch_size=2))
+            results.update((f"{name}_ddp", result)
+                           for name, result in compute_all(ddp, data, batch_size=2).items())
         refusal = fsdp_refusal(data)
         if dist.get_rank() == 0:
             for name, result in results.items():
-                result.save(Path(sys.argv[1]) / name)
+                save(result, Path(sys.argv[1]) / name)
             (Path(sys.argv[1]) / "fsdp.json").write_text(json.dumps(refusal))
         dist.barrier()
         dist.destroy_process_group()
@@ -148,6 +171,33 @@ def test_two_gloo_processes_match_one(two_processes):
                                    atol=0)
         for param, u in single[kind].directions.items():  # one sign convention on both sides
             torch.testing.assert_close(loaded.directions[param], u, rtol=1e-8, atol=1e-10)
+
+
+def test_a_ddp_wrapped_model_gives_the_plain_models_fisher(two_processes):
+    """Diagonal, low-rank (every method) and the displacement unwrap DDP: the same parameter
+    names (no "module." prefix), provenance and values as the plain model on the same ranks."""
+    tmp_path, module = two_processes
+    model, data = module.build()
+    for kind in ("diag", "gram", "randomized", "exact"):
+        plain, ddp = (fisher.load(tmp_path / name, model) for name in (kind, f"{kind}_ddp"))
+        assert ddp.shapes == plain.shapes and ddp.provenance == plain.provenance
+        if kind == "diag":
+            for name, values in plain.values.items():
+                assert_relative(ddp.values[name], values, 1e-10)
+                assert_relative(ddp.stderr[name], plain.stderr[name], 1e-10)
+        else:
+            assert_relative(ddp.eigenvalues, plain.eigenvalues, 1e-10)
+            for name, u in plain.directions.items():
+                assert_relative(ddp.directions[name], u, 1e-10)
+    plain, ddp = (json.loads((tmp_path / name).with_suffix(".json").read_text())
+                  for name in ("displacement", "displacement_ddp"))
+    single = module.compute_exact(model, data, batch_size=3)["displacement"]
+    assert list(plain["per_module"]) == ["embed", "position", "mix", "head"]
+    for result in (ddp, plain):  # each probe's form on one rank, then all-reduced
+        for name, stats in plain["per_module"].items():
+            assert result["per_module"][name] == pytest.approx(stats, rel=1e-10)
+        values = torch.tensor(list(result["per_probe"].values()), dtype=torch.float64)
+        assert_relative(values, torch.from_numpy(single.per_probe), 1e-10)
 
 
 def test_kfac_on_two_gloo_processes_matches_one_process_plain_and_ddp(two_processes):

@@ -16,7 +16,6 @@ stored (in, out) (GPT-2's ``Conv1D``) it is the transpose of the parameter's upd
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import operator
@@ -44,6 +43,7 @@ from forgetkit.fisher.pergrad import (
     unwrap_model,
 )
 from forgetkit.models import Encoding
+from forgetkit.models.storage import weights_hash
 from forgetkit.seeding import stable_hash
 
 __all__ = ["Delta", "FisherInputs", "FisherMatrix", "Provenance", "accumulation_dtype",
@@ -84,15 +84,6 @@ class Provenance:
     dtype: str
     forgetkit_version: str
     world_size: int = 1
-
-
-def weights_hash(model: torch.nn.Module) -> str:
-    """A hex digest of every parameter's name, shape, dtype and bytes."""
-    digest = hashlib.sha256()
-    for name, p in model.named_parameters():
-        digest.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
-        digest.update(memoryview(p.detach().cpu().contiguous().view(torch.uint8).numpy()))
-    return digest.hexdigest()[:16]
 
 
 def make_provenance(model: torch.nn.Module, encodings: Sequence[Encoding], *, estimator: str,
@@ -146,17 +137,19 @@ class FisherInputs:
 
 def prepare_inputs(model: torch.nn.Module, tokenizer, data: Sequence, *,
                    params: str | Sequence[str] | None, device: str | torch.device | None,
-                   dtype: torch.dtype, estimator: str, mc_samples: int, seed: int
-                   ) -> FisherInputs:
+                   dtype: torch.dtype, estimator: str, mc_samples: int, seed: int,
+                   allow_fsdp: bool = False) -> FisherInputs:
     """The setup the diagonal, low-rank and Kronecker-factored estimators share: unwrap the
     model from DDP, check the accumulation ``dtype``, encode ``data``, select ``params``, pick
     the device (default: the first selected parameter's) and record the provenance.
+    ``allow_fsdp`` accepts a model sharded by FSDP2 (see
+    :func:`~forgetkit.fisher.pergrad.unwrap_model`).
 
     Raises:
-        FisherError: an FSDP-sharded model, a bad ``dtype``, empty data or an example without
-            completion tokens, a pattern that selects no parameter.
+        FisherError: a sharded model (unless allowed), a bad ``dtype``, empty data or an
+            example without completion tokens, a pattern that selects no parameter.
     """
-    model = unwrap_model(model)
+    model = unwrap_model(model, allow_fsdp=allow_fsdp)
     dtype = accumulation_dtype(dtype)
     encodings = encode_data(tokenizer, data)
     chosen = select_parameters(model, params)

@@ -106,17 +106,38 @@ WORKER = textwrap.dedent('''
             result.save(path)
 
 
-    def fsdp_refusal(data):
-        """The message kfac raises on an FSDP-sharded model."""
+    def compute_factored(model, data, batch_size):
+        """EK-FAC of the linear layers only (no diagonal fallback), with both estimators."""
+        return {
+            "kfac_linear_true": fisher.kfac(model, None, data, params=["mix", "head"],
+                                            mc_samples=2, batch_size=batch_size,
+                                            dtype=torch.float64, seed=4),
+            "kfac_linear_empirical": fisher.kfac(model, None, data, params=["mix", "head"],
+                                                 estimator="empirical", tokens="all",
+                                                 batch_size=batch_size, dtype=torch.float64),
+        }
+
+
+    def sharded():
+        """The model sharded by FSDP2: each linear layer, then the rest."""
         from torch.distributed.fsdp import fully_shard
 
         model, _ = build()
-        fully_shard(model)
-        try:
-            fisher.kfac(model, None, data, dtype=torch.float64)
-        except fisher.FisherError as err:
-            return str(err)
-        return ""
+        for module in (model.mix, model.head, model):
+            fully_shard(module)
+        return model
+
+
+    def fsdp_refusals(model, data):
+        """What the diagonal and kfac with its diagonal fallback say of an FSDP-sharded model."""
+        messages = {}
+        for name, call in (("diagonal", fisher.diagonal), ("kfac", fisher.kfac)):
+            try:
+                call(model, None, data, dtype=torch.float64)
+                messages[name] = ""
+            except fisher.FisherError as err:
+                messages[name] = str(err)
+        return messages
 
 
     if __name__ == "__main__":
@@ -130,11 +151,15 @@ WORKER = textwrap.dedent('''
             results.update(compute_all(model, data, batch_size=2))
             results.update((f"{name}_ddp", result)
                            for name, result in compute_all(ddp, data, batch_size=2).items())
-        refusal = fsdp_refusal(data)
+        fsdp = sharded()
+        # batches of 3: shards of 4 and 3 examples take 2 and 1 batches (rank 1 idles once)
+        results.update((f"{name}_fsdp", result)
+                       for name, result in compute_factored(fsdp, data, batch_size=3).items())
+        refusals = fsdp_refusals(fsdp, data)
         if dist.get_rank() == 0:
             for name, result in results.items():
                 save(result, Path(sys.argv[1]) / name)
-            (Path(sys.argv[1]) / "fsdp.json").write_text(json.dumps(refusal))
+            (Path(sys.argv[1]) / "fsdp.json").write_text(json.dumps(refusals))
         dist.barrier()
         dist.destroy_process_group()
         os._exit(0)  # gloo threads can abort during interpreter teardown (pytorch#179291)
@@ -228,6 +253,34 @@ def test_kfac_on_two_gloo_processes_matches_one_process_plain_and_ddp(two_proces
                                                             rel=1e-10, abs=0)
 
 
-def test_kfac_refuses_an_fsdp_sharded_model_naming_the_workaround(two_processes):
-    refusal = json.loads((two_processes[0] / "fsdp.json").read_text())
-    assert "sharded" in refusal and "unsharded copy" in refusal
+def test_kfac_of_an_fsdp_sharded_model_matches_one_process(two_processes):
+    """FSDP2 gathers each layer's weights for its forward and backward, so the hooks see what
+    they see on a plain model; the rank with fewer batches idles while the other runs its
+    last one; the provenance hashes the gathered weights."""
+    tmp_path, module = two_processes
+    model, data = module.build()
+    single = module.compute_factored(model, data, batch_size=2)
+    generator = torch.Generator().manual_seed(2)
+    delta = {name: torch.randn(shape, generator=generator, dtype=torch.float64)
+             for name, shape in single["kfac_linear_true"].shapes.items()}
+    for name, expected in single.items():
+        loaded = fisher.load(tmp_path / f"{name}_fsdp", model)
+        assert loaded.quad_form(delta) == pytest.approx(expected.quad_form(delta), rel=1e-10,
+                                                        abs=0)
+        assert loaded.fallback is None and list(loaded.layers) == ["mix", "head"]
+        assert loaded.provenance.weights_hash == expected.provenance.weights_hash
+        assert loaded.provenance.world_size == 2 and loaded.n == 7
+        for layer_name, layer in expected.layers.items():
+            other = loaded.layers[layer_name]
+            assert other.tokens == layer.tokens
+            for factor in ("activation_eigenvalues", "gradient_eigenvalues", "eigenvalues"):
+                assert_relative(getattr(other, factor), getattr(layer, factor), 1e-10)
+
+
+def test_fsdp_is_refused_where_whole_parameters_are_needed(two_processes):
+    """The diagonal (per-example gradients of whole parameters) refuses an FSDP-sharded model
+    naming the workaround; kfac refuses it when parameters would go to its diagonal fallback."""
+    refusals = json.loads((two_processes[0] / "fsdp.json").read_text())
+    assert "sharded" in refusals["diagonal"] and "unsharded copy" in refusals["diagonal"]
+    assert "diagonal fallback needs whole parameters" in refusals["kfac"]
+    assert "embed.weight" in refusals["kfac"] and "linear layers only" in refusals["kfac"]

@@ -72,7 +72,7 @@ from forgetkit.files import append_jsonl, atomic_write_jsonl
 from forgetkit.fisher.delta import ParamDelta, lora_factors
 from forgetkit.fisher.exact import displacement as exact_displacement
 from forgetkit.fisher.kl import measured_kl
-from forgetkit.fisher.pergrad import ESTIMATORS
+from forgetkit.fisher.pergrad import ESTIMATORS, unwrap_model
 from forgetkit.models import encode, eval_mode
 
 __all__ = ["ForgettingCallback"]
@@ -185,12 +185,6 @@ def _full_precision_forward(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.forward = wrapped
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
-        model = model.module
-    return model
 
 
 # --- checks ---------------------------------------------------------------------------------------
@@ -335,7 +329,7 @@ class ForgettingCallback(TrainerCallback):
             raise ValueError("ForgettingCallback(every=None) measures at the trainer's "
                              "evaluations, but eval_strategy is 'no': pass every=N or set "
                              "eval_strategy='steps' and eval_steps")
-        model = _unwrap(model if model is not None else self.trainer.model)
+        model = unwrap_model(model if model is not None else self.trainer.model)
         theirs = _text_tokenizer(processing_class)
         tokenizer = _text_tokenizer(self.tokenizer) if self.tokenizer is not None else theirs
         if tokenizer is None:

@@ -192,7 +192,9 @@ def diagonal(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
     """Diagonal Fisher of a causal LM on ``data``.
 
     Args:
-        model: a causal LM (any dtype/device; run in eval mode, its mode restored after).
+        model: a causal LM (any dtype/device; run in eval mode, its mode restored after),
+            plain or wrapped in ``DistributedDataParallel`` (unwrapped: parameter names are the
+            inner model's); not sharded by FSDP.
         tokenizer: encodes Records (prompt + target) and Probes (prompt + answer); may be
             ``None`` when ``data`` are :class:`~forgetkit.models.Encoding` s.
         data: the examples; only completion tokens enter the log-likelihood.
@@ -219,14 +221,15 @@ def diagonal(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
         A :class:`DiagonalFisher` with ``values``, ``stderr`` and provenance.
 
     Raises:
-        FisherError: empty data, an example without completion tokens, a bad argument, or a
-            non-finite gradient (naming the parameter and the example index).
+        FisherError: empty data, an example without completion tokens, a bad argument, a
+            non-finite gradient (naming the parameter and the example index), or an
+            FSDP-sharded model.
     """
     inputs = prepare_inputs(model, tokenizer, data, params=params, device=device, dtype=dtype,
                             estimator=estimator, mc_samples=mc_samples, seed=seed)
-    encodings, chosen, device, dtype = (inputs.encodings, inputs.params, inputs.device,
-                                        inputs.dtype)
-    provenance, pad = inputs.provenance, inputs.pad_token_id
+    model, encodings, chosen = inputs.model, inputs.encodings, inputs.params
+    device, dtype, provenance, pad = (inputs.device, inputs.dtype, inputs.provenance,
+                                      inputs.pad_token_id)
     with evaluation_mode(model):
         stream = GradientStream(model, encodings, chosen, estimator=estimator,
                                 mc_samples=mc_samples, batch_size=batch_size, seed=seed,

@@ -52,6 +52,7 @@ from forgetkit.fisher.pergrad import (
     evaluation_mode,
     select_parameters,
     shard_indices,
+    unwrap_model,
 )
 from forgetkit.models import IGNORE_INDEX, Encoding, collate
 from forgetkit.stats import Interval, mean_ci
@@ -324,7 +325,9 @@ def displacement(model: torch.nn.Module, tokenizer, probes: Sequence[Probe | Rec
     """The exact Fisher quadratic form ``d' F d`` of ``delta`` on ``probes``, matrix-free.
 
     Args:
-        model: the base model (any dtype; sums are taken in float64).
+        model: the base model (any dtype; sums are taken in float64), plain or wrapped in
+            ``DistributedDataParallel`` (unwrapped: ``delta`` names the inner model's
+            parameters); not sharded by FSDP.
         tokenizer: its tokenizer (Probes score ``prompt`` + ``answer``, Records ``prompt`` +
             ``target``, both through :func:`forgetkit.models.encode`).
         probes: the data the Fisher is taken on.
@@ -346,8 +349,10 @@ def displacement(model: torch.nn.Module, tokenizer, probes: Sequence[Probe | Rec
 
     Raises:
         FisherError: an update that shares no parameter with the model (or holds one it lacks,
-            or of another shape), a probe without answer tokens, non-finite logits (each named).
+            or of another shape), a probe without answer tokens, non-finite logits (each named),
+            an FSDP-sharded model.
     """
+    model = unwrap_model(model)
     if estimator not in ESTIMATORS:
         raise FisherError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if batch_size < 1:
@@ -388,7 +393,8 @@ class FisherOperator:
     Args:
         model, tokenizer, data, estimator, batch_size, params, mode: as :func:`displacement`
             (``params`` chooses the parameters the operator acts on; default every parameter
-            that requires grad).
+            that requires grad; a DDP-wrapped model is unwrapped, so names are the inner
+            model's).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, data: Sequence, *,
@@ -396,6 +402,7 @@ class FisherOperator:
                  params: str | Sequence[str] | None = None, mode: ProductMode = "auto"):
         if estimator not in ESTIMATORS:
             raise FisherError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        model = unwrap_model(model)
         self.model, self.estimator, self.batch_size = model, estimator, batch_size
         self.encodings = encode_data(tokenizer, list(data))
         self.params = {n: p.detach() for n, p in select_parameters(model, params).items()}

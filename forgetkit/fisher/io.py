@@ -16,7 +16,6 @@ stored (in, out) (GPT-2's ``Conv1D``) it is the transpose of the parameter's upd
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import operator
@@ -41,8 +40,10 @@ from forgetkit.fisher.pergrad import (
     distributed_shard,
     encode_data,
     select_parameters,
+    unwrap_model,
 )
 from forgetkit.models import Encoding
+from forgetkit.models.storage import weights_hash
 from forgetkit.seeding import stable_hash
 
 __all__ = ["Delta", "FisherInputs", "FisherMatrix", "Provenance", "accumulation_dtype",
@@ -85,15 +86,6 @@ class Provenance:
     world_size: int = 1
 
 
-def weights_hash(model: torch.nn.Module) -> str:
-    """A hex digest of every parameter's name, shape, dtype and bytes."""
-    digest = hashlib.sha256()
-    for name, p in model.named_parameters():
-        digest.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
-        digest.update(memoryview(p.detach().cpu().contiguous().view(torch.uint8).numpy()))
-    return digest.hexdigest()[:16]
-
-
 def make_provenance(model: torch.nn.Module, encodings: Sequence[Encoding], *, estimator: str,
                     mc_samples: int, seed: int, params: str | Sequence[str] | None,
                     dtype: torch.dtype) -> Provenance:
@@ -123,6 +115,9 @@ class FisherInputs:
     """What every estimator starts from (:func:`prepare_inputs`).
 
     Attributes:
+        model: the model to run: the one passed, unwrapped from ``DistributedDataParallel`` /
+            ``DataParallel`` (:func:`~forgetkit.fisher.pergrad.unwrap_model`), so parameter
+            names, hooks and provenance are the plain model's.
         encodings: the examples, encoded (completion tokens labelled).
         params: name -> the selected parameters of the model, in the model's order.
         device: where accumulators and results live.
@@ -131,6 +126,7 @@ class FisherInputs:
         provenance: of the Fisher about to be computed.
     """
 
+    model: torch.nn.Module
     encodings: list[Encoding]
     params: dict[str, Tensor]
     device: torch.device
@@ -141,23 +137,26 @@ class FisherInputs:
 
 def prepare_inputs(model: torch.nn.Module, tokenizer, data: Sequence, *,
                    params: str | Sequence[str] | None, device: str | torch.device | None,
-                   dtype: torch.dtype, estimator: str, mc_samples: int, seed: int
-                   ) -> FisherInputs:
-    """The setup the diagonal, low-rank and Kronecker-factored estimators share: check the
-    accumulation ``dtype``, encode ``data``, select ``params``, pick the device (default: the
-    first selected parameter's) and record the provenance.
+                   dtype: torch.dtype, estimator: str, mc_samples: int, seed: int,
+                   allow_fsdp: bool = False) -> FisherInputs:
+    """The setup the diagonal, low-rank and Kronecker-factored estimators share: unwrap the
+    model from DDP, check the accumulation ``dtype``, encode ``data``, select ``params``, pick
+    the device (default: the first selected parameter's) and record the provenance.
+    ``allow_fsdp`` accepts a model sharded by FSDP2 (see
+    :func:`~forgetkit.fisher.pergrad.unwrap_model`).
 
     Raises:
-        FisherError: a bad ``dtype``, empty data or an example without completion tokens, a
-            pattern that selects no parameter.
+        FisherError: a sharded model (unless allowed), a bad ``dtype``, empty data or an
+            example without completion tokens, a pattern that selects no parameter.
     """
+    model = unwrap_model(model, allow_fsdp=allow_fsdp)
     dtype = accumulation_dtype(dtype)
     encodings = encode_data(tokenizer, data)
     chosen = select_parameters(model, params)
     device = torch.device(device) if device is not None else next(iter(chosen.values())).device
     provenance = make_provenance(model, encodings, estimator=estimator, mc_samples=mc_samples,
                                  seed=seed, params=params, dtype=dtype)
-    return FisherInputs(encodings=encodings, params=chosen, device=device,
+    return FisherInputs(model=model, encodings=encodings, params=chosen, device=device,
                         pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0, dtype=dtype,
                         provenance=provenance)
 

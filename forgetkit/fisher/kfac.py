@@ -50,13 +50,24 @@ diagonal and the low-rank Fisher of one seed see the same labels.
 
 **Several processes** (``torchrun``, ``accelerate launch``: torch.distributed initialized before
 the call). Every rank passes the same data and holds the whole model (plain, or wrapped in
-``DistributedDataParallel``, which is unwrapped; FSDP is refused). Each rank runs its shard of
-the examples (:func:`~forgetkit.fisher.pergrad.shard_indices`, as every estimator does); the
+``DistributedDataParallel``, which is unwrapped) or its FSDP2 shard (below). Each rank runs
+its shard of the examples (:func:`~forgetkit.fisher.pergrad.shard_indices`, as every
+estimator does); the
 sums ``sum a a'`` and ``sum g g'``, the token count and, in the second pass, the sums of
 ``(Q_G' G_i Q_A)^2`` are all-reduced before they are used, so every rank decomposes the same
 matrices, holds the same result, and the result equals one process's (up to the order of
 floating-point sums; labels are drawn per example, whatever the shard). The diagonal fallback
 shards and all-reduces itself. Save from one rank.
+
+**FSDP.** A model sharded by FSDP2 ``fully_shard`` over a 1-D mesh
+(:func:`~forgetkit.fisher.pergrad.fsdp_sharded`) is factored as is: FSDP gathers each layer's
+weights for its forward and backward, so the hooks see the full inputs and output gradients
+of the rank's own examples, and the factors need only the layers' shapes (a DTensor's
+``.shape`` is the full one). As FSDP's gathers are collective, a rank with a smaller shard runs
+idle batches until every rank has run as many. The diagonal fallback needs whole parameters
+and is refused: select linear layers only. The provenance's ``weights_hash`` gathers each
+parameter, so it is the unsharded model's. FSDP1 (``FullyShardedDataParallel``), HSDP and
+tensor parallelism are refused.
 
 Example:
     >>> F = kfac(model, tokenizer, probes, estimator="empirical")  # doctest: +SKIP
@@ -85,12 +96,13 @@ from forgetkit.fisher.pergrad import (
     Estimator,
     FisherError,
     all_reduce_sum,
+    distributed_shard,
     evaluation_mode,
+    fsdp_sharded,
     sample_labels,
     select_parameters,
     shard_indices,
     true_fisher_generators,
-    unwrap_model,
 )
 from forgetkit.models import IGNORE_INDEX, Encoding, collate
 
@@ -182,14 +194,18 @@ class _Passes:
     gradient. ``on_input(name, a, counted)`` sees each layer's input (E, T, in) and
     ``on_gradient(name, g, counted)`` each output gradient (E, T, out), with ``counted`` (E, T)
     the tokens that enter the factors.
+
+    With ``lockstep`` (a model sharded by FSDP, whose forward and backward passes gather
+    weights from every rank) a rank with fewer batches than the largest shard runs idle
+    batches (its first example again, seen by no callback) until every rank has run as many.
     """
 
     def __init__(self, model: nn.Module, encodings: list[Encoding], layers: dict[str, _Layer],
                  *, estimator: Estimator, draws: int, batch_size: int, seed: int,
-                 pad_token_id: int, tokens: Tokens):
+                 pad_token_id: int, tokens: Tokens, lockstep: bool = False):
         self.model, self.encodings, self.layers = model, encodings, layers
         self.estimator, self.draws, self.batch_size, self.seed = estimator, draws, batch_size, seed
-        self.pad_token_id, self.tokens = pad_token_id, tokens
+        self.pad_token_id, self.tokens, self.lockstep = pad_token_id, tokens, lockstep
         self.order = shard_indices(encodings)
         self.device = next(model.parameters()).device
 
@@ -210,21 +226,22 @@ class _Passes:
                     raise FisherError(f"layer {name!r} runs twice in one forward pass (shared "
                                       "weights); exclude it with params=")
                 state["seen"].add(name)
-                on_input(name, inputs.detach(), counted)
                 output = output + state["zero"]
-                output.register_hook(lambda g: on_gradient(name, g.detach(), counted))
+                if not state["idle"]:
+                    on_input(name, inputs.detach(), counted)
+                    output.register_hook(lambda g: on_gradient(name, g.detach(), counted))
                 return output
             return hook
 
         handles = [layer.module.register_forward_hook(forward_hook(name))
                    for name, layer in self.layers.items()]
         try:
-            for examples, batch in self._batches():
+            for examples, batch, idle in self._batches():
                 counted = (batch["attention_mask"].bool() if self.tokens == "all" else
                            torch.nn.functional.pad(batch["labels"][:, 1:] != IGNORE_INDEX, (0, 1)))
                 zero = torch.zeros((), device=self.device, requires_grad=True)
-                state.update(counted=counted, seen=set(), zero=zero)
-                count += int(counted.sum())
+                state.update(counted=counted, seen=set(), zero=zero, idle=idle)
+                count += 0 if idle else int(counted.sum())
                 with torch.enable_grad():
                     logits = self.model(input_ids=batch["input_ids"],
                                         attention_mask=batch["attention_mask"],
@@ -239,11 +256,17 @@ class _Passes:
                 handle.remove()
         return count
 
-    def _batches(self) -> Iterator[tuple[list[int], dict[str, Tensor]]]:
-        for start in range(0, len(self.order), self.batch_size):
+    def _batches(self) -> Iterator[tuple[list[int], dict[str, Tensor], bool]]:
+        """``(examples, batch, idle)`` over this rank's shard, then the idle batches."""
+        starts = range(0, len(self.order), self.batch_size)
+        for start in starts:
             examples = self.order[start : start + self.batch_size]
             yield examples, collate([self.encodings[i] for i in examples], self.pad_token_id,
-                                    device=self.device)
+                                    device=self.device), False
+        if self.lockstep:
+            largest = -(-len(self.encodings) // distributed_shard()[1])  # rank 0's shard
+            for _ in range(len(starts), -(-largest // self.batch_size)):
+                yield [0], collate(self.encodings[:1], self.pad_token_id, device=self.device), True
 
     def _labels(self, logits: Tensor, batch: dict[str, Tensor], examples: list[int]) -> Tensor:
         """(E, M, T): the data labels, or M draws per example as GradientStream draws them."""
@@ -339,8 +362,10 @@ def kfac(model: nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding],
     every rank returns the same Fisher, equal to one process's (module docstring).
 
     Args:
-        model: a causal LM, plain or wrapped in ``DistributedDataParallel`` (unwrapped: hooks
-            and parameter names are the inner model's); not sharded by FSDP.
+        model: a causal LM, plain, wrapped in ``DistributedDataParallel`` (unwrapped: hooks
+            and parameter names are the inner model's) or sharded by FSDP2 ``fully_shard``
+            over a 1-D mesh (every parameter selected must then be a factored layer's; see the
+            module docstring).
         tokenizer, data, estimator, mc_samples, params, batch_size, seed, dtype,
             device: as for :func:`forgetkit.fisher.diagonal` (``batch_size`` examples per
             forward pass; memory grows with it as a forward pass does).
@@ -356,10 +381,10 @@ def kfac(model: nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding],
     Raises:
         FisherError: as :func:`~forgetkit.fisher.diagonal`; also no linear layer among the
             selected parameters, an unknown ``tokens``, a layer that runs twice per forward
-            pass or sees inputs other than (batch, tokens, features), or an FSDP-sharded model
-            (the message says how to pass an unsharded copy).
+            pass or sees inputs other than (batch, tokens, features), an FSDP2-sharded model
+            with parameters for the diagonal fallback, or a model sharded otherwise (the
+            message says how to pass an unsharded copy).
     """
-    model = unwrap_model(model)
     if estimator not in ESTIMATORS:
         raise FisherError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if estimator == "empirical" and mc_samples != 1:
@@ -371,20 +396,30 @@ def kfac(model: nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding],
     if tokens not in TOKENS:
         raise FisherError(f"tokens must be one of {TOKENS}, got {tokens!r}")
     inputs = prepare_inputs(model, tokenizer, data, params=params, device=device, dtype=dtype,
-                            estimator=estimator, mc_samples=mc_samples, seed=seed)
-    encodings, chosen, device, dtype = (inputs.encodings, inputs.params, inputs.device,
-                                        inputs.dtype)
+                            estimator=estimator, mc_samples=mc_samples, seed=seed,
+                            allow_fsdp=True)
+    model, encodings, chosen = inputs.model, inputs.encodings, inputs.params
+    device, dtype = inputs.device, inputs.dtype
     layers, reasons = _plan_layers(model, chosen, max_factor_dim)
     if not layers:
         why = "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:3])
         raise FisherError(f"no linear layer (nn.Linear or Conv1D weight) among the parameters "
                           f"selected by params={params!r} ({why}, ...); use fisher.diagonal "
                           "or fisher.low_rank for them")
+    sharded = fsdp_sharded(model)
+    if sharded and reasons:
+        why = "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:3])
+        raise FisherError(f"the model is sharded by FSDP: kfac factors its linear layers, but "
+                          f"the diagonal fallback needs whole parameters, and params={params!r} "
+                          f"selects {len(reasons)} that are not factored ({why}, ...). Select "
+                          "linear layers only (e.g. params=r'layers\\..*\\.(self_attn|mlp)\\.'), "
+                          "or pass an unsharded copy of the model")
     provenance, pad = inputs.provenance, inputs.pad_token_id
     draws = mc_samples if estimator == "true" else 1
     with evaluation_mode(model):
         passes = _Passes(model, encodings, layers, estimator=estimator, draws=draws,
-                         batch_size=batch_size, seed=seed, pad_token_id=pad, tokens=tokens)
+                         batch_size=batch_size, seed=seed, pad_token_id=pad, tokens=tokens,
+                         lockstep=sharded)
         activation, gradient, count = _covariances(passes, layers, dtype, device)
         samples = len(encodings) * draws
         bases, spectra = {}, {}

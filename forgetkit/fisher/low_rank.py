@@ -386,8 +386,8 @@ def low_rank(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
                               batch_size=batch_size, seed=seed, residuals=False)
     inputs = prepare_inputs(model, tokenizer, data, params=params, device=device, dtype=dtype,
                             estimator=estimator, mc_samples=mc_samples, seed=seed)
-    encodings, chosen, device, dtype = (inputs.encodings, inputs.params, inputs.device,
-                                        inputs.dtype)
+    model, encodings, chosen = inputs.model, inputs.encodings, inputs.params
+    device, dtype = inputs.device, inputs.dtype
     size = sum(p.numel() for p in chosen.values())
     draws = mc_samples if estimator == "true" else 1
     columns = len(encodings) * draws
@@ -482,8 +482,8 @@ def exact_low_rank(model: torch.nn.Module, tokenizer, data: Sequence, rank: int,
     directions = _to_parameters(lambda a, b: flat[:, a:b], dict(operator.params), rank)
     directions = {n: u.to(dtype=torch.promote_types(dtype, torch.float32)) for n, u in
                   directions.items()}
-    provenance = make_provenance(model, operator.encodings, estimator=estimator, mc_samples=0,
-                                 seed=seed, params=params, dtype=torch.float64)
+    provenance = make_provenance(operator.model, operator.encodings, estimator=estimator,
+                                 mc_samples=0, seed=seed, params=params, dtype=torch.float64)
     logger.info("exact low-rank Fisher: rank %d, %d parameters, %d Fisher-vector products, "
                 "top eigenvalue %.4g", rank, size, operator.products_done, float(values[0]))
     return LowRankFisher(eigenvalues=torch.from_numpy(values.copy()), directions=directions,

@@ -63,6 +63,7 @@ __all__ = [
     "distributed_shard",
     "encode_data",
     "evaluation_mode",
+    "fsdp_sharded",
     "loop_gradients",
     "sample_labels",
     "select_parameters",
@@ -338,32 +339,55 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     return x
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+def fsdp_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is sharded by FSDP2 (``fully_shard``) over a 1-D mesh: every DTensor
+    parameter split along its first dimension (``Shard(0)``). Each rank then runs whole layers
+    on its own inputs (FSDP gathers the weights for each forward and backward), so a layer's
+    inputs and output gradients are full, as in a plain model."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not any(isinstance(m, FSDPModule) for m in model.modules()):
+        return False
+    return all(p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),)
+               for p in model.parameters() if isinstance(p, DTensor))
+
+
+def unwrap_model(model: torch.nn.Module, allow_fsdp: bool = False) -> torch.nn.Module:
     """The model inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (whose
     parameter names carry a ``module.`` prefix); every rank holds all of its weights.
 
+    Args:
+        model: the model, plain or wrapped.
+        allow_fsdp: accept a model sharded by FSDP2 over a 1-D mesh (:func:`fsdp_sharded`):
+            the Kronecker-factored Fisher needs only its layers' inputs and output gradients.
+
     Raises:
-        FisherError: a model sharded by FSDP (``FullyShardedDataParallel`` or ``fully_shard``),
-            or with DTensor parameters: Fisher estimators need every weight on every rank.
+        FisherError: a model sharded by FSDP (``FullyShardedDataParallel`` or ``fully_shard``;
+            with ``allow_fsdp``, any sharding other than :func:`fsdp_sharded`), or with DTensor
+            parameters: the other estimators need every weight on every rank.
     """
     while isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
         model = model.module
-    if dist.is_available() and dist.is_initialized():  # no sharded model without a group
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-        from torch.distributed.tensor import DTensor
+    if not (dist.is_available() and dist.is_initialized()):  # no sharded model without a group
+        return model
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
 
-        sharded = (any(isinstance(m, FSDPModule | FullyShardedDataParallel)
-                       for m in model.modules())
-                   or any(isinstance(p, DTensor) for p in model.parameters()))
-        if sharded:
-            raise FisherError(
-                f"{type(model).__name__} is sharded (FSDP or DTensor parameters); the Fisher "
-                "estimators need the whole model on every rank. Load an unsharded copy in each "
-                "process (from_pretrained, or the full state dict from torch.distributed."
-                "checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
-                "full_state_dict=True))) and pass that, plain or wrapped in "
-                "DistributedDataParallel: the examples are still split over the ranks")
-    return model
+    sharded = (any(isinstance(m, FSDPModule | FullyShardedDataParallel) for m in model.modules())
+               or any(isinstance(p, DTensor) for p in model.parameters()))
+    if not sharded or (allow_fsdp and fsdp_sharded(model)):
+        return model
+    raise FisherError(
+        f"{type(model).__name__} is sharded (FSDP or DTensor parameters); the Fisher "
+        "estimators need the whole model on every rank (fisher.kfac accepts FSDP2 fully_shard "
+        "over a 1-D mesh for its linear layers). Load an unsharded copy in each "
+        "process (from_pretrained, or the full state dict from torch.distributed."
+        "checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+        "full_state_dict=True))) and pass that, plain or wrapped in "
+        "DistributedDataParallel: the examples are still split over the ranks")
 
 
 class GradientStream:

@@ -25,11 +25,15 @@ def cache_dir() -> Path:
 
 def weights_hash(model: torch.nn.Module) -> str:
     """A hex digest of every parameter's name, shape, dtype and bytes (not of where the model was
-    loaded from): equal digests mean equal weights."""
+    loaded from): equal digests mean equal weights.
+
+    A sharded parameter (a DTensor, e.g. under FSDP ``fully_shard``) is gathered whole first,
+    so every rank must call this together, and the digest is the unsharded model's."""
     digest = hashlib.sha256()
     for name, p in model.named_parameters():
-        digest.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
-        digest.update(memoryview(p.detach().cpu().contiguous().view(torch.uint8).numpy()))
+        whole = p.full_tensor() if hasattr(p, "full_tensor") else p
+        digest.update(f"{name}|{tuple(whole.shape)}|{whole.dtype}".encode())
+        digest.update(memoryview(whole.detach().cpu().contiguous().view(torch.uint8).numpy()))
     return digest.hexdigest()[:16]
 
 

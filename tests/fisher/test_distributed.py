@@ -85,17 +85,59 @@ WORKER = textwrap.dedent('''
         }
 
 
-    def fsdp_refusal(data):
-        """The message kfac raises on an FSDP-sharded model."""
+    def compute_exact(model, data, batch_size):
+        """Label-free Fisher: Lanczos eigenpairs and the displacement of a fixed update."""
+        generator = torch.Generator().manual_seed(3)
+        update = {name: torch.randn(p.shape, generator=generator, dtype=p.dtype)
+                  for name, p in build()[0].named_parameters()}  # the plain model's names
+        return {
+            "exact": fisher.low_rank(model, None, data, rank=3, method="exact",
+                                     batch_size=batch_size),
+            "displacement": fisher.displacement(model, None, data, update,
+                                                batch_size=batch_size, per_module=True),
+        }
+
+
+    def save(result, path):
+        """A Fisher as its two files; a displacement as its JSON."""
+        if isinstance(result, fisher.Displacement):
+            path.with_suffix(".json").write_text(json.dumps(result.to_dict()))
+        else:
+            result.save(path)
+
+
+    def compute_factored(model, data, batch_size):
+        """EK-FAC of the linear layers only (no diagonal fallback), with both estimators."""
+        return {
+            "kfac_linear_true": fisher.kfac(model, None, data, params=["mix", "head"],
+                                            mc_samples=2, batch_size=batch_size,
+                                            dtype=torch.float64, seed=4),
+            "kfac_linear_empirical": fisher.kfac(model, None, data, params=["mix", "head"],
+                                                 estimator="empirical", tokens="all",
+                                                 batch_size=batch_size, dtype=torch.float64),
+        }
+
+
+    def sharded():
+        """The model sharded by FSDP2: each linear layer, then the rest."""
         from torch.distributed.fsdp import fully_shard
 
         model, _ = build()
-        fully_shard(model)
-        try:
-            fisher.kfac(model, None, data, dtype=torch.float64)
-        except fisher.FisherError as err:
-            return str(err)
-        return ""
+        for module in (model.mix, model.head, model):
+            fully_shard(module)
+        return model
+
+
+    def fsdp_refusals(model, data):
+        """What the diagonal and kfac with its diagonal fallback say of an FSDP-sharded model."""
+        messages = {}
+        for name, call in (("diagonal", fisher.diagonal), ("kfac", fisher.kfac)):
+            try:
+                call(model, None, data, dtype=torch.float64)
+                messages[name] = ""
+            except fisher.FisherError as err:
+                messages[name] = str(err)
+        return messages
 
 
     if __name__ == "__main__":
@@ -103,15 +145,21 @@ WORKER = textwrap.dedent('''
 
         dist.init_process_group("gloo")
         model, data = build()
-        results = {**compute(model, data, batch_size=2), **compute_kfac(model, data, batch_size=2)}
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        results.update((f"{name}_ddp", result)
-                       for name, result in compute_kfac(ddp, data, batch_size=2).items())
-        refusal = fsdp_refusal(data)
+        results = {}
+        for compute_all in (compute, compute_kfac, compute_exact):
+            results.update(compute_all(model, data, batch_size=2))
+            results.update((f"{name}_ddp", result)
+                           for name, result in compute_all(ddp, data, batch_size=2).items())
+        fsdp = sharded()
+        # batches of 3: shards of 4 and 3 examples take 2 and 1 batches (rank 1 idles once)
+        results.update((f"{name}_fsdp", result)
+                       for name, result in compute_factored(fsdp, data, batch_size=3).items())
+        refusals = fsdp_refusals(fsdp, data)
         if dist.get_rank() == 0:
             for name, result in results.items():
-                result.save(Path(sys.argv[1]) / name)
-            (Path(sys.argv[1]) / "fsdp.json").write_text(json.dumps(refusal))
+                save(result, Path(sys.argv[1]) / name)
+            (Path(sys.argv[1]) / "fsdp.json").write_text(json.dumps(refusals))
         dist.barrier()
         dist.destroy_process_group()
         os._exit(0)  # gloo threads can abort during interpreter teardown (pytorch#179291)
@@ -150,6 +198,33 @@ def test_two_gloo_processes_match_one(two_processes):
             torch.testing.assert_close(loaded.directions[param], u, rtol=1e-8, atol=1e-10)
 
 
+def test_a_ddp_wrapped_model_gives_the_plain_models_fisher(two_processes):
+    """Diagonal, low-rank (every method) and the displacement unwrap DDP: the same parameter
+    names (no "module." prefix), provenance and values as the plain model on the same ranks."""
+    tmp_path, module = two_processes
+    model, data = module.build()
+    for kind in ("diag", "gram", "randomized", "exact"):
+        plain, ddp = (fisher.load(tmp_path / name, model) for name in (kind, f"{kind}_ddp"))
+        assert ddp.shapes == plain.shapes and ddp.provenance == plain.provenance
+        if kind == "diag":
+            for name, values in plain.values.items():
+                assert_relative(ddp.values[name], values, 1e-10)
+                assert_relative(ddp.stderr[name], plain.stderr[name], 1e-10)
+        else:
+            assert_relative(ddp.eigenvalues, plain.eigenvalues, 1e-10)
+            for name, u in plain.directions.items():
+                assert_relative(ddp.directions[name], u, 1e-10)
+    plain, ddp = (json.loads((tmp_path / name).with_suffix(".json").read_text())
+                  for name in ("displacement", "displacement_ddp"))
+    single = module.compute_exact(model, data, batch_size=3)["displacement"]
+    assert list(plain["per_module"]) == ["embed", "position", "mix", "head"]
+    for result in (ddp, plain):  # each probe's form on one rank, then all-reduced
+        for name, stats in plain["per_module"].items():
+            assert result["per_module"][name] == pytest.approx(stats, rel=1e-10)
+        values = torch.tensor(list(result["per_probe"].values()), dtype=torch.float64)
+        assert_relative(values, torch.from_numpy(single.per_probe), 1e-10)
+
+
 def test_kfac_on_two_gloo_processes_matches_one_process_plain_and_ddp(two_processes):
     """Factors from each rank's shard, all-reduced before the eigendecompositions, and the
     all-reduced EK-FAC sums give one process's Fisher; a DDP-wrapped model the same; the
@@ -178,6 +253,34 @@ def test_kfac_on_two_gloo_processes_matches_one_process_plain_and_ddp(two_proces
                                                             rel=1e-10, abs=0)
 
 
-def test_kfac_refuses_an_fsdp_sharded_model_naming_the_workaround(two_processes):
-    refusal = json.loads((two_processes[0] / "fsdp.json").read_text())
-    assert "sharded" in refusal and "unsharded copy" in refusal
+def test_kfac_of_an_fsdp_sharded_model_matches_one_process(two_processes):
+    """FSDP2 gathers each layer's weights for its forward and backward, so the hooks see what
+    they see on a plain model; the rank with fewer batches idles while the other runs its
+    last one; the provenance hashes the gathered weights."""
+    tmp_path, module = two_processes
+    model, data = module.build()
+    single = module.compute_factored(model, data, batch_size=2)
+    generator = torch.Generator().manual_seed(2)
+    delta = {name: torch.randn(shape, generator=generator, dtype=torch.float64)
+             for name, shape in single["kfac_linear_true"].shapes.items()}
+    for name, expected in single.items():
+        loaded = fisher.load(tmp_path / f"{name}_fsdp", model)
+        assert loaded.quad_form(delta) == pytest.approx(expected.quad_form(delta), rel=1e-10,
+                                                        abs=0)
+        assert loaded.fallback is None and list(loaded.layers) == ["mix", "head"]
+        assert loaded.provenance.weights_hash == expected.provenance.weights_hash
+        assert loaded.provenance.world_size == 2 and loaded.n == 7
+        for layer_name, layer in expected.layers.items():
+            other = loaded.layers[layer_name]
+            assert other.tokens == layer.tokens
+            for factor in ("activation_eigenvalues", "gradient_eigenvalues", "eigenvalues"):
+                assert_relative(getattr(other, factor), getattr(layer, factor), 1e-10)
+
+
+def test_fsdp_is_refused_where_whole_parameters_are_needed(two_processes):
+    """The diagonal (per-example gradients of whole parameters) refuses an FSDP-sharded model
+    naming the workaround; kfac refuses it when parameters would go to its diagonal fallback."""
+    refusals = json.loads((two_processes[0] / "fsdp.json").read_text())
+    assert "sharded" in refusals["diagonal"] and "unsharded copy" in refusals["diagonal"]
+    assert "diagonal fallback needs whole parameters" in refusals["kfac"]
+    assert "embed.weight" in refusals["kfac"] and "linear layers only" in refusals["kfac"]

@@ -54,49 +54,94 @@ logger = logging.getLogger(__name__)
 
 
 class RunningMoments:
-    """Count, mean and sum of squared deviations of a stream of tensors (blocks and ranks
-    merge with Chan et al.'s parallel form)."""
+    """Count, mean and sum of squared deviations of a stream of blocks of samples of several
+    named tensors (blocks and ranks merge with Chan et al.'s parallel form).
 
-    def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device):
+    Each block is added one tensor at a time (:meth:`add`, so only one tensor's samples need
+    exist at once), then merged for all tensors together (:meth:`merge`, one ``torch._foreach``
+    call per step of the update rather than one call per tensor).
+
+    Attributes:
+        count: samples merged so far.
+        mean: name -> running mean, of the tensor's shape.
+        m2: name -> running sum of squared deviations from the mean.
+    """
+
+    def __init__(self, shapes: Mapping[str, torch.Size], dtype: torch.dtype,
+                 device: torch.device):
         self.count = 0
-        self.mean = torch.zeros(shape, dtype=dtype, device=device)
-        self.m2 = torch.zeros(shape, dtype=dtype, device=device)
+        self.mean = {n: torch.zeros(s, dtype=dtype, device=device) for n, s in shapes.items()}
+        self.m2 = {n: torch.zeros(s, dtype=dtype, device=device) for n, s in shapes.items()}
+        self._block_mean = {n: torch.empty_like(m) for n, m in self.mean.items()}
+        self._block_m2 = {n: torch.empty_like(m) for n, m in self.mean.items()}
+        self._added: dict[str, int] = {}  # name -> samples of the current block
 
-    def add(self, batch: Tensor) -> None:
-        """Add the samples ``batch`` (B, *shape); overwrites ``batch``.
+    def add(self, name: str, batch: Tensor) -> None:
+        """Add the block's samples ``batch`` (B, *shape) of tensor ``name``; overwrites ``batch``.
 
-        The block's own mean and squared deviations merge with the running ones (Chan et al.'s
-        pairwise update), in place and without (B, *shape) temporaries: on large models this
-        is memory-bound, and on small ones a per-sample update would be kernel-launch bound.
+        The block's own mean and squared deviations are formed in place, without (B, *shape)
+        temporaries (on large models this is memory-bound); :meth:`merge` folds them in.
         """
-        size = batch.shape[0]
+        block_mean = torch.mean(batch, 0, out=self._block_mean[name])
+        torch.sum(batch.sub_(block_mean).square_(), 0, out=self._block_m2[name])
+        self._added[name] = batch.shape[0]
+
+    def merge(self) -> None:
+        """Merge the block added for every tensor into the running moments.
+
+        Raises:
+            ValueError: a tensor without samples in the block, or blocks of different sizes.
+        """
+        sizes = set(self._added.values())
+        if len(self._added) != len(self.mean) or len(sizes) != 1:
+            missing = [n for n in self.mean if n not in self._added]
+            raise ValueError(f"every tensor needs a block of the same size before merge(); "
+                             f"sizes {sorted(sizes)}, missing {missing[:3]}")
+        size = sizes.pop()
         total = self.count + size
-        block_mean = batch.mean(0)
-        block_m2 = batch.sub_(block_mean).square_().sum(0)
-        delta = block_mean.sub_(self.mean)  # mean_block - mean_old
-        self.mean.add_(delta, alpha=size / total)
+        names = list(self.mean)
+        means, m2s = [self.mean[n] for n in names], [self.m2[n] for n in names]
+        delta = [self._block_mean[n] for n in names]
+        torch._foreach_sub_(delta, means)  # mean_block - mean_old
+        torch._foreach_add_(means, delta, alpha=size / total)
         # m2 += m2_block + delta^2 n_old n_block / n
-        self.m2.add_(block_m2).addcmul_(delta, delta, value=self.count * size / total)
+        torch._foreach_add_(m2s, [self._block_m2[n] for n in names])
+        torch._foreach_addcmul_(m2s, delta, delta, value=self.count * size / total)
         self.count = total
+        self._added.clear()
 
     def all_reduce(self) -> None:
         """Merge the moments of every rank (no-op outside torch.distributed)."""
         if distributed_shard()[1] == 1:
             return
-        count = torch.tensor([float(self.count)], dtype=self.mean.dtype, device=self.mean.device)
+        some = next(iter(self.mean.values()))
+        count = torch.tensor([float(self.count)], dtype=some.dtype, device=some.device)
         dist.all_reduce(count)
-        total = self.mean * self.count
-        dist.all_reduce(total)
-        mean = total / count.clamp(min=1)
-        self.m2.add_((self.mean - mean).square_(), alpha=self.count)
-        dist.all_reduce(self.m2)
-        self.mean, self.count = mean, int(count.item())
+        for name, mean in self.mean.items():
+            total = mean * self.count
+            dist.all_reduce(total)
+            merged = total / count.clamp(min=1)
+            self.m2[name].add_((mean - merged).square_(), alpha=self.count)
+            dist.all_reduce(self.m2[name])
+            self.mean[name] = merged
+        self.count = int(count.item())
 
-    def stderr(self) -> Tensor:
-        """``sqrt(sample variance / count)``; ``inf`` with fewer than two samples."""
+    def stderr(self) -> dict[str, Tensor]:
+        """name -> ``sqrt(sample variance / count)``; ``inf`` with fewer than two samples."""
         if self.count < 2:
-            return torch.full_like(self.mean, math.inf)
-        return (self.m2 / ((self.count - 1) * self.count)).sqrt()
+            return {n: torch.full_like(m, math.inf) for n, m in self.mean.items()}
+        names = list(self.m2)
+        out = torch._foreach_div([self.m2[n] for n in names], (self.count - 1) * self.count)
+        torch._foreach_sqrt_(out)
+        return dict(zip(names, out, strict=True))
+
+    def within(self, bound: float) -> bool:
+        """Whether every mean entry is finite and at most ``bound`` in magnitude (one check
+        over all tensors)."""
+        if not self.mean:
+            return True
+        largest = torch.stack(torch._foreach_norm(list(self.mean.values()), math.inf))
+        return bool(largest.max() <= bound)  # NaN compares false
 
 
 @dataclass
@@ -212,7 +257,10 @@ def diagonal(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
         per_example: how per-example gradients are computed
             (:mod:`forgetkit.fisher.pergrad`): ``"auto"`` (layer hooks, checked against the
             backward loop on one example of the first batch; vmap or the loop if they do not
-            fit the model), ``"hooks"``, ``"vmap"`` or ``"loop"``.
+            fit the model), ``"hooks"``, ``"vmap"`` or ``"loop"``. The ``"auto"`` check is paid
+            by the first call on a model and remembered while the model is unchanged (same
+            parameters, module tree and version counters); a weight written in place, e.g. by
+            an optimizer step, brings it back.
         updates: name -> update; in the same pass, each example's diagonal proxy
             ``sum_j f_ij d_j^2`` of each update (``per_example_proxy``), so the proxy
             ``sum_j F_jj d_j^2`` gets an interval over examples.
@@ -221,9 +269,10 @@ def diagonal(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
         A :class:`DiagonalFisher` with ``values``, ``stderr`` and provenance.
 
     Raises:
-        FisherError: empty data, an example without completion tokens, a bad argument, a
-            non-finite gradient (naming the parameter and the example index), or an
-            FSDP-sharded model.
+        FisherError: empty data, an example without completion tokens, a bad argument, an
+            FSDP-sharded model, or a non-finite gradient (naming the parameter and the example
+            index; the run tests its result once at the end, and only then recomputes the
+            gradients with the per-example check that names them).
     """
     inputs = prepare_inputs(model, tokenizer, data, params=params, device=device, dtype=dtype,
                             estimator=estimator, mc_samples=mc_samples, seed=seed)
@@ -233,8 +282,9 @@ def diagonal(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
     with evaluation_mode(model):
         stream = GradientStream(model, encodings, chosen, estimator=estimator,
                                 mc_samples=mc_samples, batch_size=batch_size, seed=seed,
-                                pad_token_id=pad, per_example=per_example)
-        moments = {name: RunningMoments(p.shape, dtype, device) for name, p in chosen.items()}
+                                pad_token_id=pad, per_example=per_example,
+                                check_finite=False)  # once at the end instead
+        moments = RunningMoments({name: p.shape for name, p in chosen.items()}, dtype, device)
         weights = {key: {n: update.dense(n).to(device, dtype).square() for n in chosen
                          if n in update.entries} for key, update in (updates or {}).items()}
         proxy = {key: torch.zeros(len(encodings), dtype=torch.float64, device=device)
@@ -250,15 +300,32 @@ def diagonal(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
                     if name in w:
                         proxy[key].index_add_(0, index, (squared * w[name]).flatten(1)
                                               .sum(1, dtype=torch.float64))
-                moments[name].add(squared)  # (E, *shape): f_i, one per example
-    for m in moments.values():
-        m.all_reduce()
+                moments.add(name, squared)  # (E, *shape): f_i, one per example
+            moments.merge()
+        if not moments.within(torch.finfo(torch.float32).max):
+            _raise_non_finite(stream)
+    moments.all_reduce()
     if len(encodings) < 2:
         logger.warning("diagonal Fisher from a single example: its standard error is infinite")
     logger.info("diagonal Fisher: %d examples x %d draws, %d parameters (%s)", len(encodings),
                 stream.draws, sum(p.numel() for p in chosen.values()), estimator)
-    return DiagonalFisher(values={n: m.mean for n, m in moments.items()},
-                          stderr={n: m.stderr() for n, m in moments.items()},
+    return DiagonalFisher(values=moments.mean, stderr=moments.stderr(),
                           provenance=provenance,
                           per_example_proxy={k: all_reduce_sum(v).cpu().numpy()
                                              for k, v in proxy.items()})
+
+
+def _raise_non_finite(stream: GradientStream) -> None:
+    """Recompute the gradients with the stream's per-example finiteness check, which names the
+    first non-finite gradient's parameter and example.
+
+    The run itself skips that check (a pass over every gradient): a non-finite gradient, or
+    one whose float32 sum over a parameter overflows (what the check rejects), leaves a Fisher
+    entry that is non-finite or beyond float32's range, which :func:`diagonal` tests once at
+    the end before coming here. If the check passes (entries that large from finite
+    gradients), the result stands as computed.
+    """
+    stream.check_finite = True
+    for block in stream:
+        for _ in block.grads.values():  # each tensor is checked when formed
+            pass

@@ -29,6 +29,7 @@ activations is one parameter's (R, *shape) rows at a time.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ class UnsupportedModule(RuntimeError):
     """A module whose per-example gradient the hooks cannot take (the caller falls back)."""
 
 
+@functools.cache
 def linear_types() -> tuple[type, ...]:
     """``nn.Linear`` and, where transformers has it, GPT-2's ``Conv1D`` (weight (in, out))."""
     try:
@@ -71,7 +73,15 @@ class HookGradients(Mapping[str, Tensor]):
     """
 
     def __init__(self, params: dict[str, Tensor], uses: list[_Use], rows: int):
-        self._params, self._uses, self._rows = params, uses, rows
+        self._params, self._rows = params, rows
+        # name -> its (use, attribute) holders, dense uses first, so a tied embedding's
+        # lookups add into the output layer's product
+        self._holders: dict[str, list[tuple[_Use, str]]] = {name: [] for name in params}
+        for use in uses:
+            for attribute, name in use.params.items():
+                self._holders[name].append((use, attribute))
+        for holders in self._holders.values():
+            holders.sort(key=lambda pair: _plain_embedding(pair[0].module))
 
     def __getitem__(self, name: str) -> Tensor:
         return self._gradient(name, slice(None))
@@ -88,9 +98,7 @@ class HookGradients(Mapping[str, Tensor]):
 
     def _gradient(self, name: str, rows: slice) -> Tensor:
         out = None
-        # dense uses first, so a tied embedding's lookups add into the output layer's product
-        holders = [(use, a) for use in self._uses for a, n in use.params.items() if n == name]
-        for use, attribute in sorted(holders, key=lambda pair: _plain_embedding(pair[0].module)):
+        for use, attribute in self._holders[name]:
             for inputs, grads in use.calls:
                 if grads is not None:
                     out = _accumulate(out, use.module, attribute, inputs[rows], grads[rows])

@@ -26,7 +26,12 @@ Three ways to the same gradients (``per_example``):
 ``"auto"`` checks the first batch before trusting a method: hooks against the loop on the
 batch's shortest row (the most padding), which costs one example's backward pass; if the hooks
 cannot run on the model or disagree, vmap against the loop on the longest and shortest row; if
-that fails too, the loop. The choice is kept for the rest of the run and the reason logged.
+that fails too, the loop. The choice is kept for the rest of the run and the reason logged,
+and a passed check is remembered for the model (weakly, keyed on which parameters are chosen,
+every parameter's identity, storage, shape, dtype, device and in-place version counter, the
+module tree and the attention implementation): a later ``"auto"`` run on the same unchanged
+model skips it, so only the first run on a model pays the check. Any change of those (an
+optimizer step, a load_state_dict, a swapped module) brings the check back.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import contextlib
 import logging
 import math
 import re
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -81,6 +87,9 @@ PerExample = Literal["auto", "hooks", "vmap", "loop"]
 PER_EXAMPLE: tuple[str, ...] = ("auto", "hooks", "vmap", "loop")
 # normwise relative difference allowed between the vmap and loop gradients of one example
 _CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+# model -> (its state, per-example method) of the last "auto" check that passed on it
+_CHECKED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = (
+    weakref.WeakKeyDictionary())
 
 
 class FisherError(ValueError):
@@ -306,6 +315,9 @@ class GradientBlock:
 @contextlib.contextmanager
 def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
     """Run the block with ``model`` in eval mode (no dropout), restoring its mode afterwards."""
+    if not any(module.training for module in model.modules()):  # already: nothing to switch
+        yield
+        return
     was_training = model.training
     if was_training:
         logger.info("Fisher: model is in training mode; using eval mode (no dropout) meanwhile")
@@ -394,13 +406,17 @@ class GradientStream:
     """Streams :class:`GradientBlock` s over this process's shard of the data.
 
     Each pass (each iteration) recomputes the gradients; the hooks/vmap/loop choice is made on
-    the first block of the first pass and kept. Under torch.distributed each rank takes its
-    :func:`shard_indices`.
+    the first block of the first pass and kept (or taken from an earlier run's check on the
+    same unchanged model, see the module docstring). Under torch.distributed each rank takes
+    its :func:`shard_indices`. With ``check_finite`` (the default) every gradient tensor is
+    checked for non-finite rows when formed, and a :class:`FisherError` names the parameter
+    and the example; a caller that detects non-finite results itself may turn it off.
     """
 
     def __init__(self, model: torch.nn.Module, encodings: list[Encoding],
                  params: dict[str, Tensor], *, estimator: Estimator, mc_samples: int,
-                 batch_size: int, seed: int, pad_token_id: int, per_example: PerExample):
+                 batch_size: int, seed: int, pad_token_id: int, per_example: PerExample,
+                 check_finite: bool = True):
         if estimator not in ESTIMATORS:
             raise FisherError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if estimator == "empirical" and mc_samples != 1:
@@ -416,8 +432,16 @@ class GradientStream:
         self.draws = mc_samples if estimator == "true" else 1
         self.batch_size, self.seed, self.pad_token_id = batch_size, seed, pad_token_id
         self.mode = None if per_example == "auto" else per_example
+        self.check_finite = check_finite
         self.indices = shard_indices(encodings)
         self.device = next(iter(self.params.values())).device
+        if self.mode is None:
+            self._state = _model_state(model, self.params)
+            state, mode = _CHECKED.get(model, (None, None))
+            if state == self._state:
+                logger.debug("per-example gradients: %s (checked on an earlier run on this "
+                             "model)", mode)
+                self.mode = mode
 
     def __iter__(self) -> Iterator[GradientBlock]:
         for start in range(0, len(self.indices), self.batch_size):
@@ -428,10 +452,10 @@ class GradientStream:
             rows = {key: batch[key].repeat_interleave(self.draws, dim=0)
                     for key in ("input_ids", "attention_mask", "position_ids")}
             grads = self._gradients(rows, labels)
-            if not isinstance(grads, HookGradients):  # those check each tensor as formed
-                _check_finite(grads, examples, self.draws)
-            else:
+            if self.check_finite and isinstance(grads, HookGradients):  # as each is formed
                 grads = _FiniteChecked(grads, examples, self.draws)
+            elif self.check_finite:
+                _check_finite(grads, examples, self.draws)
             yield GradientBlock(grads, examples, self.draws)
 
     def _labels(self, batch: dict[str, Tensor], examples: list[int]) -> Tensor:
@@ -486,6 +510,8 @@ class GradientStream:
             return None
         logger.info("per-example gradients: layer hooks (match the loop to %.2g)", error)
         self.mode = "hooks"
+        if error <= tolerance:  # not NaN: a non-finite gradient is reported, not remembered
+            _CHECKED[self.model] = (self._state, self.mode)
         return grads
 
     def _checked_vmap(self, input_ids: Tensor, labels: Tensor, lengths: list[int]
@@ -513,7 +539,21 @@ class GradientStream:
             return loop_gradients(self.model, self.params, input_ids, labels, lengths)
         logger.info("per-example gradients: vmap (matches the loop to %.2g)", error)
         self.mode = "vmap"
+        _CHECKED[self.model] = (self._state, self.mode)
         return grads
+
+
+def _model_state(model: torch.nn.Module, params: Mapping[str, Tensor]) -> tuple:
+    """What an ``"auto"`` check of the per-example method on ``model`` stands for: the chosen
+    parameters, every parameter's identity, storage, shape, dtype, device and version counter
+    (bumped by every in-place write through autograd's view of it, e.g. an optimizer step or
+    ``load_state_dict``), the module tree and the attention implementation."""
+    config = getattr(model, "config", None)
+    return (tuple(params),
+            tuple((name, id(p), p.data_ptr(), p._version, p.shape, p.dtype, p.device)
+                  for name, p in model.named_parameters()),
+            tuple(map(id, model.modules())),
+            getattr(config, "_attn_implementation", None))
 
 
 class _FiniteChecked(Mapping[str, Tensor]):

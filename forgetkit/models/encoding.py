@@ -139,15 +139,15 @@ def collate(encodings: list[Encoding], pad_token_id: int, padding_side: str = "r
     if not encodings:
         raise ValueError("collate: empty batch")
     width = max(len(e.input_ids) for e in encodings)
-    ids = torch.full((len(encodings), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(encodings), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(encodings), width), dtype=torch.long)
-    for row, enc in enumerate(encodings):
-        n = len(enc.input_ids)
-        cols = slice(width - n, width) if padding_side == "left" else slice(0, n)
-        ids[row, cols] = torch.tensor(enc.input_ids)
-        labels[row, cols] = torch.tensor(enc.labels)
-        mask[row, cols] = 1
+
+    def padded(row: list[int], value: int) -> list[int]:
+        padding = [value] * (width - len(row))
+        return padding + row if padding_side == "left" else row + padding
+
+    # one tensor per field from padded lists (one copy, not one per row)
+    ids = torch.tensor([padded(e.input_ids, pad_token_id) for e in encodings], dtype=torch.long)
+    labels = torch.tensor([padded(e.labels, IGNORE_INDEX) for e in encodings], dtype=torch.long)
+    mask = torch.tensor([padded([1] * len(e.input_ids), 0) for e in encodings], dtype=torch.long)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
     if device is not None:

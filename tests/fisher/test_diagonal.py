@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 
@@ -187,14 +188,28 @@ def test_bf16_model_accumulates_in_float32():
 def test_running_moments_match_two_pass_mean_and_variance(sizes, seed):
     samples = torch.randn(sum(sizes), 3, generator=torch.Generator().manual_seed(seed),
                           dtype=torch.float64) * 5 + 2
-    moments = RunningMoments(torch.Size([3]), torch.float64, torch.device("cpu"))
+    moments = RunningMoments({"a": torch.Size([3]), "b": torch.Size([2, 1])}, torch.float64,
+                             torch.device("cpu"))
     for chunk in samples.split(sizes):
-        moments.add(chunk.clone())  # add() overwrites its argument
-    torch.testing.assert_close(moments.mean, samples.mean(0))
+        moments.add("a", chunk.clone())  # add() overwrites its argument
+        moments.add("b", -chunk[:, :2, None].clone())
+        moments.merge()
+    torch.testing.assert_close(moments.mean["a"], samples.mean(0))
+    torch.testing.assert_close(moments.mean["b"], -samples[:, :2, None].mean(0))
     if len(samples) > 1:
-        torch.testing.assert_close(moments.stderr(), samples.std(0) / len(samples) ** 0.5)
+        expected = samples.std(0) / len(samples) ** 0.5
+        torch.testing.assert_close(moments.stderr()["a"], expected)
+        torch.testing.assert_close(moments.stderr()["b"], expected[:2, None])
     else:
-        assert torch.isinf(moments.stderr()).all()
+        assert all(torch.isinf(s).all() for s in moments.stderr().values())
+
+
+def test_running_moments_merge_needs_every_tensor():
+    moments = RunningMoments({"a": torch.Size([3]), "b": torch.Size([2])}, torch.float64,
+                             torch.device("cpu"))
+    moments.add("a", torch.ones(4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="missing"):
+        moments.merge()
 
 
 class _NoVmap(torch.nn.Module):
@@ -258,6 +273,57 @@ def test_models_the_hooks_or_vmap_cannot_handle_fall_back(wrapper, messages, cap
         assert "layer hooks (match the loop" in caplog.text
     reference = {n: g.square().mean(0) for n, g in reference_gradients(model, data, names).items()}
     assert_close(result.values, reference, rtol=1e-10)
+
+
+def test_auto_check_runs_once_per_unchanged_model(caplog):
+    """A passed check is remembered for the model; a weight written in place, another
+    parameter selection or a swapped module brings it back, and the numbers never change."""
+    model, data = tiny_model("llama", seed=5), tiny_data(6, seed=5)
+
+    def run(**kwargs) -> tuple[bool, fisher.DiagonalFisher]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="forgetkit.fisher.pergrad"):
+            result = fisher.diagonal(model, None, data, estimator="empirical", batch_size=4,
+                                     dtype=torch.float64, **kwargs)
+        return "layer hooks (match the loop" in caplog.text, result
+
+    checked, first = run()
+    assert checked
+    checked, again = run()
+    assert not checked
+    assert_close(again.values, first.values, rtol=0)
+    assert run(params="mlp")[0]  # another selection: checked, then remembered instead
+    assert not run(params="mlp")[0]
+    assert run()[0]
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # bumps the version counter
+    checked, changed = run()
+    assert checked
+    reference = {n: g.square().mean(0) for n, g in reference_gradients(
+        model, data, list(first.values)).items()}
+    assert_close(changed.values, reference, rtol=1e-10)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+    assert run()[0]
+    model.model.layers[1].mlp = copy.deepcopy(model.model.layers[1].mlp)
+    assert run()[0]
+    assert not run(per_example="hooks")[0]  # an explicit method is never checked
+
+
+def test_auto_check_is_not_remembered_for_another_model():
+    model, data = tiny_model("gpt2", seed=6), tiny_data(4, seed=6)
+    params = dict(model.named_parameters())
+    first = GradientStream(model, data, params, estimator="empirical", mc_samples=1,
+                           batch_size=4, seed=0, pad_token_id=0, per_example="auto")
+    list(first)
+    assert first.mode == "hooks"
+    again = GradientStream(model, data, params, estimator="empirical", mc_samples=1,
+                           batch_size=4, seed=0, pad_token_id=0, per_example="auto")
+    assert again.mode == "hooks"  # remembered before the first block
+    other = tiny_model("gpt2", seed=6)
+    fresh = GradientStream(other, data, dict(other.named_parameters()), estimator="empirical",
+                           mc_samples=1, batch_size=4, seed=0, pad_token_id=0,
+                           per_example="auto")
+    assert fresh.mode is None  # checked on its first block
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

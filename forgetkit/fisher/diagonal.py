@@ -52,14 +52,22 @@ __all__ = ["DiagonalFisher", "RunningMoments", "accumulation_dtype", "diagonal"]
 
 logger = logging.getLogger(__name__)
 
+BUFFERED_MAX_ELEMENTS = 2**24
+"""Up to this many Fisher entries (64 MiB of float32 per copy) :class:`RunningMoments` keeps a
+block buffer to merge all tensors at once."""
+
 
 class RunningMoments:
     """Count, mean and sum of squared deviations of a stream of blocks of samples of several
     named tensors (blocks and ranks merge with Chan et al.'s parallel form).
 
     Each block is added one tensor at a time (:meth:`add`, so only one tensor's samples need
-    exist at once), then merged for all tensors together (:meth:`merge`, one ``torch._foreach``
-    call per step of the update rather than one call per tensor).
+    exist at once). With ``buffered`` (the default when the tensors hold at most
+    :data:`BUFFERED_MAX_ELEMENTS` elements) the block's means and squared deviations are kept
+    for every tensor and :meth:`merge` folds them in together, one ``torch._foreach`` call per
+    step (per-call overhead matters on small models); otherwise each tensor's block is folded
+    in as it is added, so no second copy of the moments is ever held (on a model of P
+    parameters that copy would be 2·P more numbers). Both give the same numbers.
 
     Attributes:
         count: samples merged so far.
@@ -68,12 +76,16 @@ class RunningMoments:
     """
 
     def __init__(self, shapes: Mapping[str, torch.Size], dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, buffered: bool | None = None):
         self.count = 0
         self.mean = {n: torch.zeros(s, dtype=dtype, device=device) for n, s in shapes.items()}
         self.m2 = {n: torch.zeros(s, dtype=dtype, device=device) for n, s in shapes.items()}
-        self._block_mean = {n: torch.empty_like(m) for n, m in self.mean.items()}
-        self._block_m2 = {n: torch.empty_like(m) for n, m in self.mean.items()}
+        if buffered is None:
+            buffered = sum(m.numel() for m in self.mean.values()) <= BUFFERED_MAX_ELEMENTS
+        self._block_mean = ({n: torch.empty_like(m) for n, m in self.mean.items()}
+                            if buffered else None)
+        self._block_m2 = ({n: torch.empty_like(m) for n, m in self.mean.items()}
+                          if buffered else None)
         self._added: dict[str, int] = {}  # name -> samples of the current block
 
     def add(self, name: str, batch: Tensor) -> None:
@@ -82,9 +94,25 @@ class RunningMoments:
         The block's own mean and squared deviations are formed in place, without (B, *shape)
         temporaries (on large models this is memory-bound); :meth:`merge` folds them in.
         """
-        block_mean = torch.mean(batch, 0, out=self._block_mean[name])
-        torch.sum(batch.sub_(block_mean).square_(), 0, out=self._block_m2[name])
+        if self._block_mean is None:
+            block_mean = torch.mean(batch, 0)
+            block_m2 = torch.sum(batch.sub_(block_mean).square_(), 0)
+            self._fold([name], [block_mean], [block_m2], batch.shape[0])
+        else:
+            block_mean = torch.mean(batch, 0, out=self._block_mean[name])
+            torch.sum(batch.sub_(block_mean).square_(), 0, out=self._block_m2[name])
         self._added[name] = batch.shape[0]
+
+    def _fold(self, names: list[str], block_means: list[Tensor], block_m2s: list[Tensor],
+              size: int) -> None:
+        """Chan et al.'s merge of one block of ``size`` samples into ``names``' moments."""
+        total = self.count + size
+        means, m2s = [self.mean[n] for n in names], [self.m2[n] for n in names]
+        torch._foreach_sub_(block_means, means)  # delta = mean_block - mean_old
+        torch._foreach_add_(means, block_means, alpha=size / total)
+        # m2 += m2_block + delta^2 n_old n_block / n
+        torch._foreach_add_(m2s, block_m2s)
+        torch._foreach_addcmul_(m2s, block_means, block_means, value=self.count * size / total)
 
     def merge(self) -> None:
         """Merge the block added for every tensor into the running moments.
@@ -98,16 +126,11 @@ class RunningMoments:
             raise ValueError(f"every tensor needs a block of the same size before merge(); "
                              f"sizes {sorted(sizes)}, missing {missing[:3]}")
         size = sizes.pop()
-        total = self.count + size
-        names = list(self.mean)
-        means, m2s = [self.mean[n] for n in names], [self.m2[n] for n in names]
-        delta = [self._block_mean[n] for n in names]
-        torch._foreach_sub_(delta, means)  # mean_block - mean_old
-        torch._foreach_add_(means, delta, alpha=size / total)
-        # m2 += m2_block + delta^2 n_old n_block / n
-        torch._foreach_add_(m2s, [self._block_m2[n] for n in names])
-        torch._foreach_addcmul_(m2s, delta, delta, value=self.count * size / total)
-        self.count = total
+        if self._block_mean is not None:
+            names = list(self.mean)
+            self._fold(names, [self._block_mean[n] for n in names],
+                       [self._block_m2[n] for n in names], size)
+        self.count += size
         self._added.clear()
 
     def all_reduce(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import itertools
 import logging
 
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forgetkit import fisher
-from forgetkit.data.records import Probe
+from forgetkit.data.records import Probe, load_records
 from forgetkit.diagnostics.loglik import sequence_loglik
 from forgetkit.fisher.diagonal import RunningMoments
 from forgetkit.fisher.hookgrad import hook_gradients
@@ -183,13 +184,15 @@ def test_bf16_model_accumulates_in_float32():
     assert 0.9 < ratio < 1.1
 
 
-@given(st.lists(st.integers(1, 6), min_size=1, max_size=6), st.integers(0, 10**6))
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=6), st.integers(0, 10**6),
+       st.booleans())
 @settings(max_examples=30, deadline=None)
-def test_running_moments_match_two_pass_mean_and_variance(sizes, seed):
+def test_running_moments_match_two_pass_mean_and_variance(sizes, seed, buffered):
+    """Buffered (all tensors merged at once) or folded tensor by tensor: the same moments."""
     samples = torch.randn(sum(sizes), 3, generator=torch.Generator().manual_seed(seed),
                           dtype=torch.float64) * 5 + 2
     moments = RunningMoments({"a": torch.Size([3]), "b": torch.Size([2, 1])}, torch.float64,
-                             torch.device("cpu"))
+                             torch.device("cpu"), buffered=buffered)
     for chunk in samples.split(sizes):
         moments.add("a", chunk.clone())  # add() overwrites its argument
         moments.add("b", -chunk[:, :2, None].clone())
@@ -204,12 +207,32 @@ def test_running_moments_match_two_pass_mean_and_variance(sizes, seed):
         assert all(torch.isinf(s).all() for s in moments.stderr().values())
 
 
-def test_running_moments_merge_needs_every_tensor():
+@pytest.mark.parametrize("buffered", [True, False])
+def test_running_moments_merge_needs_every_tensor(buffered):
     moments = RunningMoments({"a": torch.Size([3]), "b": torch.Size([2])}, torch.float64,
-                             torch.device("cpu"))
+                             torch.device("cpu"), buffered=buffered)
     moments.add("a", torch.ones(4, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="missing"):
         moments.merge()
+
+
+def test_running_moments_buffer_only_small_models(toyworld, monkeypatch):
+    """No second copy of the moments for a model above the limit (SmolLM2's 134.5M entries
+    would need 1 GiB more); the same numbers either way."""
+    module = importlib.import_module("forgetkit.fisher.diagonal")  # not the function
+
+    shapes = {"a": torch.Size([3])}
+    assert RunningMoments(shapes, torch.float32, torch.device("cpu"))._block_mean is not None
+    big = {"w": torch.Size([module.BUFFERED_MAX_ELEMENTS + 1])}
+    assert RunningMoments(big, torch.float32, torch.device("meta"))._block_mean is None
+    model, tokenizer = toyworld
+    records = load_records("kgfact")[:6]
+    both = []
+    for limit in (10**9, 0):
+        monkeypatch.setattr(module, "BUFFERED_MAX_ELEMENTS", limit)
+        both.append(fisher.diagonal(model, tokenizer, records, batch_size=4))
+    for name, value in both[0].values.items():
+        torch.testing.assert_close(both[1].values[name], value, rtol=0, atol=0)
 
 
 class _NoVmap(torch.nn.Module):

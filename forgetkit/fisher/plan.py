@@ -31,9 +31,11 @@ model entry, 4 = float32 accumulation):
   products; A = ``answer_len``). The update itself is the caller's (the tangents are it, not
   a copy, when it is in the model's dtype and device).
 
-Activations of b examples of T tokens with a graph (per decoder layer and token: ten hidden
-vectors, q/k/v, four intermediate vectors, one attention row per head; the logits three
-times) are ``b·T·s·(L·(10·h + 2·kv + 4·i + heads·T) + 3·V)``; without a graph one layer is
+Activations of b examples of T tokens with a graph (per decoder layer and token: the two
+norms' inputs, q, k, v, the attention output, the MLP's four intermediate vectors, one
+attention row per head; the logits three times) are
+``b·T·s·(L·(4·h + 2·kv + 4·i + heads·T) + 3·V)`` (on SmolLM2 at b = 8, T = 136 a forward pass
+with a graph measured 1676 MiB against 1673 predicted, less one intermediate vector); without a graph one layer is
 alive at a time, ``b·T·s·(4·h + 3·i + heads·T)`` at its peak. The model is a budget, not a
 measurement: experiments/bench_plan.py compares it with the measured peak.
 
@@ -207,7 +209,7 @@ def _activation_bytes(config, batch: int, seq_len: int, itemsize: int,
     kv = (getattr(config, "num_key_value_heads", None) or heads) * (hidden // heads)
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
     if layers is None:  # every layer's activations kept for the backward pass
-        per_token = config.num_hidden_layers * (10 * hidden + 2 * kv + 4 * intermediate
+        per_token = config.num_hidden_layers * (4 * hidden + 2 * kv + 4 * intermediate
                                                 + heads * seq_len)
     else:  # no graph: one layer at a time, whose peak is in the MLP (the residual stream, the
         # normed input, gate, up and their product) or the attention rows
@@ -216,9 +218,52 @@ def _activation_bytes(config, batch: int, seq_len: int, itemsize: int,
     return batch * seq_len * itemsize * per_token
 
 
+def _hooked_widths(model: nn.Module, chosen: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(sum of input widths, sum of output widths) per token of the modules that hold chosen
+    parameters: what the layer hooks of the per-example gradients keep for one batch
+    (:mod:`forgetkit.fisher.hookgrad`)."""
+    ids = {id(p) for p in chosen.values()}
+    inputs = outputs = 0
+    for module in model.modules():
+        if not any(id(p) in ids for p in module.parameters(recurse=False)):
+            continue
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Embedding):
+            inputs, outputs = inputs + 1, outputs + module.embedding_dim
+        elif isinstance(module, nn.Linear):
+            inputs, outputs = inputs + module.in_features, outputs + module.out_features
+        elif weight is not None and weight.dim() == 2:  # GPT-2 Conv1D: weight (in, out)
+            inputs, outputs = inputs + weight.shape[0], outputs + weight.shape[1]
+        elif weight is not None:  # a norm: as wide as its weight
+            inputs, outputs = inputs + weight.numel(), outputs + weight.numel()
+    return inputs, outputs  # a tied output layer holds the weight too: counted as a Linear
+
+
+def _moments_bytes(size: int) -> int:
+    """The running mean and squared deviations of ``size`` entries (float32), with the block
+    buffers :class:`~forgetkit.fisher.diagonal.RunningMoments` keeps for small models."""
+    from forgetkit.fisher.diagonal import BUFFERED_MAX_ELEMENTS
+
+    return (4 if size <= BUFFERED_MAX_ELEMENTS else 2) * size * F32
+
+
+def _hook_gradient_bytes(model: nn.Module, chosen: dict[str, torch.Tensor], rows: int,
+                         seq_len: int, s: int, act: int) -> tuple[int, dict[str, int]]:
+    """Peak of per-example gradients from layer hooks for ``rows`` rows: the batch's graph
+    with the output gradients kept so far during the backward pass, then the kept inputs and
+    output gradients with one parameter's (rows, *shape) gradients and their squares."""
+    inputs, outputs = _hooked_widths(model, chosen)
+    kept_inputs, kept_grads = rows * seq_len * inputs * s, rows * seq_len * outputs * s
+    largest = max(p.numel() for p in chosen.values())
+    per_parameter = 2 * rows * largest * F32
+    peak = max(act + kept_grads, kept_inputs + kept_grads + per_parameter)
+    return peak, {"activations": act, "kept_inputs": kept_inputs,
+                  "kept_output_gradients": kept_grads, "one_parameter": per_parameter}
+
+
 def _layer_shapes(model: nn.Module, chosen: dict[str, torch.Tensor]
-                  ) -> tuple[list[tuple[int, int]], int]:
-    """(out, in') of each layer kfac factors and the number of fallback parameters."""
+                  ) -> tuple[list[tuple[int, int]], list[str]]:
+    """(out, in') of each layer kfac factors and the names of the fallback parameters."""
     from forgetkit.fisher.kfac import _plan_layers
 
     layers, reasons = _plan_layers(model, chosen, 16384)
@@ -227,7 +272,7 @@ def _layer_shapes(model: nn.Module, chosen: dict[str, torch.Tensor]
         weight = layer.module.weight
         out, inputs = weight.shape[::-1] if layer.transposed else weight.shape
         shapes.append((int(out), int(inputs) + (layer.bias is not None)))
-    return shapes, sum(chosen[name].numel() for name in reasons)
+    return shapes, list(reasons)
 
 
 def memory_plan(config_or_model, *, params: str | Sequence[str] | None = None,
@@ -286,11 +331,16 @@ def memory_plan(config_or_model, *, params: str | Sequence[str] | None = None,
     ncv = min(size, max(2 * rank + 1, 20))
     largest = max(p.numel() for p in chosen.values())
     cast = 0 if s == F32 else batch * mc_samples * largest * F32  # one tensor's float32 copy
-    shapes, fallback = _layer_shapes(model, chosen)
+    shapes, fallback_names = _layer_shapes(model, chosen)
+    hooks, hook_terms = _hook_gradient_bytes(model, chosen, batch * mc_samples, seq_len, s, act)
+    fallback_chosen = {n: chosen[n] for n in fallback_names}
+    fallback_hooks = (_hook_gradient_bytes(model, fallback_chosen, batch * mc_samples, seq_len,
+                                           s, act)[0] if fallback_chosen else 0)
+    fallback_size = sum(p.numel() for p in fallback_chosen.values())
     rows = [
-        PlanRow("diagonal", grads * s + cast + 2 * size * F32 + act, 1,
-                {"gradients": grads * s + cast, "moments": 2 * size * F32,
-                 "activations": act}, "per-example gradients of one batch"),
+        PlanRow("diagonal", hooks + _moments_bytes(size) + cast, 1,
+                {**hook_terms, "moments": _moments_bytes(size), "cast": cast},
+                "per-example gradients of one batch from layer hooks"),
         PlanRow("gram", 2 * n_rows * size * F32 + grads * (s + F32) + rank * size * F32 + act,
                 1, {"gradient_matrix": 2 * n_rows * size * F32, "gradients": grads * (s + F32),
                     "directions": rank * size * F32, "activations": act},
@@ -305,7 +355,7 @@ def memory_plan(config_or_model, *, params: str | Sequence[str] | None = None,
                 {"lanczos_vectors": ncv * size * F64, "products": 4 * size * F64 + size * s,
                  "directions": rank * size * F64, "activations": 2 * act_exact},
                 f"{ncv} Lanczos vectors; passes are Fisher-vector products (approximate)"),
-        _kfac_row(shapes, fallback, batch * mc_samples, seq_len, s, act),
+        _kfac_row(shapes, fallback_size, fallback_hooks, batch * mc_samples, seq_len, act),
         PlanRow("displacement", 2 * act_layer + scored_logits, 1,
                 {"activations": 2 * act_layer, "scored_logits": scored_logits},
                 "exact d'Fd of one update (one pass per update)"),
@@ -317,28 +367,28 @@ def memory_plan(config_or_model, *, params: str | Sequence[str] | None = None,
                 "power_iterations": power_iterations, "answer_len": answer_len}
     return MemoryPlan(model=str(getattr(config, "_name_or_path", "") or config.model_type),
                       parameters=total, selected=size, weights_bytes=total * s,
-                      factored_layers=len(shapes), fallback_parameters=fallback,
+                      factored_layers=len(shapes), fallback_parameters=fallback_size,
                       settings=settings, rows=rows)
 
 
-def _kfac_row(shapes: list[tuple[int, int]], fallback: int, batch: int, seq_len: int, s: int,
-              act: int) -> PlanRow:
+def _kfac_row(shapes: list[tuple[int, int]], fallback: int, fallback_hooks: int, batch: int,
+              seq_len: int, act: int) -> PlanRow:
     """kfac: factors and eigenbases (float32 kept, float64 during eigh), the eigenvalue
     matrices, the correction pass's rotated inputs and one layer's per-example products, and
-    the diagonal fallback's per-example gradients."""
+    the diagonal fallback (per-example gradients from layer hooks, its moments)."""
     # covariances and eigenvectors kept for every layer; one layer's float64 eigh at a time
     factors = sum(2 * (o * o + i * i) * F32 for o, i in shapes) + \
         max((3 * max(o, i) ** 2 * F64 for o, i in shapes), default=0)
     eigenvalues = sum(2 * o * i * F32 for o, i in shapes)
     rotated = sum(batch * seq_len * i * F32 for _, i in shapes)
     per_example = max((2 * batch * o * i * F32 for o, i in shapes), default=0)
-    fallback_bytes = batch * fallback * (s + 2 * F32) + 2 * fallback * F32
+    fallback_bytes = fallback_hooks + _moments_bytes(fallback) if fallback else 0
     passes = 2 + (fallback > 0)
     terms = {"factors": factors, "eigenvalues": eigenvalues, "rotated_inputs": rotated,
              "per_example_products": per_example, "fallback": fallback_bytes,
              "activations": act}
     note = f"{len(shapes)} layers factored; {fallback:,} parameters on the diagonal fallback"
-    peak = factors + eigenvalues + max(rotated + per_example + act, fallback_bytes + act)
+    peak = factors + eigenvalues + max(rotated + per_example + act, fallback_bytes)
     return PlanRow("kfac", int(peak), passes, terms, note)
 
 

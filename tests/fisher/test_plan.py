@@ -68,9 +68,10 @@ def test_predictions_scale_with_n_rank_and_dtype():
     # the sketch grows with the rank, the per-example gradients with the batch
     k8, k32 = (memory_plan(config, rank=k).row("randomized").terms["sketch"] for k in (8, 32))
     assert k32 - k8 == 6 * small.selected * 24
-    b4, b16 = (memory_plan(config, fisher_batch_size=b).row("diagonal").terms["gradients"]
-               for b in (4, 16))
-    assert b16 == 4 * b4
+    for term in ("one_parameter", "kept_inputs", "kept_output_gradients", "activations"):
+        b4, b16 = (memory_plan(config, fisher_batch_size=b).row("diagonal").terms[term]
+                   for b in (4, 16))
+        assert b16 == 4 * b4, term
     half = memory_plan(config, dtype=torch.bfloat16)
     assert half.weights_bytes * 2 == small.weights_bytes
     assert half.row("displacement").peak_bytes < small.row("displacement").peak_bytes
@@ -179,3 +180,31 @@ def test_report_resolves_auto_before_any_fisher_work(toyworld, monkeypatch):
     with pytest.raises(FisherError, match="--representation low_rank needs about"):
         resolve_representation(model, tokenizer, sample,
                                ReportConfig(representation="low_rank", n_samples=32))
+
+
+def test_hook_terms_equal_what_the_layer_hooks_keep(toyworld):
+    """The plan's kept inputs and output gradients of the per-example hooks are the sizes of
+    the tensors :func:`~forgetkit.fisher.hookgrad.hook_gradients` keeps for one batch (token
+    ids counted as one entry each)."""
+    from forgetkit.fisher.hookgrad import hook_gradients
+    from forgetkit.fisher.pergrad import select_parameters
+    from forgetkit.fisher.plan import _hook_gradient_bytes
+    from forgetkit.models import Encoding, collate
+
+    model, _ = toyworld
+    rows, length = 3, 12
+    encodings = [Encoding.from_ids(list(range(5 + r, 11 + r)), list(range(20, 26)))
+                 for r in range(rows)]
+    batch = collate(encodings, 0)
+    assert batch["input_ids"].shape == (rows, length)
+    chosen = select_parameters(model, None)
+    grads = hook_gradients(model, chosen, batch, batch["labels"])
+    kept = {"kept_inputs": 0, "kept_output_gradients": 0}
+    seen_uses = {id(use): use for holders in grads._holders.values() for use, _ in holders}
+    for use in seen_uses.values():
+        for inputs, output_grad in use.calls:
+            kept["kept_inputs"] += inputs.numel() * 4
+            kept["kept_output_gradients"] += output_grad.numel() * 4
+    terms = _hook_gradient_bytes(model, chosen, rows, length, 4, act=0)[1]
+    assert terms["kept_inputs"] == kept["kept_inputs"]
+    assert terms["kept_output_gradients"] == kept["kept_output_gradients"]

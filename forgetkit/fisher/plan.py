@@ -13,7 +13,7 @@ model entry, 4 = float32 accumulation):
   examples;
 - ``gram``: every per-example gradient, N·P·4, held twice while the blocks are concatenated,
   plus one batch of them, the k directions and activations of B examples;
-- ``randomized``: the sketch, 6·P·l bytes (Ω in bfloat16, Y and Q in float32, one more P x l
+- ``randomized``: the sketch, 14·P·l bytes (Ω in bfloat16, Y and Q in float32, one more P x l
   product; :mod:`forgetkit.fisher.low_rank`), plus one gradient batch, the k directions and
   activations;
 - ``exact`` (Lanczos on exact Fisher-vector products): scipy's ``eigsh`` keeps
@@ -345,9 +345,9 @@ def memory_plan(config_or_model, *, params: str | Sequence[str] | None = None,
                 1, {"gradient_matrix": 2 * n_rows * size * F32, "gradients": grads * (s + F32),
                     "directions": rank * size * F32, "activations": act},
                 f"the N x P gradient matrix ({_gib(n_rows * size * F32)})"),
-        PlanRow("randomized", 6 * size * sketch + grads * (s + F32) + rank * size * F32 + act,
+        PlanRow("randomized", 14 * size * sketch + grads * (s + F32) + rank * size * F32 + act,
                 2 + power_iterations,
-                {"sketch": 6 * size * sketch, "gradients": grads * (s + F32),
+                {"sketch": 14 * size * sketch, "gradients": grads * (s + F32),
                  "directions": rank * size * F32, "activations": act},
                 f"the P x {sketch} sketch"),
         PlanRow("exact", (ncv + 4) * size * F64 + size * s + rank * size * F64 + 2 * act_exact,

@@ -96,8 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="toyworld")
     parser.add_argument("--n", type=int, default=64, help="probes")
-    parser.add_argument("--representations", nargs="+", choices=PLAN_REPRESENTATIONS,
-                        default=list(PLAN_REPRESENTATIONS), help="the ones to measure")
+    parser.add_argument("--representations", nargs="*", choices=PLAN_REPRESENTATIONS,
+                        default=list(PLAN_REPRESENTATIONS),
+                        help="the ones to measure (none: recompute the predictions of the rows "
+                             "already measured, e.g. after a change to the memory model)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--worker", choices=PLAN_REPRESENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--debug", action="store_true")
@@ -124,6 +126,10 @@ def main(argv: list[str] | None = None) -> None:
         earlier = json.loads(path.read_text(encoding="utf-8"))
         if all(earlier.get(k) == v for k, v in settings.items()):
             rows = earlier["rows"]
+    for kind, row in rows.items():  # the current model's predictions for earlier rows
+        predicted = plan.row(kind).peak_bytes
+        row.update(predicted_bytes=predicted, predicted_terms=plan.row(kind).terms,
+                   measured_over_predicted=row["measured_bytes"] / predicted)
     for kind in args.representations:
         out = subprocess.run([sys.executable, __file__, "--worker", kind, "--model", args.model,
                               "--n", str(args.n), "--threads", str(args.threads)], check=True,
@@ -138,6 +144,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{kind:<13} measured {measured['extra_bytes'] / 2**20:8.1f} MiB, predicted "
               f"{predicted / 2**20:8.1f} MiB: ratio {rows[kind]['measured_over_predicted']:.2f}"
               f" ({measured['seconds']:.1f} s)", flush=True)
+        atomic_write_json(path, {**settings, "machine": platform.processor() or
+                                 platform.machine(), "rows": rows})
+    if not args.representations:
+        for kind, row in rows.items():
+            print(f"{kind:<13} measured {row['measured_bytes'] / 2**20:8.1f} MiB, predicted "
+                  f"{row['predicted_bytes'] / 2**20:8.1f} MiB: ratio "
+                  f"{row['measured_over_predicted']:.2f}")
         atomic_write_json(path, {**settings, "machine": platform.processor() or
                                  platform.machine(), "rows": rows})
 

@@ -251,11 +251,13 @@ def _hook_gradient_bytes(model: nn.Module, chosen: dict[str, torch.Tensor], rows
                          seq_len: int, s: int, act: int) -> tuple[int, dict[str, int]]:
     """Peak of per-example gradients from layer hooks for ``rows`` rows: the batch's graph
     with the output gradients kept so far during the backward pass, then the kept inputs and
-    output gradients with one parameter's (rows, *shape) gradients and their squares."""
+    output gradients with one parameter's (rows, *shape) gradients (squared in place) and its
+    block moments."""
     inputs, outputs = _hooked_widths(model, chosen)
     kept_inputs, kept_grads = rows * seq_len * inputs * s, rows * seq_len * outputs * s
     largest = max(p.numel() for p in chosen.values())
-    per_parameter = 2 * rows * largest * F32
+    # its (rows, *shape) gradients, squared in place, and the block's mean and deviations
+    per_parameter = rows * largest * F32 + 2 * largest * F32
     peak = max(act + kept_grads, kept_inputs + kept_grads + per_parameter)
     return peak, {"activations": act, "kept_inputs": kept_inputs,
                   "kept_output_gradients": kept_grads, "one_parameter": per_parameter}

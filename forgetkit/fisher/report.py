@@ -58,8 +58,8 @@ class ReportConfig:
     representation: str = field(default="low_rank", metadata=_help(
         "the Fisher whose top-k directions, projections, captured energy and risk are reported: "
         "low_rank | kfac (Kronecker-factored EK-FAC per linear layer, diagonal elsewhere) | "
-        "diagonal | auto (the most accurate of these whose predicted peak memory, with 25% "
-        "headroom, fits the device's free memory; see --plan)"))
+        "diagonal | auto (the most accurate of these whose predicted peak memory times 1.25 "
+        "fits the device's free memory; see --plan)"))
     rank: int = field(default=16, metadata=_help("number of top Fisher directions"))
     low_rank_method: str = field(default="exact", metadata=_help(
         "top directions from: exact (Lanczos on exact Fisher-vector products, no label draws) | "

@@ -63,7 +63,7 @@ from forgetkit.fisher.pergrad import FisherError, select_parameters
 
 __all__ = ["HEADROOM", "PLAN_REPRESENTATIONS", "MemoryPlan", "PlanRow", "available_memory",
            "choose_representation", "llama_config", "memory_plan", "model_config",
-           "smollm2_config"]
+           "report_peak", "smollm2_config"]
 
 PLAN_REPRESENTATIONS = ("diagonal", "gram", "randomized", "exact", "kfac", "displacement")
 F32, F64 = 4, 8
@@ -418,15 +418,42 @@ def _row_of(plan: MemoryPlan, representation: str, low_rank_method: str) -> Plan
     return plan.row(low_rank_method)
 
 
+def _stored_bytes(plan: MemoryPlan, representation: str, low_rank_method: str) -> int:
+    """What a finished representation keeps while the report computes the next one."""
+    if representation == "diagonal":
+        return 2 * plan.selected * F32  # values and their standard errors
+    terms = _row_of(plan, representation, low_rank_method).terms
+    if representation == "kfac":
+        return terms["factors"] + terms["eigenvalues"] + 2 * plan.fallback_parameters * F32
+    return terms["directions"]
+
+
+def report_peak(plan: MemoryPlan, representation: str, low_rank_method: str = "exact",
+                held: int = 0) -> int:
+    """The report's peak above the base model with ``representation``: ``held`` (the
+    fine-tunes and their updates), then the representation, then the diagonal next to it, then
+    the exact displacement next to both."""
+    peak = _row_of(plan, representation, low_rank_method).peak_bytes
+    stored = _stored_bytes(plan, representation, low_rank_method)
+    diagonal_peak = plan.row("diagonal").peak_bytes
+    displacement = plan.row("displacement").peak_bytes
+    if representation == "diagonal":
+        return held + max(peak, stored + displacement)
+    return held + max(peak, stored + diagonal_peak,
+                      stored + _stored_bytes(plan, "diagonal", low_rank_method) + displacement)
+
+
 def choose_representation(plan: MemoryPlan, available: int, requested: str,
-                          low_rank_method: str = "exact", *, kfac_possible: bool = True
-                          ) -> tuple[str, dict[str, Any]]:
+                          low_rank_method: str = "exact", *, kfac_possible: bool = True,
+                          held: int = 0) -> tuple[str, dict[str, Any]]:
     """The report's Fisher representation for ``available`` bytes, and why.
 
-    ``requested`` ``"auto"``: the most accurate of low_rank (its ``low_rank_method``), kfac,
-    diagonal whose predicted peak times :data:`HEADROOM` fits. A named representation is kept
-    unless its predicted peak alone exceeds ``available``. The report also computes the
-    diagonal and the exact displacement of each update: those must fit too.
+    Each candidate is costed as the whole report holds it (:func:`report_peak`: ``held``
+    bytes of fine-tunes and updates, the representation, the diagonal and the exact
+    displacement computed beside it). ``requested`` ``"auto"``: the most accurate of low_rank
+    (its ``low_rank_method``), kfac, diagonal whose predicted peak times :data:`HEADROOM`
+    fits. A named representation is kept unless its predicted peak alone exceeds
+    ``available``.
 
     Returns:
         (representation, a JSON-ready record: available bytes, each candidate's predicted
@@ -436,16 +463,10 @@ def choose_representation(plan: MemoryPlan, available: int, requested: str,
         FisherError: nothing fits, naming the predicted peaks and the memory available.
     """
     order = [r for r in ("low_rank", "kfac", "diagonal") if r != "kfac" or kfac_possible]
-    peaks = {r: _row_of(plan, r, low_rank_method).peak_bytes for r in order}
-    always = {r: plan.row(r).peak_bytes for r in ("diagonal", "displacement")}
-    record = {"requested": requested, "available_bytes": available,
+    peaks = {r: report_peak(plan, r, low_rank_method, held) for r in order}
+    record = {"requested": requested, "available_bytes": available, "held_bytes": held,
               "predicted_peak_bytes": peaks, "headroom": HEADROOM}
     have = f"{_gib(available)} available"
-    need = max(always.values())
-    if need > available:
-        raise FisherError(f"the diagonal and the exact displacement need about {_gib(need)} "
-                          f"above the model (memory plan); the device has {have}: lower "
-                          "--fisher_batch_size/--exact_batch_size, use --params or a larger device")
     if requested == "auto":
         fitting = [r for r in order if peaks[r] * HEADROOM <= available]
         if not fitting:
@@ -456,7 +477,8 @@ def choose_representation(plan: MemoryPlan, available: int, requested: str,
     if peaks.get(requested, 0) > available:
         cheaper = [r for r in order if peaks[r] * HEADROOM <= available]
         raise FisherError(f"--representation {requested} needs about {_gib(peaks[requested])} "
-                          f"above the model (memory plan, --plan); the device has {have}: "
+                          f"above the model with the report's fine-tunes and its other "
+                          f"Fisher computations (memory plan, --plan); the device has {have}: "
                           + (f"use --representation {cheaper[0]} or auto" if cheaper else
                              "use --params, smaller batches or a larger device"))
     return requested, {**record, "chosen": requested}

@@ -403,10 +403,12 @@ def run_report(config: ReportConfig, *, base=None, finetunes=None, records=None,
 
 
 def resolve_representation(model: torch.nn.Module, tokenizer, sample: list,
-                           config: ReportConfig) -> tuple[ReportConfig, dict[str, Any]]:
+                           config: ReportConfig, finetunes: int = 2
+                           ) -> tuple[ReportConfig, dict[str, Any]]:
     """Before any Fisher work: the memory plan of ``config`` on ``model`` and ``sample`` (its
-    longest probe) against the device's free memory; ``--representation auto`` becomes the most
-    accurate representation that fits, a named one is refused if it cannot fit.
+    longest probe) against the device's free memory, with ``finetunes`` fine-tuned models and
+    their updates held beside it; ``--representation auto`` becomes the most accurate
+    representation that fits, a named one is refused if it cannot fit.
 
     Returns:
         ``config`` with a concrete representation, and the record of the choice (report.json's
@@ -428,9 +430,10 @@ def resolve_representation(model: torch.nn.Module, tokenizer, sample: list,
                        exact_batch_size=config.exact_batch_size,
                        rank=min(config.rank, len(sample) * config.mc_samples),
                        dtype=weight.dtype, mc_samples=config.mc_samples)
+    held = finetunes * (plan.weights_bytes + plan.selected * 4)  # each model and its update
     chosen, record = choose_representation(
         plan, available_memory(weight.device), config.representation, config.low_rank_method,
-        kfac_possible=bool(linear_layers(model, config.params)))
+        kfac_possible=bool(linear_layers(model, config.params)), held=held)
     if config.representation == "auto":
         logger.info("--representation auto: %s (predicted peaks %s; %.2f GiB free)", chosen,
                     {r: f"{b / 2**30:.2f} GiB" for r, b in record["predicted_peak_bytes"].items()},
@@ -462,7 +465,8 @@ def _run_report(config: ReportConfig, base, finetunes, records, probes, progress
     if not probes:
         raise ValueError(f"probe set {config.probe_source()!r} is empty")
     sample = spread_sample(probes, config.n_samples)
-    config, memory = resolve_representation(base, tokenizer, sample, config)
+    config, memory = resolve_representation(base, tokenizer, sample, config,
+                                            finetunes=len(given) or 2)
     paths = {name: str(ft) for name, ft in given.items() if not isinstance(ft, torch.nn.Module)}
     loaded, deltas = _load_finetunes(base, paths, config)  # architecture checks first
     finetunes = {}

@@ -138,33 +138,36 @@ def test_plan_cli_prints_and_exits_without_weights(tmp_path):
 
 
 def test_auto_takes_the_most_accurate_representation_that_fits():
-    """low_rank (exact) > kfac > diagonal by accuracy; each is taken when its predicted peak
-    with headroom fits, a named one is refused only when its peak alone does not fit."""
+    """low_rank (exact) > kfac > diagonal by accuracy; each is taken when the report's
+    predicted peak with it (the representation, then the diagonal and the displacement beside
+    it, plus what the report holds) fits with headroom; a named one is refused only when that
+    peak alone does not fit."""
     plan = memory_plan(model_config("toyworld"), n_samples=64, seq_len=50)
-    peak = {r: plan.row(r).peak_bytes for r in ("exact", "kfac", "diagonal", "displacement")}
-    assert peak["exact"] > peak["kfac"] > peak["diagonal"]  # the order the test relies on
+    peak = choose_representation(plan, 10**15, "auto", "exact")[1]["predicted_peak_bytes"]
+    assert peak["low_rank"] > peak["kfac"] > peak["diagonal"]  # the order the test relies on
+    assert peak["low_rank"] >= plan.row("exact").peak_bytes
+    assert peak["kfac"] > plan.row("kfac").peak_bytes  # the diagonal runs beside its factors
 
     def auto(available, **kwargs):
         return choose_representation(plan, int(available), "auto", "exact", **kwargs)
 
-    assert auto(peak["exact"] * HEADROOM)[0] == "low_rank"
-    assert auto(peak["exact"] * HEADROOM - 1)[0] == "kfac"
+    assert auto(peak["low_rank"] * HEADROOM)[0] == "low_rank"
+    assert auto(peak["low_rank"] * HEADROOM - 1)[0] == "kfac"
     assert auto(peak["kfac"] * HEADROOM - 1)[0] == "diagonal"
-    assert auto(peak["exact"] * HEADROOM - 1, kfac_possible=False)[0] == "diagonal"
+    assert auto(peak["low_rank"] * HEADROOM - 1, kfac_possible=False)[0] == "diagonal"
     chosen, record = auto(peak["kfac"] * HEADROOM)
     assert record["chosen"] == chosen == "kfac" and record["requested"] == "auto"
-    assert record["predicted_peak_bytes"]["low_rank"] == peak["exact"]
-    gram = choose_representation(plan, 10**12, "auto", "gram")[1]
-    assert gram["predicted_peak_bytes"]["low_rank"] == plan.row("gram").peak_bytes
+    held = auto(10**15, held=10**9)[1]["predicted_peak_bytes"]
+    assert all(held[r] == peak[r] + 10**9 for r in peak)
+    gram = choose_representation(plan, 10**15, "auto", "gram")[1]
+    assert gram["predicted_peak_bytes"]["low_rank"] >= plan.row("gram").peak_bytes
     with pytest.raises(FisherError, match="no Fisher representation fits"):
-        auto(max(peak["diagonal"], peak["displacement"]))  # fits, but not with headroom
-    with pytest.raises(FisherError, match="the diagonal and the exact displacement need"):
-        auto(min(peak["diagonal"], peak["displacement"]) - 1)
+        auto(peak["diagonal"])  # fits, but not with headroom
     # named: kept while its peak fits (no headroom), refused with the way out named
-    assert choose_representation(plan, peak["exact"], "low_rank", "exact")[0] == "low_rank"
+    assert choose_representation(plan, peak["low_rank"], "low_rank", "exact")[0] == "low_rank"
     with pytest.raises(FisherError, match=r"--representation low_rank needs about .* use "
                                           r"--representation kfac or auto"):
-        choose_representation(plan, peak["exact"] - 1, "low_rank", "exact")
+        choose_representation(plan, peak["low_rank"] - 1, "low_rank", "exact")
 
 
 def test_report_resolves_auto_before_any_fisher_work(toyworld, monkeypatch):

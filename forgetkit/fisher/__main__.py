@@ -36,9 +36,10 @@ def plan_table(config: ReportConfig) -> str:
     device = resolve_device(config.device)
     free = available_memory(device)
     try:
+        held = (len(config.finetuned) or 2) * (plan.weights_bytes + plan.selected * 4)
         chosen = choose_representation(plan, free, config.representation,
                                        config.low_rank_method,
-                                       kfac_possible=plan.factored_layers > 0)[0]
+                                       kfac_possible=plan.factored_layers > 0, held=held)[0]
         verdict = f"--representation {config.representation}: {chosen}"
     except FisherError as err:
         verdict = f"--representation {config.representation}: does not fit ({err})"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import subprocess
@@ -38,7 +37,7 @@ from forgetkit import fisher
 from forgetkit.cli_config import command_line
 from forgetkit.data.records import load_probes
 from forgetkit.files import atomic_write_json
-from forgetkit.fisher.plan import PLAN_REPRESENTATIONS, memory_plan
+from forgetkit.fisher.plan import PLAN_REPRESENTATIONS, memory_plan, probe_lengths
 from forgetkit.fisher.report import spread_sample
 from forgetkit.models import encode, load_model
 
@@ -109,12 +108,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(args.worker, args.model, args.n)))
         return
     model, tokenizer, probes, _ = _setup(args.model, args.n)
-    encodings = [encode(tokenizer, p.prompt, p.answer) for p in probes]
-    longest = max(len(e.input_ids) for e in encodings)
-    plan = memory_plan(model, n_samples=len(probes), seq_len=longest,
-                       answer_len=math.ceil(sum(len(e.completion_ids) for e in encodings)
-                                           / len(encodings)),
-                       fisher_batch_size=FISHER_BATCH, exact_batch_size=EXACT_BATCH,
+    lengths = probe_lengths([encode(tokenizer, p.prompt, p.answer) for p in probes])
+    longest = lengths["seq_len"]
+    plan = memory_plan(model, n_samples=len(probes), **lengths, fisher_batch_size=FISHER_BATCH, exact_batch_size=EXACT_BATCH,
                        rank=min(RANK, len(probes) - 1))
     path = RESULTS / f"bench_plan_{args.model}.json"
     settings = {"model": args.model, "parameters": plan.parameters, "probes": len(probes),

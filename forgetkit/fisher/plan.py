@@ -50,6 +50,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -63,7 +64,7 @@ from forgetkit.fisher.pergrad import FisherError, select_parameters
 
 __all__ = ["HEADROOM", "PLAN_REPRESENTATIONS", "MemoryPlan", "PlanRow", "available_memory",
            "choose_representation", "llama_config", "memory_plan", "model_config",
-           "report_peak", "smollm2_config"]
+           "probe_lengths", "report_peak", "smollm2_config"]
 
 PLAN_REPRESENTATIONS = ("diagonal", "gram", "randomized", "exact", "kfac", "displacement")
 F32, F64 = 4, 8
@@ -197,6 +198,15 @@ def _gib(n: int) -> str:
     if n >= 2**30:
         return f"{n / 2**30:.2f} GiB"
     return f"{n / 2**20:.1f} MiB"
+
+
+def probe_lengths(encodings: Sequence) -> dict[str, int]:
+    """``seq_len`` (the longest probe, whose batch sets the activations' peak) and
+    ``answer_len`` (scored tokens per probe, on average, rounded up) of encoded probes, the
+    lengths :func:`memory_plan` takes."""
+    return {"seq_len": max(len(e.input_ids) for e in encodings),
+            "answer_len": math.ceil(sum(len(e.completion_ids) for e in encodings)
+                                    / len(encodings))}
 
 
 def _activation_bytes(config, batch: int, seq_len: int, itemsize: int,

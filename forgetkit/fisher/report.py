@@ -417,16 +417,18 @@ def resolve_representation(model: torch.nn.Module, tokenizer, sample: list,
     Raises:
         FisherError: the representation (or, for auto, every one) does not fit.
     """
-    from forgetkit.fisher.plan import available_memory, choose_representation, memory_plan
+    from forgetkit.fisher.plan import (
+        available_memory,
+        choose_representation,
+        memory_plan,
+        probe_lengths,
+    )
     from forgetkit.models import encode
 
     encodings = [encode(tokenizer, p.prompt, p.answer) for p in sample]
     weight = next(model.parameters())
     plan = memory_plan(model, params=config.params, n_samples=len(sample),
-                       seq_len=max(len(e.input_ids) for e in encodings),
-                       answer_len=math.ceil(sum(len(e.completion_ids) for e in encodings)
-                                           / len(encodings)),
-                       fisher_batch_size=config.fisher_batch_size,
+                       **probe_lengths(encodings), fisher_batch_size=config.fisher_batch_size,
                        exact_batch_size=config.exact_batch_size,
                        rank=min(config.rank, len(sample) * config.mc_samples),
                        dtype=weight.dtype, mc_samples=config.mc_samples)

@@ -2,7 +2,9 @@
 
 For each representation (diagonal, gram, randomized, exact low-rank, kfac, the exact
 displacement of one update) a fresh subprocess loads the model, runs the computation once on
-two probes (imports, kernel caches), resets the peak RSS (``VmHWM``, ``clear_refs`` 5, as
+two probes (imports, kernel caches), returns the memory it freed to the system (glibc
+``malloc_trim``: freed tensors under the mmap threshold otherwise stay resident and would hide
+the measured run's reuse of them), resets the peak RSS (``VmHWM``, ``clear_refs`` 5, as
 bench_displacement.py does) and runs it on N probes; the peak above the loaded footprint is
 compared with :func:`forgetkit.fisher.plan.memory_plan`'s prediction for the same settings
 (``seq_len`` = the longest probe, whose batch sets the activations' peak).
@@ -20,6 +22,7 @@ Results go to experiments/results/bench_plan_<model>.json.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -78,10 +81,22 @@ def _status(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def _release_freed_memory() -> None:
+    """Return freed heap memory to the system (glibc ``malloc_trim``), so that the resident
+    size counts live memory only: tensors under glibc's mmap threshold (up to 32 MiB, e.g. a
+    Kronecker factor) stay in the heap when freed, and memory the warm-up run freed would
+    otherwise be reused by the measured run without raising the peak."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to release
+        pass
+
+
 def worker(kind: str, model_name: str, n: int) -> dict:
     model, tokenizer, probes, update = _setup(model_name, n)
     _run(kind, model, tokenizer, probes[:2], update)
     gc.collect()
+    _release_freed_memory()
     Path("/proc/self/clear_refs").write_text("5")
     loaded = _status("VmRSS")
     start = time.perf_counter()

@@ -428,16 +428,10 @@ def saved_inputs(output_dir: str | os.PathLike) -> dict[str, str]:
 
 def _input_differences(saved: Mapping[str, str], now: Mapping[str, str],
                        files: Mapping[str, Sequence[str]]) -> str:
-    def shown(fingerprints, key):
-        return fingerprints.get(key, "by name")
-
     parts = []
     for key in sorted(set(saved) | set(now)):
-        if saved.get(key) == now.get(key):
-            continue
-        if key in files and key in saved:
-            parts.append(f"{key}: the content of {', '.join(files[key])} changed "
-                         f"({shown(saved, key)} -> {shown(now, key)})")
-        else:
-            parts.append(f"{key}: {shown(saved, key)} -> {shown(now, key)}")
+        if saved.get(key) != now.get(key):
+            change = f"{saved.get(key, 'by name')} -> {now.get(key, 'by name')}"
+            parts.append(f"{key}: the content of {', '.join(files[key])} changed ({change})"
+                         if key in files and key in saved else f"{key}: {change}")
     return "; ".join(parts)

@@ -235,14 +235,6 @@ def _resolve_tangents(model: torch.nn.Module, delta: ParamDelta | Mapping[str, T
     return tangents
 
 
-def _probe_ids(data: Sequence) -> list[str]:
-    return [str(getattr(item, "id", index)) for index, item in enumerate(data)]
-
-
-def _capabilities(data: Sequence) -> list[str]:
-    return [getattr(item, "capability", None) or "all" for item in data]
-
-
 def _shard_batches(encodings: list[Encoding], batch_size: int) -> list[list[int]]:
     """This rank's examples in length-sorted batches (indices into ``encodings``)."""
     order = shard_indices(encodings)
@@ -356,7 +348,8 @@ def displacement(model: torch.nn.Module, tokenizer, probes: Sequence[Probe | Rec
     check_sampling(estimator, batch_size)
     tangents = _resolve_tangents(model, delta, params)
     encodings = encode_data(tokenizer, list(probes))
-    ids, capabilities = _probe_ids(probes), _capabilities(probes)
+    ids = [str(getattr(probe, "id", index)) for index, probe in enumerate(probes)]
+    capabilities = [getattr(probe, "capability", None) or "all" for probe in probes]
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     products = _Products(model, mode)
     with evaluation_mode(model):

@@ -102,7 +102,8 @@ class ReportConfig:
         if self.representation not in REPRESENTATIONS:
             raise ValueError(f"--representation must be one of {', '.join(REPRESENTATIONS)}, "
                              f"got {self.representation!r}")
-        for name in ("rank", "spread_seeds", "mc_samples", "plan_seq_len", "n_samples"):
+        for name in ("rank", "spread_seeds", "mc_samples", "plan_seq_len", "n_samples",
+                     "fisher_batch_size", "exact_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.low_rank_method not in ("exact", "gram", "randomized", "auto"):
@@ -112,9 +113,6 @@ class ReportConfig:
             raise ValueError(f"--kl_path needs steps in (0, 1], got {self.kl_path}")
         if self.estimator not in ("true", "empirical"):
             raise ValueError(f"--estimator must be 'true' or 'empirical', got {self.estimator!r}")
-        if self.fisher_batch_size < 1 or self.exact_batch_size < 1:
-            raise ValueError(f"--fisher_batch_size and --exact_batch_size must be >= 1, got "
-                             f"{self.fisher_batch_size} and {self.exact_batch_size}")
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"--lam must be in [0, 1], got {self.lam}")
         for item in self.finetuned:

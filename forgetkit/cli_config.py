@@ -326,12 +326,8 @@ def _close_progress_bars() -> None:
         return
     from tqdm import tqdm
 
-    classes = [tqdm]
-    while classes:
-        cls = classes.pop()
-        classes += cls.__subclasses__()
-        for bar in list(getattr(cls, "_instances", ())):
-            bar.close()
+    for bar in list(tqdm._instances):  # every tqdm subclass registers its bars here
+        bar.close()
 
 
 def debug_requested(argv: Sequence[str] | None = None) -> bool:

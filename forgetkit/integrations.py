@@ -270,15 +270,12 @@ class ForgettingCallback(TrainerCallback):
         probes = list(probes) if not isinstance(probes, str | bytes) else probes
         if not isinstance(probes, list) or not probes:
             raise ValueError("ForgettingCallback: probes must be a non-empty sequence of Probes")
-        for index, probe in enumerate(probes):
-            if not isinstance(probe, Probe):
-                raise TypeError(f"ForgettingCallback: probes[{index}] is a "
-                                f"{type(probe).__name__}, expected a Probe")
         records = list(records or ())
-        for index, record in enumerate(records):
-            if not isinstance(record, Record):
-                raise TypeError(f"ForgettingCallback: records[{index}] is a "
-                                f"{type(record).__name__}, expected a Record")
+        for what, items, kind in (("probes", probes, Probe), ("records", records, Record)):
+            for index, item in enumerate(items):
+                if not isinstance(item, kind):
+                    raise TypeError(f"ForgettingCallback: {what}[{index}] is a "
+                                    f"{type(item).__name__}, expected a {kind.__name__}")
         for name, value in (("every", every), ("batch_size", batch_size),
                             ("max_new_tokens", max_new_tokens)):
             if value is None and name == "every":

@@ -9,7 +9,7 @@ the same items (two fine-tunes on one probe set) are compared with a *paired* bo
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import stats
@@ -37,8 +37,7 @@ class Interval:
     n: int
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"value": self.value, "low": self.low, "high": self.high,
-                "confidence": self.confidence, "n": self.n}
+        return asdict(self)
 
     def __str__(self) -> str:
         return f"{self.value:.4g} [{self.low:.4g}, {self.high:.4g}]"

@@ -99,9 +99,6 @@ def _named(model) -> dict[str, Tensor]:
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
-_LORA_A = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_A(?:\.(?P<adapter>[^.]+))?\.weight$")
-
-
 def lora_factors(peft_model) -> dict[str, LoraFactor]:
     """The factors of the active LoRA adapter, keyed by the name of the LoRA layer in
     ``peft_model`` (e.g. ``base_model.model.model.layers.0.self_attn.q_proj``); detached, in the

@@ -44,10 +44,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from forgetkit.data.records import Probe, Record
 from forgetkit.fisher.delta import ParamDelta
 from forgetkit.fisher.pergrad import (
-    ESTIMATORS,
     Estimator,
     FisherError,
     all_reduce_sum,
+    check_sampling,
     encode_data,
     evaluation_mode,
     select_parameters,
@@ -235,14 +235,6 @@ def _resolve_tangents(model: torch.nn.Module, delta: ParamDelta | Mapping[str, T
     return tangents
 
 
-def _probe_ids(data: Sequence) -> list[str]:
-    return [str(getattr(item, "id", index)) for index, item in enumerate(data)]
-
-
-def _capabilities(data: Sequence) -> list[str]:
-    return [getattr(item, "capability", None) or "all" for item in data]
-
-
 def _shard_batches(encodings: list[Encoding], batch_size: int) -> list[list[int]]:
     """This rank's examples in length-sorted batches (indices into ``encodings``)."""
     order = shard_indices(encodings)
@@ -353,13 +345,11 @@ def displacement(model: torch.nn.Module, tokenizer, probes: Sequence[Probe | Rec
             an FSDP-sharded model.
     """
     model = unwrap_model(model)
-    if estimator not in ESTIMATORS:
-        raise FisherError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if batch_size < 1:
-        raise FisherError(f"batch_size must be >= 1, got {batch_size}")
+    check_sampling(estimator, batch_size)
     tangents = _resolve_tangents(model, delta, params)
     encodings = encode_data(tokenizer, list(probes))
-    ids, capabilities = _probe_ids(probes), _capabilities(probes)
+    ids = [str(getattr(probe, "id", index)) for index, probe in enumerate(probes)]
+    capabilities = [getattr(probe, "capability", None) or "all" for probe in probes]
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     products = _Products(model, mode)
     with evaluation_mode(model):
@@ -400,8 +390,7 @@ class FisherOperator:
     def __init__(self, model: torch.nn.Module, tokenizer, data: Sequence, *,
                  estimator: Estimator = "true", batch_size: int = 16,
                  params: str | Sequence[str] | None = None, mode: ProductMode = "auto"):
-        if estimator not in ESTIMATORS:
-            raise FisherError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        check_sampling(estimator, batch_size)
         model = unwrap_model(model)
         self.model, self.estimator, self.batch_size = model, estimator, batch_size
         self.encodings = encode_data(tokenizer, list(data))

@@ -92,10 +92,10 @@ from forgetkit.fisher.hookgrad import linear_types
 from forgetkit.fisher.io import prepare_inputs
 from forgetkit.fisher.kronecker import KroneckerFactors, KroneckerFisher
 from forgetkit.fisher.pergrad import (
-    ESTIMATORS,
     Estimator,
     FisherError,
     all_reduce_sum,
+    check_sampling,
     distributed_shard,
     evaluation_mode,
     fsdp_sharded,
@@ -385,14 +385,7 @@ def kfac(model: nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding],
             with parameters for the diagonal fallback, or a model sharded otherwise (the
             message says how to pass an unsharded copy).
     """
-    if estimator not in ESTIMATORS:
-        raise FisherError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if estimator == "empirical" and mc_samples != 1:
-        raise FisherError("mc_samples applies to estimator='true' only (the empirical Fisher "
-                          f"uses the data labels once); got mc_samples={mc_samples}")
-    if mc_samples < 1 or batch_size < 1:
-        raise FisherError(f"mc_samples and batch_size must be >= 1, got {mc_samples} and "
-                          f"{batch_size}")
+    check_sampling(estimator, batch_size, mc_samples)
     if tokens not in TOKENS:
         raise FisherError(f"tokens must be one of {TOKENS}, got {tokens!r}")
     inputs = prepare_inputs(model, tokenizer, data, params=params, device=device, dtype=dtype,

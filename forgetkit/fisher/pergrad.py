@@ -65,6 +65,7 @@ __all__ = [
     "GradientStream",
     "PerExample",
     "all_reduce_sum",
+    "check_sampling",
     "derived_seed",
     "distributed_shard",
     "encode_data",
@@ -94,6 +95,19 @@ _CHECKED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = (
 
 class FisherError(ValueError):
     """Bad input to a Fisher estimator, or a Fisher file that does not fit the model."""
+
+
+def check_sampling(estimator: str, batch_size: int, mc_samples: int = 1) -> None:
+    """Raise :class:`FisherError` for an unknown ``estimator``, ``mc_samples`` other than 1
+    with the empirical Fisher, or ``mc_samples`` or ``batch_size`` below 1."""
+    if estimator not in ESTIMATORS:
+        raise FisherError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if estimator == "empirical" and mc_samples != 1:
+        raise FisherError("mc_samples applies to estimator='true' only (the empirical Fisher "
+                          f"uses the data labels once); got mc_samples={mc_samples}")
+    for name, value in (("mc_samples", mc_samples), ("batch_size", batch_size)):
+        if value < 1:
+            raise FisherError(f"{name} must be >= 1, got {value}")
 
 
 def derived_seed(seed: int, *keys: object) -> int:
@@ -417,14 +431,7 @@ class GradientStream:
                  params: dict[str, Tensor], *, estimator: Estimator, mc_samples: int,
                  batch_size: int, seed: int, pad_token_id: int, per_example: PerExample,
                  check_finite: bool = True):
-        if estimator not in ESTIMATORS:
-            raise FisherError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if estimator == "empirical" and mc_samples != 1:
-            raise FisherError("mc_samples applies to estimator='true' only (the empirical "
-                              f"Fisher uses the data labels once); got mc_samples={mc_samples}")
-        if mc_samples < 1 or batch_size < 1:
-            raise FisherError(f"mc_samples and batch_size must be >= 1, got {mc_samples} and "
-                              f"{batch_size}")
+        check_sampling(estimator, batch_size, mc_samples)
         if per_example not in PER_EXAMPLE:
             raise FisherError(f"per_example must be one of {PER_EXAMPLE}, got {per_example!r}")
         self.model, self.encodings, self.estimator = model, encodings, estimator

@@ -79,10 +79,6 @@ def leading_directions(fisher: FisherMatrix, rank: int | None) -> int:
     return fisher._rank_k(rank, "rank")
 
 
-def _module(name: str) -> str:
-    return name.rpartition(".")[0] or name
-
-
 def _energy_share(coefficients: Tensor, sq_norm: float) -> float:
     return float(coefficients.square().sum()) / sq_norm if sq_norm > 0 else 0.0
 
@@ -92,7 +88,7 @@ def _module_rows(delta: ParamDelta, fisher: FisherMatrix, k: int) -> list[dict[s
     to the module, through the same interface calls as the whole update."""
     modules: dict[str, list[str]] = {}
     for name in fisher.shapes:
-        modules.setdefault(_module(name), []).append(name)
+        modules.setdefault(name.rpartition(".")[0] or name, []).append(name)
     rows = []
     for module, names in modules.items():
         own = ParamDelta({n: delta.entries[n] for n in names if n in delta.entries})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -21,7 +20,13 @@ import jinja2
 import pandas as pd
 from markupsafe import Markup
 
-from forgetkit.files import OutputError, atomic_directory, atomic_write_json, check_writable
+from forgetkit.files import (
+    OutputError,
+    atomic_directory,
+    atomic_write_json,
+    check_writable,
+    figure_png,
+)
 from forgetkit.fisher import plots
 
 __all__ = ["FIGURES", "figure_frames", "reading", "write_report"]
@@ -123,9 +128,7 @@ def _png(draw: Callable, frame: pd.DataFrame, title: str) -> bytes:
     draw(frame, ax)
     ax.set_title(title)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure_png(fig)
 
 
 def _fmt(x: Any) -> str:
@@ -136,17 +139,12 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def _with_ci(value: float | None, low: float | None, high: float | None) -> str:
-    """``value [low, high]`` (3 significant digits)."""
-    if value is None:
-        return "n/a"
-    return f"{value:.3g} [{_fmt(low)}, {_fmt(high)}]"
-
-
 def _section_ci(section: dict[str, Any] | None, value: str = "value", scale: float = 1.0) -> str:
+    """``value [low, high]`` of an interval section, scaled (3 significant digits)."""
     if not section:
         return "n/a"
-    return _with_ci(section[value] * scale, section["low"] * scale, section["high"] * scale)
+    low, high = section["low"] * scale, section["high"] * scale
+    return f"{section[value] * scale:.3g} [{low:.3g}, {high:.3g}]"
 
 
 def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -226,7 +224,7 @@ def reading(report: dict[str, Any]) -> list[str]:
             f"{_section_ci(ft['measured_kl'], 'per_sequence')}, {ratio['value']:.2g} times the "
             f"prediction [{ratio['low']:.2g}, {ratio['high']:.2g}]; {path}. The top "
             f"{ft['projection_low_rank']['rank']} {representation_name(report)} Fisher "
-            f"directions hold {_pct(top['value'] / exact if exact else None)} of Δθ'FΔθ "
+            f"directions hold {100 * top['value'] / exact:.0f}% of Δθ'FΔθ "
             f"({'a lower bound' if top['lower_bound'] else 'not a bound'}); the "
             f"diagonal proxy ΣF_jj d_j² is {diag['value'] / exact:.2g} times the exact value."
             if exact else f"{name}: the update has zero Fisher displacement.")
@@ -239,10 +237,6 @@ def reading(report: dict[str, Any]) -> list[str]:
         lines.append(f"{len(report['warnings'])} warning(s) were logged during the run; see "
                      "'warnings' in report.json.")
     return lines
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
 def _table(rows: list[dict[str, Any]]) -> Markup | None:

@@ -102,26 +102,17 @@ class ReportConfig:
         if self.representation not in REPRESENTATIONS:
             raise ValueError(f"--representation must be one of {', '.join(REPRESENTATIONS)}, "
                              f"got {self.representation!r}")
-        if self.rank < 1:
-            raise ValueError(f"--rank must be >= 1, got {self.rank}")
+        for name in ("rank", "spread_seeds", "mc_samples", "plan_seq_len", "n_samples",
+                     "fisher_batch_size", "exact_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.low_rank_method not in ("exact", "gram", "randomized", "auto"):
             raise ValueError(f"--low_rank_method must be exact, gram, randomized or auto, got "
                              f"{self.low_rank_method!r}")
-        if self.spread_seeds < 1:
-            raise ValueError(f"--spread_seeds must be >= 1, got {self.spread_seeds}")
-        if self.mc_samples < 1:
-            raise ValueError(f"--mc_samples must be >= 1, got {self.mc_samples}")
         if not self.kl_path or any(not 0 < t <= 1 for t in self.kl_path):
             raise ValueError(f"--kl_path needs steps in (0, 1], got {self.kl_path}")
         if self.estimator not in ("true", "empirical"):
             raise ValueError(f"--estimator must be 'true' or 'empirical', got {self.estimator!r}")
-        if self.fisher_batch_size < 1 or self.exact_batch_size < 1:
-            raise ValueError(f"--fisher_batch_size and --exact_batch_size must be >= 1, got "
-                             f"{self.fisher_batch_size} and {self.exact_batch_size}")
-        if self.plan_seq_len < 1:
-            raise ValueError(f"--plan_seq_len must be >= 1, got {self.plan_seq_len}")
-        if self.n_samples < 1:
-            raise ValueError(f"--n-samples must be >= 1, got {self.n_samples}")
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"--lam must be in [0, 1], got {self.lam}")
         for item in self.finetuned:
@@ -173,6 +164,8 @@ def _default_finetunes(config: ReportConfig, out: Path, progress: bool) -> dict[
     """Train (or reuse) quick SFT and MixSD fine-tunes of the base; return name -> path."""
     from forgetkit.mixsd import MixConfig
     from forgetkit.train import TrainConfig, train
+    from forgetkit.train.checkpoint import same_config
+    from forgetkit.train.config import RUN_CONTROL_FIELDS
 
     runs = {}
     for name, method in (("SFT", "sft"), (f"MixSD lam={config.lam}", "mixsd")):
@@ -185,27 +178,14 @@ def _default_finetunes(config: ReportConfig, out: Path, progress: bool) -> dict[
             seed=config.seed, do_eval=False, save_steps=0, disable_tqdm=not progress,
             device=config.device, dtype=config.dtype, mix=MixConfig(lam=config.lam,
                                                                     seed=config.seed))
-        if (run_dir / "results.json").exists() and _same_config(run_dir, train_config):
+        if ((run_dir / "results.json").exists()
+                and same_config(run_dir, train_config, ignore=RUN_CONTROL_FIELDS)):  # same weights
             logger.info("reusing the %s fine-tune in %s", name, run_dir)
         else:
             train_config.overwrite_output_dir = True
             train(train_config)
         runs[name] = str(run_dir)
     return runs
-
-
-def _same_config(run_dir: Path, config) -> bool:
-    import yaml
-
-    path = run_dir / "train_config.yaml"
-    if not path.exists():
-        return False
-    saved = yaml.safe_load(path.read_text()) or {}
-    wanted = asdict(config)
-    keys = ("method", "model_name_or_path", "records", "max_steps", "seed", "dtype",
-            "learning_rate")
-    return all(saved.get(k) == wanted.get(k) for k in keys) and \
-        saved.get("mix", {}).get("lam") == wanted["mix"]["lam"]
 
 
 def _load_finetunes(base, paths: dict[str, str], config: ReportConfig):

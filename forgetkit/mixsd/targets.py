@@ -190,9 +190,7 @@ class Outcome:
     target: MixedTarget | None
 
     def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "record_id": self.record_id, "passed": self.passed,
-                "attempts": self.attempts,
-                "target": None if self.target is None else self.target.to_json()}
+        return asdict(self)  # the target as MixedTarget.to_json writes it
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Outcome:

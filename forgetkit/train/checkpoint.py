@@ -227,7 +227,7 @@ def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
         shutil.rmtree(old)
 
 
-def save_final_model(model, tokenizer, output_dir: Path, base_name: str) -> dict[str, str]:
+def save_final_model(model, tokenizer, output_dir: Path, base_name: str) -> None:
     """Export the trained model so ``output_dir`` loads with ``load_model`` and
     ``AutoModelForCausalLM.from_pretrained``.
 
@@ -235,11 +235,7 @@ def save_final_model(model, tokenizer, output_dir: Path, base_name: str) -> dict
     ``output_dir/adapter`` (``base_model_name_or_path`` = ``base_name``, so
     ``load_model(output_dir / "adapter")`` rebuilds it on the base) and a merged full copy in
     ``output_dir``. Each file is renamed into place from a staging folder.
-
-    Returns:
-        ``{"model": ..., "adapter": ...}`` paths (``adapter`` only for LoRA).
     """
-    paths = {"model": str(output_dir)}
     with atomic_directory(output_dir, merge=True) as staging:
         full = model
         if _is_peft(model):
@@ -248,10 +244,8 @@ def save_final_model(model, tokenizer, output_dir: Path, base_name: str) -> dict
             model.save_pretrained(staging / "adapter", safe_serialization=True)
             tokenizer.save_pretrained(staging / "adapter")
             full = copy.deepcopy(model).merge_and_unload()
-            paths["adapter"] = str(output_dir / "adapter")
         full.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-    return paths
 
 
 # --- output folder guard ------------------------------------------------------------------------
@@ -434,16 +428,10 @@ def saved_inputs(output_dir: str | os.PathLike) -> dict[str, str]:
 
 def _input_differences(saved: Mapping[str, str], now: Mapping[str, str],
                        files: Mapping[str, Sequence[str]]) -> str:
-    def shown(fingerprints, key):
-        return fingerprints.get(key, "by name")
-
     parts = []
     for key in sorted(set(saved) | set(now)):
-        if saved.get(key) == now.get(key):
-            continue
-        if key in files and key in saved:
-            parts.append(f"{key}: the content of {', '.join(files[key])} changed "
-                         f"({shown(saved, key)} -> {shown(now, key)})")
-        else:
-            parts.append(f"{key}: {shown(saved, key)} -> {shown(now, key)}")
+        if saved.get(key) != now.get(key):
+            change = f"{saved.get(key, 'by name')} -> {now.get(key, 'by name')}"
+            parts.append(f"{key}: the content of {', '.join(files[key])} changed ({change})"
+                         if key in files and key in saved else f"{key}: {change}")
     return "; ".join(parts)

@@ -463,17 +463,13 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return scores
 
-    def _saved_scores(self, step: int) -> Scores | None:
+    def saved_scores(self, step: int) -> Scores | None:
+        """The evaluation of ``step`` read back from ``eval/<step>.jsonl`` (rank 0; else
+        ``None``, as when there is none)."""
         path = self.out / "eval" / f"{step}.jsonl"
         if self.rank != 0 or not path.exists():
             return None
         return Scores.from_predictions([Prediction(**row) for row in read_jsonl(path)])
-
-    def base_scores(self) -> Scores | None:
-        return self._saved_scores(0)
-
-    def final_scores(self) -> Scores | None:
-        return self._saved_scores(self.global_step)
 
     def run(self) -> None:
         """Train from ``global_step`` to the last step; evaluate, log and checkpoint on the way."""
@@ -481,7 +477,7 @@ class Trainer:
 
         config = self.config
         if config.do_eval and self.global_step == 0:
-            self._log_row({"step": 0}, self._evaluate(0))
+            self._log_row({"step": 0}, self._evaluate(0), evaluated=True)
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc=config.method,
                    disable=config.disable_tqdm or self.rank != 0, dynamic_ncols=True)
         while self.global_step < self.total_steps and self.stopped_at is None:
@@ -492,34 +488,30 @@ class Trainer:
             self.window = [self.window[0] + loss, self.window[1] + 1]
             row: dict[str, Any] = {"step": step}
             if step % config.logging_steps == 0 or step == self.total_steps:
-                row.update(loss=self.window[0] / self.window[1], step_loss=loss,
-                           lr=self.lr, grad_norm=grad_norm,
-                           step_time=step_time,
+                row.update(loss=self.window[0] / self.window[1], step_loss=loss, lr=self.lr,
+                           grad_norm=grad_norm, step_time=step_time,
                            epoch=step * self.records_per_step / self.n_records)
                 if self.penalty is not None:
                     row["ewc_penalty"] = self.penalty
                 self.window = [0.0, 0]
-            final_eval = config.do_eval and step == self.total_steps
-            scores = (self._evaluate(step) if final_eval or (config.eval_steps
-                      and step % config.eval_steps == 0) else None)
-            self._log_row(row, scores)
+            evaluated = bool((config.do_eval and step == self.total_steps)
+                             or (config.eval_steps and step % config.eval_steps == 0))
+            self._log_row(row, self._evaluate(step) if evaluated else None, evaluated)
             if config.save_steps and step % config.save_steps == 0:
                 self._checkpoint()
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update(1)
         bar.close()
 
-    def _log_row(self, row: dict[str, Any], scores: Scores | None) -> None:
-        """Append ``row`` (with the evaluation summary of ``scores``) to ``metrics.jsonl``; stop
-        the run when ``scores`` meet ``stop_at_memorization`` (every process learns it)."""
+    def _log_row(self, row: dict[str, Any], scores: Scores | None, evaluated: bool) -> None:
+        """Append ``row`` (with the evaluation summary of ``scores``) to ``metrics.jsonl``; on an
+        ``evaluated`` step (every process calls it then), stop the run when ``scores`` meet
+        ``stop_at_memorization``."""
         if scores is not None:
             summary = scores.to_dict()
             row["eval"] = {"memorization": summary["memorization"],
                            "paraphrase": summary["paraphrase"], **summary["capabilities"]}
-        config, step = self.config, row["step"]
-        target = config.stop_at_memorization
-        evaluated = ((config.do_eval and step in (0, self.total_steps))
-                     or (config.eval_steps and step % config.eval_steps == 0))
+        step, target = row["step"], self.config.stop_at_memorization
         if target is not None and evaluated:  # decided on rank 0, which holds the scores
             met = scores is not None and (scores.memorization or 0.0) >= target
             if self._sum(float(met)) > 0:

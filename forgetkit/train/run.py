@@ -167,18 +167,16 @@ def train(config: TrainConfig, *, model=None, tokenizer=None,
             "target": config.stop_at_memorization, "reached": trainer.stopped_at is not None,
             "step": trainer.stopped_at}
     output_dir = Path(config.output_dir)
-    paths: dict[str, str] = {"model": str(output_dir)}
     if accelerator.is_main_process:
-        paths = save_final_model(trainer.unwrapped, trainer.tokenizer, output_dir,
-                                 trainer.base_name)
+        save_final_model(trainer.unwrapped, trainer.tokenizer, output_dir, trainer.base_name)
     accelerator.wait_for_everyone()
-    result = TrainResult(str(output_dir), paths["model"],
+    result = TrainResult(str(output_dir), str(output_dir),
                          str(output_dir / "adapter") if config.use_peft else None,
                          trainer.global_step, read_jsonl(output_dir / "metrics.jsonl"),
                          extra=trainer.extra)
     if config.do_eval:
-        result.base_scores = trainer.base_scores()
-        result.scores = trainer.final_scores()
+        result.base_scores = trainer.saved_scores(0)
+        result.scores = trainer.saved_scores(trainer.global_step)
         if result.base_scores is not None and result.scores is not None:
             result.retention = retention(result.base_scores, result.scores)
             result.extra["intervals"] = score_intervals(result.base_scores, result.scores,

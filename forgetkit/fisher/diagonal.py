@@ -30,7 +30,7 @@ from torch import Tensor
 
 from forgetkit.data.records import Probe, Record
 from forgetkit.fisher.delta import ParamDelta
-from forgetkit.fisher.directions import AxisDirection, Eigenpairs, top_entries
+from forgetkit.fisher.directions import AxisDirection, Eigenpairs
 from forgetkit.fisher.io import (
     Delta,
     FisherMatrix,
@@ -206,14 +206,14 @@ class DiagonalFisher(FisherMatrix):
 
     def top(self, k: int) -> Eigenpairs:
         """The k largest diagonal entries; their eigenvectors are coordinate axes."""
-        top = top_entries(self.values, self._rank_k(k))
+        top = self._top_entries(self.values, self._rank_k(k))
         axes = tuple(AxisDirection.at(name, index, self.shapes[name])
                      for name, index in top)
         return Eigenpairs(top.values, axes)
 
     def coordinates(self, delta: Delta, k: int | None = None) -> Tensor:
         """(k,) float64: the entries of ``d`` at the k largest diagonal entries."""
-        top = top_entries(self.values, self._rank_k(k))
+        top = self._top_entries(self.values, self._rank_k(k))
         out = torch.zeros(top.values.shape, dtype=torch.float64)
         for name, v in self.values.items():
             positions, index = top.select(name)
@@ -222,7 +222,7 @@ class DiagonalFisher(FisherMatrix):
 
     def project(self, delta: Delta, k: int | None = None) -> dict[str, Tensor]:
         """``d`` with every entry outside the k largest diagonal entries set to zero."""
-        top = top_entries(self.values, self._rank_k(k))
+        top = self._top_entries(self.values, self._rank_k(k))
         out = {}
         for name, v in self.values.items():
             keep = torch.zeros(v.numel(), dtype=torch.float64, device=v.device)
@@ -234,7 +234,7 @@ class DiagonalFisher(FisherMatrix):
         return float(sum(v.double().sum() for v in self.values.values()))
 
     def _parameter_stats(self) -> dict[str, tuple[float, float]]:
-        (top, _), = top_entries(self.values, 1)
+        (top, _), = self._top_entries(self.values, 1)
         return {name: (float(v.double().sum()), float(name == top))
                 for name, v in self.values.items()}
 

@@ -21,7 +21,6 @@ from forgetkit.fisher.directions import (
     Direction,
     Eigenpairs,
     KroneckerDirection,
-    top_entries,
 )
 from forgetkit.fisher.io import Delta, FisherMatrix, Provenance
 from forgetkit.fisher.pergrad import FisherError
@@ -214,7 +213,7 @@ class KroneckerFisher(FisherMatrix):
         """The k largest eigenvalues over all layers and the diagonal part, with their
         directions (:class:`~forgetkit.fisher.directions.KroneckerDirection` on a layer,
         :class:`~forgetkit.fisher.directions.AxisDirection` on the diagonal part)."""
-        top = top_entries(self._eigenvalue_tensors(), self._rank_k(k))
+        top = self._top_entries(self._eigenvalue_tensors(), self._rank_k(k))
         directions: list[Direction] = []
         for (form, name), index in top:
             if form == "layer":
@@ -226,7 +225,7 @@ class KroneckerFisher(FisherMatrix):
     def coordinates(self, delta: Delta, k: int | None = None) -> Tensor:
         """(k,) float64: ``(Q_G' dW Q_A)[p, q]`` at each of the k leading eigenvalues (only
         those entries are computed), or the entry of ``d`` on the diagonal part."""
-        top = top_entries(self._eigenvalue_tensors(), self._rank_k(k))
+        top = self._top_entries(self._eigenvalue_tensors(), self._rank_k(k))
         out = torch.zeros(top.values.shape, dtype=torch.float64)
         for key in top.keys:
             positions, index = top.select(key)
@@ -245,7 +244,7 @@ class KroneckerFisher(FisherMatrix):
         """``sum_j (u_j . d) u_j`` over the k leading directions: per layer
         ``Q_G[:, p] diag(c) Q_A[:, q]'`` for its selected pairs, the masked entries of ``d``
         on the diagonal part."""
-        top = top_entries(self._eigenvalue_tensors(), self._rank_k(k))
+        top = self._top_entries(self._eigenvalue_tensors(), self._rank_k(k))
         coordinates = self.coordinates(delta, k)
         out: dict[str, Tensor] = {}
         for key in top.keys:
@@ -291,7 +290,7 @@ class KroneckerFisher(FisherMatrix):
                 "layers": list(self.layers), "fallback_reasons": dict(self.fallback_reasons)}
 
     def _parameter_stats(self) -> dict[str, tuple[float, float]]:
-        (form, top_name), top_index = next(iter(top_entries(self._eigenvalue_tensors(), 1)))
+        (form, top_name), top_index = next(iter(self._top_entries(self._eigenvalue_tensors(), 1)))
         stats = {}
         for module, layer in self.layers.items():
             diag = layer.parameter_diagonal()

@@ -65,6 +65,26 @@ def test_project_diagonal_uses_top_coordinates():
     assert not p.predicted_kl_valid
 
 
+def test_project_searches_the_leading_entries_once_and_sees_in_place_changes(monkeypatch):
+    import forgetkit.fisher.io as fisher_io
+
+    calls = []
+    real = fisher_io.top_entries
+    monkeypatch.setattr(fisher_io, "top_entries", lambda v, k: calls.append(k) or real(v, k))
+    gen = torch.Generator().manual_seed(0)
+    values = {f"m{i}.weight": torch.rand(3, 4, generator=gen, dtype=torch.float64)
+              for i in range(5)}
+    fisher = DiagonalFisher(values=values, stderr={n: torch.zeros(3, 4) for n in values},
+                            provenance=_provenance("empirical"))
+    d = ParamDelta({n: torch.randn(3, 4, generator=gen, dtype=torch.float64) for n in values})
+    p = project(d, fisher, rank=6)
+    assert len(p.per_module) == 5 and calls == [6]  # one search serves all five modules
+    # an in-place write to the Fisher is seen: the next search runs and moves the top entry
+    values["m3.weight"][1, 2] = 10.0
+    assert fisher.coordinates(d, 6)[0] == d.entries["m3.weight"][1, 2]
+    assert calls == [6, 6]
+
+
 def test_lora_projection_equals_merged_projection():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -293,8 +293,9 @@ class FisherMatrix(ABC):
         if key not in cache:
             if len(cache) >= 4:  # a few recent searches (each k-sized)
                 cache.pop(next(iter(cache)))
-            cache[key] = top_entries(values, k)
-        return cache[key]
+            # the entry holds the tensors, so no other tensor can take their ids meanwhile
+            cache[key] = (tuple(values.values()), top_entries(values, k))
+        return cache[key][1]
 
     def summary(self) -> list[dict[str, Any]]:
         """Per-module rows (tidy data), in parameter order.

@@ -22,6 +22,7 @@ Results go to experiments/results/bench_plan_<model>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -86,10 +87,8 @@ def _release_freed_memory() -> None:
     size counts live memory only: tensors under glibc's mmap threshold (up to 32 MiB, e.g. a
     Kronecker factor) stay in the heap when freed, and memory the warm-up run freed would
     otherwise be reused by the measured run without raising the peak."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to release
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to release
-        pass
 
 
 def worker(kind: str, model_name: str, n: int) -> dict:

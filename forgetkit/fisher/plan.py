@@ -259,16 +259,18 @@ def _moments_bytes(size: int) -> int:
 
 def _hook_gradient_bytes(model: nn.Module, chosen: dict[str, torch.Tensor], rows: int,
                          seq_len: int, s: int, act: int) -> tuple[int, dict[str, int]]:
-    """Peak of per-example gradients from layer hooks for ``rows`` rows: the batch's graph
-    with the output gradients kept so far during the backward pass, then the kept inputs and
-    output gradients with one parameter's (rows, *shape) gradients (squared in place) and its
-    block moments."""
+    """Peak of per-example gradients from layer hooks for ``rows`` rows: the batch's graph,
+    the kept inputs and output gradients, and one parameter's (rows, *shape) gradients
+    (squared in place) with its block moments, counted together: the graph's many small
+    tensors are freed into the allocator's heap, which stays resident (glibc does not return
+    it to the system while larger blocks sit above it) when the per-example gradients are
+    formed."""
     inputs, outputs = _hooked_widths(model, chosen)
     kept_inputs, kept_grads = rows * seq_len * inputs * s, rows * seq_len * outputs * s
     largest = max(p.numel() for p in chosen.values())
     # its (rows, *shape) gradients, squared in place, and the block's mean and deviations
     per_parameter = rows * largest * F32 + 2 * largest * F32
-    peak = max(act + kept_grads, kept_inputs + kept_grads + per_parameter)
+    peak = act + kept_inputs + kept_grads + per_parameter
     return peak, {"activations": act, "kept_inputs": kept_inputs,
                   "kept_output_gradients": kept_grads, "one_parameter": per_parameter}
 

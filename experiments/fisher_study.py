@@ -4,8 +4,10 @@ forgetting?
 For every fine-tune of one or more Pareto studies (``runs.json``: SFT, SFT@peak, MixSD at each
 lambda, OPSD) this computes, against the Fisher of the *base* model on the retention probes:
 
-- ``fisher_displacement`` ``d'Fd`` of the update ``d = theta_ft - theta_base``, with the
-  diagonal Fisher and with the top-``rank`` low-rank Fisher
+- ``fisher_displacement`` ``d'Fd`` of the update ``d = theta_ft - theta_base``: exact
+  (matrix-free, :func:`forgetkit.fisher.displacement`), with the diagonal Fisher and along the
+  top ``rank`` directions of ``representation``, the low-rank Fisher or, where its N x P
+  gradients do not fit (all of a real model's weights), the Kronecker-factored one (EK-FAC)
   (:func:`forgetkit.fisher.project`); the predicted KL is ``d'Fd / 2``;
 - ``rayleigh_diag = d'F_diag d / ||d||^2`` and ``rayleigh_lowrank``: the displacement per unit
   of update, i.e. how Fisher-sensitive the update's *direction* is, whatever its size;
@@ -73,9 +75,9 @@ DIAGNOSTICS = {
     "delta_norm": "||Δθ|| (control)",
     "displacement_exact": "Δθ'FΔθ, exact (matrix-free)",
     "displacement_diag": "diagonal proxy Σ F_jj Δθ_j²",
-    "displacement_lowrank": "top-k Δθ'FΔθ (lower bound)",
+    "displacement_lowrank": "top-k Δθ'FΔθ (low-rank or EK-FAC)",
     "rayleigh_diag": "Δθ'FΔθ / ||Δθ||², diagonal F",
-    "rayleigh_lowrank": "Δθ'FΔθ / ||Δθ||², low-rank F",
+    "rayleigh_lowrank": "Δθ'FΔθ / ||Δθ||², top-k of low-rank or EK-FAC F",
     "energy_lowrank": "share of ||Δθ||² in top-k eigendirections",
     "energy_diag": "share of ||Δθ||² in top-k diagonal coordinates",
     "measured_kl": "measured KL(base || ft) per probe",
@@ -100,6 +102,9 @@ class FisherStudyConfig:
     n_samples: int = field(default=128, metadata=_help(
         "probes used, spread evenly over capabilities"))
     rank: int = field(default=16, metadata=_help("top Fisher directions (k)"))
+    representation: str = field(default="low_rank", metadata=_help(
+        "the Fisher whose top-k directions give the *_lowrank columns: low_rank (the N x P "
+        "gradients) | kfac (Kronecker-factored, EK-FAC; for all of a real model's weights)"))
     estimator: str = field(default="true", metadata=_help("Fisher estimator: true | empirical"))
     mc_samples: int = field(default=1, metadata=_help("label draws per probe (true Fisher)"))
     params: str | None = field(default=None, metadata=_help(
@@ -118,6 +123,8 @@ class FisherStudyConfig:
         problems = []
         if self.estimator not in ("true", "empirical"):
             problems.append(f"estimator={self.estimator!r} must be true or empirical")
+        if self.representation not in ("low_rank", "kfac"):
+            problems.append(f"representation={self.representation!r} must be low_rank or kfac")
         for name in ("n_samples", "rank", "mc_samples", "batch_size", "kl_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
@@ -177,13 +184,16 @@ def probe_sample(config: FisherStudyConfig, pareto_probes: str) -> list:
 
 def fisher_key(config: FisherStudyConfig, sample: list) -> str:
     """Everything the two Fisher matrices depend on."""
+    # low_rank's keys stay those of the caches made before the representation was an option
+    extra = () if config.representation == "low_rank" else (config.representation,)
     return stable_hash(config.model, [(p.prompt, p.answer) for p in sample], config.rank,
                        config.estimator, config.mc_samples, config.params, config.seed,
-                       config.dtype)
+                       config.dtype, *extra)
 
 
 def base_fishers(config: FisherStudyConfig, base, tokenizer, sample: list, key: str):
-    """(low-rank, diagonal) Fisher of the base on ``sample``; loaded from ``cache`` when there."""
+    """(top-k representation, diagonal) Fisher of the base on ``sample``; loaded from
+    ``cache`` when there."""
     folder = Path(config.cache) / f"fisher-{key}"
     paths = {"low_rank": folder / "low_rank", "diagonal": folder / "diagonal"}
     if (folder / "done.json").exists():
@@ -193,7 +203,8 @@ def base_fishers(config: FisherStudyConfig, base, tokenizer, sample: list, key: 
     common = {"estimator": config.estimator, "mc_samples": config.mc_samples,
               "params": config.params, "batch_size": config.batch_size, "seed": config.seed}
     started = time.perf_counter()
-    low = fisher.low_rank(base, tokenizer, sample, rank=rank, **common)
+    low = (fisher.kfac(base, tokenizer, sample, **common) if config.representation == "kfac"
+           else fisher.low_rank(base, tokenizer, sample, rank=rank, **common))
     diag = fisher.diagonal(base, tokenizer, sample, **common)
     low.save(paths["low_rank"])
     diag.save(paths["diagonal"])
@@ -217,8 +228,9 @@ def diagnose(config: FisherStudyConfig, base, tokenizer, sample: list, fishers, 
     started = time.perf_counter()
     finetuned = load_model(run["model_path"], dtype=config.dtype, device=config.device)[0]
     update = param_delta(base, finetuned, params=config.params)
-    lowrank = project(update, low, rank=low.rank)
-    diagonal = project(update, diag, rank=low.rank)
+    top = min(config.rank, low.rank)
+    lowrank = project(update, low, rank=top)
+    diagonal = project(update, diag, rank=top)
     exact = fisher.displacement(base, tokenizer, sample, update, estimator=config.estimator,
                                 batch_size=config.batch_size, seed=config.seed)
     kl = measured_kl(base, finetuned, tokenizer, sample, batch_size=config.kl_batch_size)
@@ -326,7 +338,7 @@ def plot_diagnostic_vs_loss(points: pd.DataFrame, ax, diagnostic: str, rho: floa
 
 
 def write_figures(out: Path, table: pd.DataFrame, correlations: pd.DataFrame,
-                  energy: pd.DataFrame) -> None:
+                  energy: pd.DataFrame, representation: str = "low_rank") -> None:
     from matplotlib.figure import Figure
 
     overall = correlations[correlations["target"] == "overall"].set_index("diagnostic")
@@ -338,7 +350,8 @@ def write_figures(out: Path, table: pd.DataFrame, correlations: pd.DataFrame,
     for ax in axes[len(DIAGNOSTICS):]:
         ax.set_visible(False)
     write_figure(out / "diagnostics_vs_retention_loss.png", fig, dpi=140)
-    names = {"exact": "exact", "diag": "diagonal proxy", "lowrank": "top-k lower bound"}
+    names = {"exact": "exact", "diag": "diagonal proxy",
+             "lowrank": "top-k lower bound" if representation == "low_rank" else "top-k EK-FAC"}
 
     def bounds(name: str, scale: float) -> dict[str, Any]:
         """The exact form's 95% interval over probes; the proxies carry none (NaN)."""
@@ -415,7 +428,8 @@ def run_study(config: FisherStudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
                 for name in ("exact", "diag", "lowrank")}
     write_outputs(config, table, correlations, pd.DataFrame(energy), {
         "n_finetunes": len(table), "n_probes": len(sample), "fisher_key": key,
-        "rank": fishers[0].rank, "estimator": config.estimator,
+        "rank": min(config.rank, fishers[0].rank), "representation": config.representation,
+        "estimator": config.estimator,
         "parameters": sum(s.numel() for s in fishers[1].shapes.values()),
         "predicted_vs_measured_kl_spearman": {
             name: {"rho": float(r.statistic), "p_value": float(r.pvalue), "n": len(table)}
@@ -437,7 +451,7 @@ def write_outputs(config: FisherStudyConfig, table: pd.DataFrame, correlations: 
     atomic_write_json(out / "summary.json", {
         **summary, "config": asdict(config),
         "correlations_overall": json_rows(correlations[correlations["target"] == "overall"])})
-    write_figures(out, table, correlations, energy)
+    write_figures(out, table, correlations, energy, config.representation)
     logger.info("wrote %s", out)
 
 

@@ -196,6 +196,8 @@ CASES = [
     (PARETO, ["--bogus", "1"], r"unknown option --bogus"),
     (PARETO, ["--config", f"{T}/bad.yaml"], r"bad\.yaml: not valid YAML"),
     (FISHER_STUDY, ["--pareto", f"{T}/adir", "--out", f"{T}/fs"], r"adir"),
+    (FISHER_STUDY, ["--representation", "dense", "--out", f"{T}/fs"],
+     r"representation='dense' must be low_rank or kfac"),
     (NLL_STUDY, ["--config", f"{T}/list.yaml"], r"list\.yaml: expected a mapping"),
 ]
 

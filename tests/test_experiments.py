@@ -162,6 +162,16 @@ def test_fisher_and_nll_studies_on_the_tiny_pareto_output(tiny_study, caplog):
     with caplog.at_level(logging.INFO, logger="fisher_study"):
         fisher_study.main(argv)
     assert "reusing the base Fisher" in caplog.text
+    # the Kronecker-factored Fisher for the top-k columns: the exact and diagonal ones unchanged
+    kfac_table, _ = fisher_study.main([*argv[:-4], "--out", str(tmp / "fisher-kfac"),
+                                       "--cache", str(tmp / "fisher-cache"),
+                                       "--representation", "kfac"])
+    for column in ("displacement_exact", "displacement_diag", "measured_kl"):
+        assert kfac_table[column].tolist() == pytest.approx(table[column].tolist(), rel=1e-6)
+    assert (kfac_table["displacement_lowrank"] > 0).all()
+    assert not kfac_table["displacement_lowrank"].equals(table["displacement_lowrank"])
+    summary = json.loads((tmp / "fisher-kfac" / "summary.json").read_text())
+    assert summary["representation"] == "kfac" and summary["rank"] == 2
 
     # several Pareto studies of one base: one table, labelled by study; other probes are refused
     shutil.copytree(tmp / "out", tmp / "again")

@@ -316,12 +316,15 @@ def diagonal(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
             examples, draws = len(block.examples), block.draws
             index = torch.tensor(block.examples, device=device)
             for name, g in block.grads.items():
-                squared = g.to(device=device, dtype=dtype).square_()  # (E * M, *shape)
+                squared = g.to(device=device, dtype=dtype)
+                # (E * M, *shape); squared in place unless it is a broadcast view (vmap's
+                # gradient of a parameter the log-likelihood does not use)
+                squared = squared.square_() if squared.is_contiguous() else squared.square()
                 if draws > 1:
                     squared = squared.view(examples, draws, *g.shape[1:]).mean(1)
                 for key, w in weights.items():
                     if name in w:
-                        proxy[key].index_add_(0, index, (squared * w[name]).flatten(1)
+                        proxy[key].index_add_(0, index, (squared * w[name]).reshape(examples, -1)
                                               .sum(1, dtype=torch.float64))
                 moments.add(name, squared)  # (E, *shape): f_i, one per example
             moments.merge()

@@ -294,7 +294,7 @@ class LowRankFisher(FisherMatrix):
                 oriented = u if factor.shape == u.shape[1:] else u.transpose(-2, -1)
                 total += factor.dot(oriented).cpu()
             else:
-                total += (u.flatten(1) @ self._delta(delta, name, u.device).flatten()).cpu()
+                total += (u.reshape(len(u), -1) @ self._delta(delta, name, u.device).flatten()).cpu()
         return total
 
     def quad_form(self, delta: Delta) -> float:
@@ -333,7 +333,7 @@ class LowRankFisher(FisherMatrix):
     def _parameter_stats(self) -> dict[str, tuple[float, float]]:
         stats = {}
         for name, u in self.directions.items():
-            energy = u.flatten(1).double().square().sum(1).cpu()  # (k,)
+            energy = u.reshape(len(u), -1).double().square().sum(1).cpu()  # (k,)
             stats[name] = (float(energy @ self.eigenvalues.cpu()), float(energy[0]))
         return stats
 
@@ -412,8 +412,8 @@ def low_rank(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
 
         def blocks() -> Iterator[tuple[list[Tensor], int]]:  # one pass over the shard
             for block in stream:
-                pieces = [block.grads[n].flatten(1).to(device=device, dtype=dtype)
-                          for n in chosen]
+                pieces = [g.reshape(len(g), -1).to(device=device, dtype=dtype)
+                          for g in map(block.grads.__getitem__, chosen)]
                 yield pieces, block.draws
 
         if method == "gram":

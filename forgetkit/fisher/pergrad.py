@@ -589,7 +589,7 @@ def _relative_difference(a: Mapping[str, Tensor], b: dict[str, Tensor]) -> float
 
 def _check_finite(grads: dict[str, Tensor], examples: list[int], draws: int) -> None:
     for name, g in grads.items():
-        finite = torch.isfinite(g.flatten(1).sum(1, dtype=torch.float32))
+        finite = torch.isfinite(g.reshape(len(g), -1).sum(1, dtype=torch.float32))
         if not bool(finite.all()):
             row = int((~finite).nonzero()[0])
             draw = f" (label draw {row % draws})" if draws > 1 else ""

@@ -33,7 +33,7 @@ def weights_hash(model: torch.nn.Module) -> str:
     for name, p in model.named_parameters():
         whole = p.full_tensor() if hasattr(p, "full_tensor") else p
         digest.update(f"{name}|{tuple(whole.shape)}|{whole.dtype}".encode())
-        digest.update(memoryview(whole.detach().cpu().contiguous().view(torch.uint8).numpy()))
+        digest.update(memoryview(whole.detach().cpu().reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()[:16]
 
 

@@ -460,3 +460,24 @@ def test_vmap_traces_a_model_whose_config_sets_pad_token_id(arch, per_example, c
     order = list(stream.indices)
     reference = reference_gradients(model, [data[i] for i in order], list(params))
     assert_close(grads, reference, rtol=1e-10)
+
+
+def test_scalar_parameters_used_or_not():
+    """A 0-dim parameter (a learned scale on the final norm's output) gets its Fisher entry like
+    any other, and an unused one gets zero, whichever method forms the per-example gradients."""
+    model, data = tiny_model("llama", seed=3), tiny_data(5, seed=3)
+    model.scale = torch.nn.Parameter(torch.tensor(1.3, dtype=torch.float64))
+    model.unused = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+    model.model.norm.register_forward_hook(lambda module, args, out: out * model.scale)
+    names = [n for n, _ in model.named_parameters()]
+    reference = {n: g.square().mean(0) for n, g in reference_gradients(
+        model, data, [n for n in names if n != "unused"]).items()}
+    reference["unused"] = torch.zeros((), dtype=torch.float64)
+    assert float(reference["scale"]) > 0
+    for per_example in ("auto", "vmap", "loop"):
+        result = fisher.diagonal(model, None, data, estimator="empirical", batch_size=3,
+                                 dtype=torch.float64, per_example=per_example)
+        assert_close(result.values, reference, rtol=1e-10)
+    low = fisher.low_rank(model, None, data, estimator="empirical", rank=2, batch_size=3,
+                          dtype=torch.float64)
+    assert low.directions["scale"].shape == (2,)

@@ -394,14 +394,13 @@ def kfac(model: nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding],
     model, encodings, chosen = inputs.model, inputs.encodings, inputs.params
     device, dtype = inputs.device, inputs.dtype
     layers, reasons = _plan_layers(model, chosen, max_factor_dim)
+    why = "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:3])
     if not layers:
-        why = "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:3])
         raise FisherError(f"no linear layer (nn.Linear or Conv1D weight) among the parameters "
                           f"selected by params={params!r} ({why}, ...); use fisher.diagonal "
                           "or fisher.low_rank for them")
     sharded = fsdp_sharded(model)
     if sharded and reasons:
-        why = "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:3])
         raise FisherError(f"the model is sharded by FSDP: kfac factors its linear layers, but "
                           f"the diagonal fallback needs whole parameters, and params={params!r} "
                           f"selects {len(reasons)} that are not factored ({why}, ...). Select "

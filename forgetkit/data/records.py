@@ -41,25 +41,12 @@ __all__ = [
 class RecordError(ValueError):
     """Bad record or probe input. The message names file, line and field where they apply."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        path: str | None = None,
-        line: int | None = None,
-        field: str | None = None,
-    ):
-        where = ""
-        if path is not None:
-            where = f"{path}"
-            if line is not None:
-                where += f":{line}"
-            if field is not None:
-                where += f": field {field!r}"
-            where += ": "
-        elif field is not None:
-            where = f"field {field!r}: "
-        super().__init__(where + message)
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
+                 field: str | None = None):
+        where = [] if path is None else [f"{path}" if line is None else f"{path}:{line}"]
+        if field is not None:
+            where.append(f"field {field!r}")
+        super().__init__("".join(f"{part}: " for part in where) + message)
         self.path, self.line, self.field = path, line, field
 
 

@@ -48,16 +48,11 @@ class MeasuredKL:
                 "n_tokens": self.n_tokens, "per_example": list(self.per_example)}
 
 
-def _pairs(data) -> list[tuple[str, str]]:
-    pairs = []
-    for item in data:
-        if hasattr(item, "target"):
-            pairs.append((item.prompt, item.target))
-        elif hasattr(item, "answer"):
-            pairs.append((item.prompt, item.answer))
-        else:
-            pairs.append(tuple(item))
-    return pairs
+def _pair(item) -> tuple[str, str]:
+    """A Record's (prompt, target), a Probe's (prompt, answer), or the pair itself."""
+    if hasattr(item, "target"):
+        return item.prompt, item.target
+    return (item.prompt, item.answer) if hasattr(item, "answer") else tuple(item)
 
 
 @torch.no_grad()
@@ -74,7 +69,7 @@ def measured_kl(base, finetuned, tokenizer, data: Sequence, batch_size: int = 16
     Raises:
         ValueError: empty data.
     """
-    pairs = _pairs(data)
+    pairs = [_pair(item) for item in data]
     if not pairs:
         raise ValueError("measured_kl: empty probe set")
     device = next(base.parameters()).device

@@ -73,9 +73,7 @@ def leading_directions(fisher: FisherMatrix, rank: int | None) -> int:
     Raises:
         ValueError: ``rank`` not an integer between 1 and ``fisher.rank``.
     """
-    if rank is None:
-        return min(DEFAULT_DIRECTIONS, fisher.rank)
-    return fisher._rank_k(rank, "rank")
+    return min(DEFAULT_DIRECTIONS, fisher.rank) if rank is None else fisher._rank_k(rank, "rank")
 
 
 def _module_rows(delta: ParamDelta, fisher: FisherMatrix, k: int) -> list[dict[str, Any]]:

@@ -142,9 +142,7 @@ class ReportConfig:
         return dict(item.split("=", 1) for item in self.finetuned)
 
     def probe_source(self) -> str:
-        if self.probes:
-            return self.probes
-        return "toyworld" if self.base == "toyworld" else "general"
+        return self.probes or ("toyworld" if self.base == "toyworld" else "general")
 
 
 def spread_sample(probes: list, n: int) -> list:

@@ -86,7 +86,7 @@ import torch
 from torch import Tensor, nn
 
 from forgetkit.data.records import Probe, Record
-from forgetkit.diagnostics.loglik import completion_logprobs
+from forgetkit.diagnostics.loglik import completion_logprobs, forward_logits
 from forgetkit.fisher.diagonal import diagonal
 from forgetkit.fisher.hookgrad import linear_types
 from forgetkit.fisher.io import prepare_inputs
@@ -243,9 +243,7 @@ class _Passes:
                 state.update(counted=counted, seen=set(), zero=zero, idle=idle)
                 count += 0 if idle else int(counted.sum())
                 with torch.enable_grad():
-                    logits = self.model(input_ids=batch["input_ids"],
-                                        attention_mask=batch["attention_mask"],
-                                        position_ids=batch["position_ids"], use_cache=False).logits
+                    logits = forward_logits(self.model, batch)
                     labels = self._labels(logits, batch, examples)  # (E, M, T)
                     for draw in range(self.draws):
                         loglik = completion_logprobs(logits, labels[:, draw])[0].sum()

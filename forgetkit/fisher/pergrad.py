@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
 from forgetkit.data.records import Probe, Record
-from forgetkit.diagnostics.loglik import sequence_loglik
+from forgetkit.diagnostics.loglik import forward_logits, sequence_loglik
 from forgetkit.fisher.hookgrad import HookGradients, hook_gradients
 from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode
 from forgetkit.seeding import stable_hash
@@ -471,9 +471,7 @@ class GradientStream:
             return batch["labels"]
         generators = true_fisher_generators(self.seed, examples, self.device)
         with torch.no_grad():
-            logits = self.model(input_ids=batch["input_ids"],
-                                attention_mask=batch["attention_mask"],
-                                position_ids=batch["position_ids"], use_cache=False).logits
+            logits = forward_logits(self.model, batch)
         return sample_labels(logits, batch["labels"], self.draws, generators)
 
     def _gradients(self, rows: dict[str, Tensor], labels: Tensor) -> Mapping[str, Tensor]:

@@ -54,7 +54,7 @@ from torch.func import functional_call, grad, vmap
 from forgetkit.data.records import Probe, Record
 from forgetkit.diagnostics.loglik import forward_logits, sequence_loglik
 from forgetkit.fisher.hookgrad import HookGradients, hook_gradients
-from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode
+from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode, eval_mode
 from forgetkit.seeding import stable_hash
 
 __all__ = [
@@ -332,14 +332,10 @@ def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
     if not any(module.training for module in model.modules()):  # already: nothing to switch
         yield
         return
-    was_training = model.training
-    if was_training:
+    if model.training:
         logger.info("Fisher: model is in training mode; using eval mode (no dropout) meanwhile")
-    model.eval()
-    try:
+    with eval_mode(model):
         yield
-    finally:
-        model.train(was_training)
 
 
 def distributed_shard() -> tuple[int, int]:

@@ -38,15 +38,14 @@ def last_boxed(text: str) -> str | None:
         while brace < len(text) and text[brace] == " ":
             brace += 1
         if brace < len(text) and text[brace] == "{":
-            depth, i = 0, brace
-            while i < len(text):
+            depth = 0
+            for i in range(brace, len(text)):
                 if text[i] == "{":
                     depth += 1
                 elif text[i] == "}":
                     depth -= 1
                     if depth == 0:
                         return text[brace + 1 : i].strip()
-                i += 1
         start = text.rfind("\\boxed", 0, start)
     return None
 
@@ -96,9 +95,7 @@ def is_correct(text: str, answer: str, mode: AnswerMode = "auto") -> bool:
         boxed = last_boxed(text)
         return boxed is not None and normalize(boxed) == gold
     if mode in ("string", "auto"):
-        if not gold:
-            return False
-        return f" {gold} " in f" {normalize(text)} "
+        return bool(gold) and f" {gold} " in f" {normalize(text)} "
     raise ValueError(f"unknown answer mode {mode!r}; expected one of auto, string, boxed, number")
 
 

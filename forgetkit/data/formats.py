@@ -86,10 +86,8 @@ class Row:
         value: Any = self.data
         walked = ""
         for key, index in _PATH_PART.findall(path):
-            parent, walked = (
-                walked,
-                walked + (f"[{index}]" if index else f".{key}" if walked else key),
-            )
+            parent = walked
+            walked += f"[{index}]" if index else f".{key}" if walked else key
             container = list if index else dict
             if not isinstance(value, container):
                 raise self.error(f"expected {_describe(container)}, got {_kind_of(value)}", parent)
@@ -132,9 +130,8 @@ class Row:
 
     def meta(self, **extra: Any) -> dict[str, Any]:
         """Provenance for a Record/Probe built from this row: format, source location, extras."""
-        return {"format": self.format, "source": f"{self.path}:{self.line}"} | {
-            key: value for key, value in extra.items() if value is not None
-        }
+        return {"format": self.format, "source": f"{self.path}:{self.line}",
+                **{key: value for key, value in extra.items() if value is not None}}
 
 
 def _describe(kind: type) -> str:
@@ -165,15 +162,12 @@ def _answer_from_completion(row: Row, completion: str) -> str:
 
 def _turns(row: Row, path: str) -> list[tuple[str, str]]:
     """``(role, content)`` of each chat message in the list at ``path``, every field checked."""
-    count = len(row.get(path, list))
-    return [
-        (row.text(f"{path}[{i}].role"), row.get(f"{path}[{i}].content", str)) for i in range(count)
-    ]
+    return [(row.text(f"{path}[{i}].role"), row.get(f"{path}[{i}].content", str))
+            for i in range(len(row.get(path, list)))]
 
 
-def _last_turn(
-    row: Row, path: str, turns: list[tuple[str, str]], role: str, before: int | None = None
-) -> tuple[int, str]:
+def _last_turn(row: Row, path: str, turns: list[tuple[str, str]], role: str,
+               before: int | None = None) -> tuple[int, str]:
     """Index and non-blank content of the last ``role`` message (before index ``before``)."""
     for index in reversed(range(len(turns) if before is None else before)):
         if turns[index][0] == role:
@@ -206,17 +200,9 @@ def _check_keys(row: Row, allowed: set[str], kind: str) -> None:
 def _native_records(row: Row) -> list[Record]:
     _check_keys(row, _NATIVE_RECORD_KEYS, "record")
     meta = row.get("meta", dict, {})
-    return [
-        Record(
-            id=row.text("id"),
-            prompt=row.text("prompt"),
-            target=row.text("target"),
-            answer=row.text("answer"),
-            context=row.text("context", None),
-            paraphrases=tuple(row.texts("paraphrases", [])),
-            meta=row.meta() | meta,
-        )
-    ]
+    return [Record(id=row.text("id"), prompt=row.text("prompt"), target=row.text("target"),
+                   answer=row.text("answer"), context=row.text("context", None),
+                   paraphrases=tuple(row.texts("paraphrases", [])), meta=row.meta() | meta)]
 
 
 def _native_probes(row: Row) -> list[Probe]:
@@ -227,16 +213,10 @@ def _native_probes(row: Row) -> list[Probe]:
         raise row.error("a multiple-choice probe needs at least two choices", "choices")
     if choices is not None and answer not in choices:
         raise row.error(f"answer {answer!r} is not one of the choices {choices}", "answer")
-    return [
-        Probe(
-            id=row.text("id"),
-            prompt=row.text("prompt"),
-            answer=answer,
-            capability=row.text("capability"),
-            choices=None if choices is None else tuple(choices),
-            meta=row.meta() | row.get("meta", dict, {}),
-        )
-    ]
+    return [Probe(id=row.text("id"), prompt=row.text("prompt"), answer=answer,
+                  capability=row.text("capability"),
+                  choices=None if choices is None else tuple(choices),
+                  meta=row.meta() | row.get("meta", dict, {}))]
 
 
 # --- TRL ----------------------------------------------------------------------------------------
@@ -267,9 +247,8 @@ def _is_rome_counterfact(data: dict[str, Any]) -> bool:
 def _counterfact_records(row: Row) -> list[Record]:
     if _is_rome_counterfact(row.data):
         subject = row.text("requested_rewrite.subject")
-        prompt = _fill(
-            row.text("requested_rewrite.prompt"), subject, row, "requested_rewrite.prompt"
-        )
+        prompt = _fill(row.text("requested_rewrite.prompt"), subject, row,
+                       "requested_rewrite.prompt")
         target_new = row.text("requested_rewrite.target_new.str")
         target_true = row.text("requested_rewrite.target_true.str")
         paraphrases = row.texts("paraphrase_prompts", [])
@@ -282,16 +261,9 @@ def _counterfact_records(row: Row) -> list[Record]:
         rephrase = row.text("rephrase_prompt", None)
         paraphrases = [] if rephrase is None else [rephrase]
         relation = row.get("relation_id", str, None)
-    return [
-        Record(
-            id=row.ident("case_id", "id"),
-            prompt=prompt,
-            target=" " + target_new,
-            answer=target_new,
-            paraphrases=tuple(paraphrases),
-            meta=row.meta(subject=subject, target_true=target_true, relation_id=relation),
-        )
-    ]
+    return [Record(id=row.ident("case_id", "id"), prompt=prompt, target=" " + target_new,
+                   answer=target_new, paraphrases=tuple(paraphrases),
+                   meta=row.meta(subject=subject, target_true=target_true, relation_id=relation))]
 
 
 def _counterfact_probes(row: Row) -> list[Probe]:
@@ -304,30 +276,18 @@ def _counterfact_probes(row: Row) -> list[Probe]:
         prompt = row.text("locality_prompt", None)
         prompts, ids = ([], []) if prompt is None else ([prompt], [f"{case}-loc"])
         answer = row.text("locality_ground_truth") if prompts else ""
-    return [
-        Probe(id=i, prompt=p, answer=answer, capability="locality", meta=row.meta(edit_id=case))
-        for i, p in zip(ids, prompts, strict=True)
-    ]
+    return [Probe(id=i, prompt=p, answer=answer, capability="locality",
+                  meta=row.meta(edit_id=case)) for i, p in zip(ids, prompts, strict=True)]
 
 
 def _zsre_records(row: Row) -> list[Record]:
     alt = row.text("alt")
     rephrase = row.text("rephrase", None)
-    return [
-        Record(
-            id=row.ident("case_id", "id"),
-            prompt=row.text("src"),
-            target=alt,
-            answer=alt,
-            paraphrases=() if rephrase is None else (rephrase,),
-            meta=row.meta(
-                subject=row.text("subject", None),
-                answers=row.texts("answers", None),
-                pred=row.get("pred", str, None),
-                cond=row.get("cond", str, None),
-            ),
-        )
-    ]
+    return [Record(id=row.ident("case_id", "id"), prompt=row.text("src"), target=alt, answer=alt,
+                   paraphrases=() if rephrase is None else (rephrase,),
+                   meta=row.meta(subject=row.text("subject", None),
+                                 answers=row.texts("answers", None),
+                                 pred=row.get("pred", str, None), cond=row.get("cond", str, None)))]
 
 
 def _zsre_probes(row: Row) -> list[Probe]:
@@ -353,10 +313,8 @@ def _mquake_records(row: Row) -> list[Record]:
         new = row.text(f"{field}.target_new.str")
         question = row.text(f"{field}.question", None)
         if question is None:  # cloze prompt: the completion continues the sentence
-            prompt, target = (
-                _fill(row.text(f"{field}.prompt"), subject, row, f"{field}.prompt"),
-                " " + new,
-            )
+            prompt = _fill(row.text(f"{field}.prompt"), subject, row, f"{field}.prompt")
+            target = " " + new
         else:
             prompt, target = question, new
         true = row.text(f"{field}.target_true.str", None)
@@ -371,9 +329,8 @@ def _mquake_probes(row: Row) -> list[Probe]:
     aliases = row.texts("new_answer_alias", [])
     meta = row.meta(edit_id=case, aliases=[answer, *aliases])
     questions = row.texts("questions")
-    return [
-        Probe(f"{case}-hop-{i}", q, answer, "multi_hop", meta=meta) for i, q in enumerate(questions)
-    ]
+    return [Probe(f"{case}-hop-{i}", q, answer, "multi_hop", meta=meta)
+            for i, q in enumerate(questions)]
 
 
 # --- open-domain QA: PopQA, TriviaQA, NQ-open ------------------------------------------------
@@ -392,14 +349,9 @@ def _popqa(row: Row) -> _QA:
         try:
             raw = json.loads(raw)
         except json.JSONDecodeError as err:
-            raise row.error(
-                f"not a JSON-encoded list of strings: {err.msg}", "possible_answers"
-            ) from err
-    if (
-        not isinstance(raw, list)
-        or not raw
-        or not all(isinstance(a, str) and a.strip() for a in raw)
-    ):
+            raise row.error(f"not a JSON-encoded list of strings: {err.msg}",
+                            "possible_answers") from err
+    if not (isinstance(raw, list) and raw and all(isinstance(a, str) and a.strip() for a in raw)):
         raise row.error("expected a non-empty (JSON-encoded) list of strings", "possible_answers")
     answer = row.text("obj", None) or raw[0]
     return _QA(row.ident("id"), row.text("question"), answer, raw)
@@ -459,31 +411,21 @@ def _has(*keys: str) -> Callable[[dict[str, Any]], bool]:
 FORMATS: dict[str, Format] = {
     "counterfact": Format(
         lambda d: _is_rome_counterfact(d) or _has("prompt", "target_new", "ground_truth")(d),
-        _counterfact_records,
-        _counterfact_probes,
-    ),
-    "mquake": Format(
-        lambda d: isinstance(d.get("requested_rewrite"), list), _mquake_records, _mquake_probes
-    ),
+        _counterfact_records, _counterfact_probes),
+    "mquake": Format(lambda d: isinstance(d.get("requested_rewrite"), list), _mquake_records,
+                     _mquake_probes),
     "zsre": Format(_has("src", "alt"), _zsre_records, _zsre_probes),
     "popqa": Format(_has("question", "possible_answers"), _qa_records(_popqa), _qa_probes(_popqa)),
     "triviaqa": Format(
         lambda d: "question" in d and ("question_id" in d or isinstance(d.get("answer"), dict)),
-        _qa_records(_triviaqa),
-        _qa_probes(_triviaqa),
-    ),
-    "nq_open": Format(
-        lambda d: "question" in d and isinstance(d.get("answer"), list),
-        _qa_records(_nq_open),
-        _qa_probes(_nq_open),
-    ),
+        _qa_records(_triviaqa), _qa_probes(_triviaqa)),
+    "nq_open": Format(lambda d: "question" in d and isinstance(d.get("answer"), list),
+                      _qa_records(_nq_open), _qa_probes(_nq_open)),
     "trl_messages": Format(_has("messages"), _trl_messages_records),
     "trl_prompt_completion": Format(_has("prompt", "completion"), _trl_prompt_completion_records),
     "native": Format(
         lambda d: "prompt" in d and any(key in d for key in ("answer", "target", "capability")),
-        _native_records,
-        _native_probes,
-    ),
+        _native_records, _native_probes),
 }
 """Supported layouts, in detection order (the first whose detector matches wins)."""
 

@@ -41,25 +41,12 @@ __all__ = [
 class RecordError(ValueError):
     """Bad record or probe input. The message names file, line and field where they apply."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        path: str | None = None,
-        line: int | None = None,
-        field: str | None = None,
-    ):
-        where = ""
-        if path is not None:
-            where = f"{path}"
-            if line is not None:
-                where += f":{line}"
-            if field is not None:
-                where += f": field {field!r}"
-            where += ": "
-        elif field is not None:
-            where = f"field {field!r}: "
-        super().__init__(where + message)
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
+                 field: str | None = None):
+        where = [] if path is None else [f"{path}" if line is None else f"{path}:{line}"]
+        if field is not None:
+            where.append(f"field {field!r}")
+        super().__init__("".join(f"{part}: " for part in where) + message)
         self.path, self.line, self.field = path, line, field
 
 
@@ -135,9 +122,7 @@ _Item = TypeVar("_Item", Record, Probe)
 def _register(registry: dict[str, Callable[[], Any]], name: str, fn: Callable[[], Any]) -> None:
     existing = registry.get(name)
     same = existing is not None and (existing.__module__, existing.__qualname__) == (
-        fn.__module__,
-        fn.__qualname__,
-    )
+        fn.__module__, fn.__qualname__)
     if existing is not None and existing is not fn and not same:
         raise ValueError(f"built-in name {name!r} is already registered to {existing!r}")
     registry[name] = fn
@@ -219,13 +204,9 @@ def load_probe_sets(sources: Sequence[str]) -> list[Probe]:
     return probes
 
 
-def _load(
-    source: str | os.PathLike[str],
-    format: str | None,
-    registry: dict[str, Callable[[], list[_Item]]],
-    noun: str,
-    item_type: type[_Item],
-) -> list[_Item]:
+def _load(source: str | os.PathLike[str], format: str | None,
+          registry: dict[str, Callable[[], list[_Item]]], noun: str, item_type: type[_Item]
+          ) -> list[_Item]:
     if isinstance(source, str):
         _import_corpora()
         if source in registry:
@@ -235,9 +216,8 @@ def _load(
     path = Path(source).expanduser()
     if not path.is_file():
         known = ", ".join(sorted(registry)) or "none registered"
-        raise RecordError(
-            f"no such file, and not a built-in {noun} name (built-in: {known})", path=str(source)
-        )
+        raise RecordError(f"no such file, and not a built-in {noun} name (built-in: {known})",
+                          path=str(source))
     return _load_file(path, str(source), format, noun)
 
 
@@ -248,13 +228,11 @@ def _checked_builtin(name: str, items: Sequence[Any], item_type: type[_Item]) ->
     seen: dict[str, int] = {}
     for index, item in enumerate(items):
         if not isinstance(item, item_type):
-            raise RecordError(
-                f"{where}: item {index} is {type(item).__name__}, not {item_type.__name__}"
-            )
+            raise RecordError(f"{where}: item {index} is {type(item).__name__}, not "
+                              f"{item_type.__name__}")
         if item.id in seen:
-            raise RecordError(
-                f"{where}: duplicate id {item.id!r} (items {seen[item.id]} and {index})"
-            )
+            raise RecordError(f"{where}: duplicate id {item.id!r} (items {seen[item.id]} and "
+                              f"{index})")
         seen[item.id] = index
     return list(items)
 
@@ -269,34 +247,25 @@ def _load_file(path: Path, shown: str, format: str | None, noun: str) -> list[An
         first_line, first = next(((n, d) for n, d in rows if d), rows[0])
         format = detect_format(first)
         if format is None:
-            raise RecordError(
-                f"unknown format: cannot recognize the keys {sorted(first)}; supported formats: "
-                f"{', '.join(FORMATS)} (pass format= to choose one)",
-                path=shown,
-                line=first_line,
-            )
+            raise RecordError(f"unknown format: cannot recognize the keys {sorted(first)}; "
+                              f"supported formats: {', '.join(FORMATS)} (pass format= to choose "
+                              "one)", path=shown, line=first_line)
     elif format not in FORMATS:
-        raise RecordError(
-            f"unknown format {format!r}; supported formats: {', '.join(FORMATS)}", path=shown
-        )
+        raise RecordError(f"unknown format {format!r}; supported formats: {', '.join(FORMATS)}",
+                          path=shown)
     adapter = FORMATS[format].records if noun == "records" else FORMATS[format].probes
     if adapter is None:
         with_probes = ", ".join(name for name, spec in FORMATS.items() if spec.probes)
-        raise RecordError(
-            f"format {format!r} carries no probes; formats with probes: {with_probes}", path=shown
-        )
+        raise RecordError(f"format {format!r} carries no probes; formats with probes: "
+                          f"{with_probes}", path=shown)
 
     items: list[Any] = []
     first_seen: dict[str, int] = {}
     for line, data in rows:
         for item in adapter(Row(data, shown, line, path.stem, format)):
             if item.id in first_seen:
-                raise RecordError(
-                    f"duplicate id {item.id!r} (also at line {first_seen[item.id]})",
-                    path=shown,
-                    line=line,
-                    field="id",
-                )
+                raise RecordError(f"duplicate id {item.id!r} (also at line "
+                                  f"{first_seen[item.id]})", path=shown, line=line, field="id")
             first_seen[item.id] = line
             items.append(item)
     if not items:
@@ -362,9 +331,8 @@ def _read_objects(path: Path, shown: str) -> list[tuple[int, dict[str, Any]]]:
             raise RecordError(f"JSON nested deeper than {MAX_DEPTH} levels "
                               "(forgetkit.data.records.MAX_DEPTH)", path=shown, line=number)
         if not isinstance(value, dict):
-            raise RecordError(
-                f"expected a JSON object, got {type(value).__name__}", path=shown, line=number
-            )
+            raise RecordError(f"expected a JSON object, got {type(value).__name__}", path=shown,
+                              line=number)
     return pairs
 
 
@@ -372,9 +340,8 @@ def _parse(line: str, shown: str, number: int) -> Any:
     try:
         return json.loads(line)
     except json.JSONDecodeError as err:
-        raise RecordError(
-            f"malformed JSON: {err.msg} (column {err.colno})", path=shown, line=number
-        ) from err
+        raise RecordError(f"malformed JSON: {err.msg} (column {err.colno})", path=shown,
+                          line=number) from err
     except RecursionError:
         raise RecordError(f"JSON nested deeper than {MAX_DEPTH} levels "
                           "(forgetkit.data.records.MAX_DEPTH)", path=shown, line=number) from None
@@ -385,9 +352,8 @@ def _json_array(text: str, start: int, shown: str) -> list[tuple[int, Any]]:
     try:
         values = json.loads(text)
     except json.JSONDecodeError as err:
-        raise RecordError(
-            f"malformed JSON: {err.msg} (column {err.colno})", path=shown, line=err.lineno
-        ) from err
+        raise RecordError(f"malformed JSON: {err.msg} (column {err.colno})", path=shown,
+                          line=err.lineno) from err
     except RecursionError:
         raise RecordError(f"JSON nested deeper than {MAX_DEPTH} levels "
                           "(forgetkit.data.records.MAX_DEPTH)", path=shown) from None

@@ -305,14 +305,12 @@ class _Item:
 
 
 def _generation_items(records: Sequence[Record], probes: Sequence[Probe]) -> list[_Item]:
-    items = []
-    for r in records:
-        form = "boxed" if "\\boxed" in r.target else "text"
-        items.append(_Item(r.id, "memorization", r.prompt, r.answer, "auto", form, r.meta))
-    for r in records:
-        form = "boxed" if "\\boxed" in r.target else "text"
-        items += [_Item(f"{r.id}/p{i}", "paraphrase", text, r.answer, "auto", form, r.meta)
-                  for i, text in enumerate(r.paraphrases)]
+    forms = ["boxed" if "\\boxed" in r.target else "text" for r in records]
+    items = [_Item(r.id, "memorization", r.prompt, r.answer, "auto", form, r.meta)
+             for r, form in zip(records, forms, strict=True)]
+    items += [_Item(f"{r.id}/p{i}", "paraphrase", text, r.answer, "auto", form, r.meta)
+              for r, form in zip(records, forms, strict=True)
+              for i, text in enumerate(r.paraphrases)]
     for p in probes:
         if p.choices is None:
             mode = p.meta.get("answer_mode", "auto")

@@ -79,12 +79,9 @@ class ParamDelta:
 
     def sq_norm(self, names: list[str] | None = None) -> float:
         """``||delta||^2`` over ``names`` (default all)."""
-        total = 0.0
-        for name in names if names is not None else self.entries:
-            value = self.entries[name]
-            sq = value.sq_norm() if isinstance(value, LoraFactor) else value.pow(2).sum()
-            total += float(sq)
-        return total
+        values = [self.entries[name] for name in (self.entries if names is None else names)]
+        return sum((float(v.sq_norm() if isinstance(v, LoraFactor) else v.pow(2).sum())
+                    for v in values), 0.0)
 
     def as_dense_dict(self) -> dict[str, Tensor]:
         """Every entry expanded (for Fisher quadratic forms on the diagonal)."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -72,12 +72,10 @@ ProductMode = Literal["auto", "jvp", "double_backward"]
 _MODES = ("auto", "jvp", "double_backward")
 
 
-@contextlib.contextmanager
-def _differentiable_attention() -> Iterator[None]:
+def _differentiable_attention() -> contextlib.AbstractContextManager[None]:
     """The math SDPA kernel meanwhile: fused kernels have neither a forward-mode AD rule nor a
     double backward."""
-    with sdpa_kernel([SDPBackend.MATH]):
-        yield
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def scored_positions(labels: Tensor) -> Tensor:
@@ -452,11 +450,9 @@ class FisherOperator:
         return torch.cat([vector[n].reshape(-1).double().cpu() for n in self.params]).numpy()
 
     def _unflat(self, flat: np.ndarray) -> dict[str, Tensor]:
-        out, start = {}, 0
-        for n, p in self.params.items():
-            out[n] = torch.from_numpy(flat[start : start + p.numel()].copy()).reshape(p.shape)
-            start += p.numel()
-        return out
+        pieces = torch.from_numpy(flat.copy()).split([p.numel() for p in self.params.values()])
+        return {n: x.reshape(p.shape) for (n, p), x in zip(self.params.items(), pieces,
+                                                           strict=True)}
 
     def as_linear_operator(self):
         """The operator on flat float64 vectors (:class:`scipy.sparse.linalg.LinearOperator`)."""

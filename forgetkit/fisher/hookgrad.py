@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
-from forgetkit.diagnostics.loglik import completion_logprobs
+from forgetkit.diagnostics.loglik import completion_logprobs, forward_logits
 
 __all__ = ["HookGradients", "UnsupportedModule", "hook_gradients", "linear_types"]
 
@@ -230,9 +230,7 @@ def hook_gradients(model: nn.Module, params: dict[str, Tensor], batch: Mapping[s
     handles = [use.module.register_forward_hook(hook(use), with_kwargs=True) for use in uses]
     try:
         with torch.enable_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=batch["position_ids"], use_cache=False).logits
-            loglik = completion_logprobs(logits, labels)[0].sum()
+            loglik = completion_logprobs(forward_logits(model, batch), labels)[0].sum()
             torch.autograd.grad(loglik, zero, allow_unused=True)
     finally:
         for handle in handles:

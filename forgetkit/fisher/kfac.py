@@ -86,7 +86,7 @@ import torch
 from torch import Tensor, nn
 
 from forgetkit.data.records import Probe, Record
-from forgetkit.diagnostics.loglik import completion_logprobs
+from forgetkit.diagnostics.loglik import completion_logprobs, forward_logits
 from forgetkit.fisher.diagonal import diagonal
 from forgetkit.fisher.hookgrad import linear_types
 from forgetkit.fisher.io import prepare_inputs
@@ -243,9 +243,7 @@ class _Passes:
                 state.update(counted=counted, seen=set(), zero=zero, idle=idle)
                 count += 0 if idle else int(counted.sum())
                 with torch.enable_grad():
-                    logits = self.model(input_ids=batch["input_ids"],
-                                        attention_mask=batch["attention_mask"],
-                                        position_ids=batch["position_ids"], use_cache=False).logits
+                    logits = forward_logits(self.model, batch)
                     labels = self._labels(logits, batch, examples)  # (E, M, T)
                     for draw in range(self.draws):
                         loglik = completion_logprobs(logits, labels[:, draw])[0].sum()
@@ -394,14 +392,13 @@ def kfac(model: nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding],
     model, encodings, chosen = inputs.model, inputs.encodings, inputs.params
     device, dtype = inputs.device, inputs.dtype
     layers, reasons = _plan_layers(model, chosen, max_factor_dim)
+    why = "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:3])
     if not layers:
-        why = "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:3])
         raise FisherError(f"no linear layer (nn.Linear or Conv1D weight) among the parameters "
                           f"selected by params={params!r} ({why}, ...); use fisher.diagonal "
                           "or fisher.low_rank for them")
     sharded = fsdp_sharded(model)
     if sharded and reasons:
-        why = "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:3])
         raise FisherError(f"the model is sharded by FSDP: kfac factors its linear layers, but "
                           f"the diagonal fallback needs whole parameters, and params={params!r} "
                           f"selects {len(reasons)} that are not factored ({why}, ...). Select "

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from forgetkit.diagnostics.loglik import forward_logits
 from forgetkit.fisher.delta import ParamDelta
 from forgetkit.models import collate, encode
 from forgetkit.stats import Interval, mean_ci
@@ -48,16 +49,11 @@ class MeasuredKL:
                 "n_tokens": self.n_tokens, "per_example": list(self.per_example)}
 
 
-def _pairs(data) -> list[tuple[str, str]]:
-    pairs = []
-    for item in data:
-        if hasattr(item, "target"):
-            pairs.append((item.prompt, item.target))
-        elif hasattr(item, "answer"):
-            pairs.append((item.prompt, item.answer))
-        else:
-            pairs.append(tuple(item))
-    return pairs
+def _pair(item) -> tuple[str, str]:
+    """A Record's (prompt, target), a Probe's (prompt, answer), or the pair itself."""
+    if hasattr(item, "target"):
+        return item.prompt, item.target
+    return (item.prompt, item.answer) if hasattr(item, "answer") else tuple(item)
 
 
 @torch.no_grad()
@@ -74,7 +70,7 @@ def measured_kl(base, finetuned, tokenizer, data: Sequence, batch_size: int = 16
     Raises:
         ValueError: empty data.
     """
-    pairs = _pairs(data)
+    pairs = [_pair(item) for item in data]
     if not pairs:
         raise ValueError("measured_kl: empty probe set")
     device = next(base.parameters()).device
@@ -82,9 +78,8 @@ def measured_kl(base, finetuned, tokenizer, data: Sequence, batch_size: int = 16
     for start in range(0, len(pairs), batch_size):
         encs = [encode(tokenizer, p, c) for p, c in pairs[start : start + batch_size]]
         batch = collate(encs, tokenizer.pad_token_id, device=device)
-        kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
-        logp = F.log_softmax(base(**kwargs).logits[:, :-1].double(), -1)  # (B, T-1, V)
-        logq = F.log_softmax(finetuned(**kwargs).logits[:, :-1].double(), -1)
+        logp = F.log_softmax(forward_logits(base, batch)[:, :-1].double(), -1)  # (B, T-1, V)
+        logq = F.log_softmax(forward_logits(finetuned, batch)[:, :-1].double(), -1)
         kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, T-1)
         mask = batch["labels"][:, 1:] != -100
         kl = kl.masked_fill(~mask, 0.0)

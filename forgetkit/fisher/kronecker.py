@@ -16,12 +16,7 @@ from torch import Tensor
 
 from forgetkit.fisher.delta import LoraFactor
 from forgetkit.fisher.diagonal import DiagonalFisher
-from forgetkit.fisher.directions import (
-    AxisDirection,
-    Direction,
-    Eigenpairs,
-    KroneckerDirection,
-)
+from forgetkit.fisher.directions import AxisDirection, Eigenpairs, KroneckerDirection
 from forgetkit.fisher.io import Delta, FisherMatrix, Provenance
 from forgetkit.fisher.pergrad import FisherError
 
@@ -214,13 +209,10 @@ class KroneckerFisher(FisherMatrix):
         directions (:class:`~forgetkit.fisher.directions.KroneckerDirection` on a layer,
         :class:`~forgetkit.fisher.directions.AxisDirection` on the diagonal part)."""
         top = self._top_entries(self._eigenvalue_tensors(), self._rank_k(k))
-        directions: list[Direction] = []
-        for (form, name), index in top:
-            if form == "layer":
-                directions.append(self.layers[name].direction(index))
-            else:
-                directions.append(AxisDirection.at(name, index, self.parameter_shapes[name]))
-        return Eigenpairs(top.values, tuple(directions))
+        return Eigenpairs(top.values, tuple(
+            self.layers[name].direction(index) if form == "layer"
+            else AxisDirection.at(name, index, self.parameter_shapes[name])
+            for (form, name), index in top))
 
     def coordinates(self, delta: Delta, k: int | None = None) -> Tensor:
         """(k,) float64: ``(Q_G' dW Q_A)[p, q]`` at each of the k leading eigenvalues (only
@@ -337,12 +329,10 @@ class KroneckerFisher(FisherMatrix):
                 **{key: tensors[f"layers/{m}/{key}"] for key in FACTOR_NAMES})
                 for m, meta in extra["layers"].items()}
             reasons = dict(extra["fallback_reasons"])
-            fallback = None
-            if reasons:
-                fallback = DiagonalFisher(
-                    values={n: tensors[f"fallback/values/{n}"] for n in reasons},
-                    stderr={n: tensors[f"fallback/stderr/{n}"] for n in reasons},
-                    provenance=provenance)
+            fallback = DiagonalFisher(
+                values={n: tensors[f"fallback/values/{n}"] for n in reasons},
+                stderr={n: tensors[f"fallback/stderr/{n}"] for n in reasons},
+                provenance=provenance) if reasons else None
         except (KeyError, TypeError, ValueError) as err:
             raise FisherError(f"not a complete Kronecker-factored Fisher: missing or bad "
                               f"entry {err}") from None

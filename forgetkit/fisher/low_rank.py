@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -178,11 +179,8 @@ def _sketch_coefficients(pieces: list[Tensor], bounds: list[tuple[int, int]], om
 
 def _bounds(pieces: list[Tensor]) -> list[tuple[int, int]]:
     """Row ranges of each piece's parameters in the flat P axis."""
-    out, start = [], 0
-    for g in pieces:
-        out.append((start, start + g.shape[1]))
-        start += g.shape[1]
-    return out
+    ends = list(accumulate(g.shape[1] for g in pieces))
+    return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
 def _orthonormalize_(y: Tensor) -> Tensor:
@@ -217,12 +215,9 @@ def _to_parameters(directions_of: Callable[[int, int], Tensor], chosen: dict[str
         out[name] = directions_of(start, start + p.numel()).reshape(rank, *p.shape).contiguous()
         start += p.numel()
     flat = [u.view(rank, -1) for u in out.values()]
-    magnitude = torch.stack([u.abs().max(1).values for u in flat])  # (params, k)
-    owner = magnitude.argmax(0)  # (k,)
-    sign = torch.ones(rank, dtype=flat[0].dtype, device=flat[0].device)
-    for j in range(rank):
-        u = flat[int(owner[j])][j]
-        sign[j] = -1.0 if float(u[u.abs().argmax()]) < 0 else 1.0
+    # (params, k): each direction's largest-magnitude entry in each parameter
+    peaks = torch.stack([u.gather(1, u.abs().argmax(1, keepdim=True))[:, 0] for u in flat])
+    sign = torch.where(peaks.gather(0, peaks.abs().argmax(0, keepdim=True))[0] < 0, -1.0, 1.0)
     for u in flat:
         u.mul_(sign[:, None])
     return out

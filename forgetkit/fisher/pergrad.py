@@ -52,9 +52,9 @@ from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
 from forgetkit.data.records import Probe, Record
-from forgetkit.diagnostics.loglik import sequence_loglik
+from forgetkit.diagnostics.loglik import forward_logits, sequence_loglik
 from forgetkit.fisher.hookgrad import HookGradients, hook_gradients
-from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode
+from forgetkit.models import IGNORE_INDEX, Encoding, collate, encode, eval_mode
 from forgetkit.seeding import stable_hash
 
 __all__ = [
@@ -332,14 +332,10 @@ def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
     if not any(module.training for module in model.modules()):  # already: nothing to switch
         yield
         return
-    was_training = model.training
-    if was_training:
+    if model.training:
         logger.info("Fisher: model is in training mode; using eval mode (no dropout) meanwhile")
-    model.eval()
-    try:
+    with eval_mode(model):
         yield
-    finally:
-        model.train(was_training)
 
 
 def distributed_shard() -> tuple[int, int]:
@@ -441,7 +437,8 @@ class GradientStream:
         self.mode = None if per_example == "auto" else per_example
         self.check_finite = check_finite
         self.indices = shard_indices(encodings)
-        self.device = next(iter(self.params.values())).device
+        first = next(iter(self.params.values()))
+        self.device, self.tolerance = first.device, _CHECK_RTOL.get(first.dtype, 1e-3)
         if self.mode is None:
             self._state = _model_state(model, self.params)
             state, mode = _CHECKED.get(model, (None, None))
@@ -470,9 +467,7 @@ class GradientStream:
             return batch["labels"]
         generators = true_fisher_generators(self.seed, examples, self.device)
         with torch.no_grad():
-            logits = self.model(input_ids=batch["input_ids"],
-                                attention_mask=batch["attention_mask"],
-                                position_ids=batch["position_ids"], use_cache=False).logits
+            logits = forward_logits(self.model, batch)
         return sample_labels(logits, batch["labels"], self.draws, generators)
 
     def _gradients(self, rows: dict[str, Tensor], labels: Tensor) -> Mapping[str, Tensor]:
@@ -508,46 +503,44 @@ class GradientStream:
         reference = loop_gradients(self.model, self.params, rows["input_ids"][[row]],
                                    labels[[row]], [lengths[row]])
         error = _relative_difference(ours, reference)
-        tolerance = _CHECK_RTOL.get(next(iter(self.params.values())).dtype, 1e-3)
-        if not error <= tolerance and not math.isnan(error):
+        if not error <= self.tolerance and not math.isnan(error):
             logger.warning("per-example gradients: layer hooks and the backward loop disagree "
                            "on %s (relative difference %.3g > %.1g); trying vmap", name, error,
-                           tolerance)
+                           self.tolerance)
             self.mode = "auto-vmap"
             return None
         logger.info("per-example gradients: layer hooks (match the loop to %.2g)", error)
         self.mode = "hooks"
-        if error <= tolerance:  # not NaN: a non-finite gradient is reported, not remembered
+        if error <= self.tolerance:  # not NaN: a non-finite gradient is reported, not remembered
             _CHECKED[self.model] = (self._state, self.mode)
         return grads
 
     def _checked_vmap(self, input_ids: Tensor, labels: Tensor, lengths: list[int]
                       ) -> dict[str, Tensor]:
+        name = type(self.model).__name__
         try:
             grads = vmap_gradients(self.model, self.params, input_ids, labels)
         except Exception as err:  # any tracing failure means: use the loop
             logger.warning("per-example gradients: vmap cannot trace %s (%s: %s); using the "
-                           "per-example backward loop", type(self.model).__name__,
-                           type(err).__name__, str(err).splitlines()[0][:200])
-            self.mode = "loop"
-            return loop_gradients(self.model, self.params, input_ids, labels, lengths)
-        rows = sorted({0, min(range(len(lengths)), key=lengths.__getitem__)})
-        reference = loop_gradients(self.model, self.params, input_ids[rows], labels[rows],
-                                   [lengths[r] for r in rows])
-        error = _relative_difference({n: g[rows] for n, g in grads.items()}, reference)
-        tolerance = _CHECK_RTOL.get(next(iter(self.params.values())).dtype, 1e-3)
-        if math.isnan(error):  # non-finite gradients either way: _check_finite reports them
-            return grads
-        if not error <= tolerance:
+                           "per-example backward loop", name, type(err).__name__,
+                           str(err).splitlines()[0][:200])
+        else:
+            rows = sorted({0, min(range(len(lengths)), key=lengths.__getitem__)})
+            reference = loop_gradients(self.model, self.params, input_ids[rows], labels[rows],
+                                       [lengths[r] for r in rows])
+            error = _relative_difference({n: g[rows] for n, g in grads.items()}, reference)
+            if math.isnan(error):  # non-finite gradients either way: _check_finite reports them
+                return grads
+            if error <= self.tolerance:
+                logger.info("per-example gradients: vmap (matches the loop to %.2g)", error)
+                self.mode = "vmap"
+                _CHECKED[self.model] = (self._state, self.mode)
+                return grads
             logger.warning("per-example gradients: vmap and the backward loop disagree on "
-                           "%s (relative difference %.3g > %.1g); using the loop",
-                           type(self.model).__name__, error, tolerance)
-            self.mode = "loop"
-            return loop_gradients(self.model, self.params, input_ids, labels, lengths)
-        logger.info("per-example gradients: vmap (matches the loop to %.2g)", error)
-        self.mode = "vmap"
-        _CHECKED[self.model] = (self._state, self.mode)
-        return grads
+                           "%s (relative difference %.3g > %.1g); using the loop", name, error,
+                           self.tolerance)
+        self.mode = "loop"
+        return loop_gradients(self.model, self.params, input_ids, labels, lengths)
 
 
 def _model_state(model: torch.nn.Module, params: Mapping[str, Tensor]) -> tuple:

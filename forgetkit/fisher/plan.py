@@ -195,9 +195,7 @@ class MemoryPlan:
 
 
 def _gib(n: int) -> str:
-    if n >= 2**30:
-        return f"{n / 2**30:.2f} GiB"
-    return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def probe_lengths(encodings: Sequence) -> dict[str, int]:
@@ -281,12 +279,7 @@ def _layer_shapes(model: nn.Module, chosen: dict[str, torch.Tensor]
     from forgetkit.fisher.kfac import _plan_layers
 
     layers, reasons = _plan_layers(model, chosen, 16384)
-    shapes = []
-    for layer in layers.values():
-        weight = layer.module.weight
-        out, inputs = weight.shape[::-1] if layer.transposed else weight.shape
-        shapes.append((int(out), int(inputs) + (layer.bias is not None)))
-    return shapes, list(reasons)
+    return [layer.shape for layer in layers.values()], list(reasons)
 
 
 def memory_plan(config_or_model, *, params: str | Sequence[str] | None = None,
@@ -404,7 +397,6 @@ def _kfac_row(shapes: list[tuple[int, int]], fallback: int, fallback_hooks: int,
     note = f"{len(shapes)} layers factored; {fallback:,} parameters on the diagonal fallback"
     peak = factors + eigenvalues + max(rotated + per_example + act, fallback_bytes)
     return PlanRow("kfac", int(peak), passes, terms, note)
-
 
 
 def available_memory(device: str | torch.device) -> int:

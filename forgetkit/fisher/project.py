@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from forgetkit.fisher.delta import ParamDelta
 from forgetkit.fisher.io import FisherMatrix
@@ -74,13 +73,7 @@ def leading_directions(fisher: FisherMatrix, rank: int | None) -> int:
     Raises:
         ValueError: ``rank`` not an integer between 1 and ``fisher.rank``.
     """
-    if rank is None:
-        return min(DEFAULT_DIRECTIONS, fisher.rank)
-    return fisher._rank_k(rank, "rank")
-
-
-def _energy_share(coefficients: Tensor, sq_norm: float) -> float:
-    return float(coefficients.square().sum()) / sq_norm if sq_norm > 0 else 0.0
+    return min(DEFAULT_DIRECTIONS, fisher.rank) if rank is None else fisher._rank_k(rank, "rank")
 
 
 def _module_rows(delta: ParamDelta, fisher: FisherMatrix, k: int) -> list[dict[str, Any]]:
@@ -95,7 +88,8 @@ def _module_rows(delta: ParamDelta, fisher: FisherMatrix, k: int) -> list[dict[s
         sq_norm = own.sq_norm()
         if own.entries:
             displacement = fisher.quad_form(own)
-            energy = _energy_share(fisher.coordinates(own, k), sq_norm)
+            coefficients = fisher.coordinates(own, k)
+            energy = float(coefficients.square().sum()) / sq_norm if sq_norm > 0 else 0.0
         else:
             displacement = energy = 0.0
         rows.append({"module": module,

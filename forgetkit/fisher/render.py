@@ -134,9 +134,7 @@ def _png(draw: Callable, frame: pd.DataFrame, title: str) -> bytes:
 def _fmt(x: Any) -> str:
     if x is None:
         return "n/a"
-    if isinstance(x, float):
-        return f"{x:.3g}"
-    return str(x)
+    return f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
 def _section_ci(section: dict[str, Any] | None, value: str = "value", scale: float = 1.0) -> str:

@@ -8,6 +8,7 @@ fine-tunes given it trains quick SFT and MixSD fine-tunes of the base on the rec
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -141,9 +142,7 @@ class ReportConfig:
         return dict(item.split("=", 1) for item in self.finetuned)
 
     def probe_source(self) -> str:
-        if self.probes:
-            return self.probes
-        return "toyworld" if self.base == "toyworld" else "general"
+        return self.probes or ("toyworld" if self.base == "toyworld" else "general")
 
 
 def spread_sample(probes: list, n: int) -> list:
@@ -316,14 +315,11 @@ def _finetune_section(base, model, tokenizer, records, probes, sample, update: P
 
 def _comparisons(per_finetune: dict[str, dict[str, Any]], seed: int) -> list[dict[str, Any]]:
     """Every pair of fine-tunes: ratios of exact d'Fd and of measured KL, paired over probes."""
-    names = list(per_finetune)
     rows = []
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            (da, ka), (db, kb) = per_finetune[a]["_per_probe"], per_finetune[b]["_per_probe"]
-            rows.append({"a": a, "b": b,
-                         "displacement_ratio": ratio_ci(da, db, seed=seed).to_dict(),
-                         "measured_kl_ratio": ratio_ci(ka, kb, seed=seed).to_dict()})
+    for a, b in itertools.combinations(per_finetune, 2):
+        (da, ka), (db, kb) = per_finetune[a]["_per_probe"], per_finetune[b]["_per_probe"]
+        rows.append({"a": a, "b": b, "displacement_ratio": ratio_ci(da, db, seed=seed).to_dict(),
+                     "measured_kl_ratio": ratio_ci(ka, kb, seed=seed).to_dict()})
     return rows
 
 

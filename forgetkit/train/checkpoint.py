@@ -269,10 +269,7 @@ def _clear_run(out: Path, keep: Sequence[str] = ()) -> None:
     """Delete a previous run's checkpoints and artifacts in ``out`` but those named in ``keep``."""
     for old in checkpoint_dirs(out):
         shutil.rmtree(old)
-    for name in _ARTIFACTS:
-        target = out / name
-        if name in keep:
-            continue
+    for target in [out / name for name in _ARTIFACTS if name not in keep]:
         if target.is_dir():
             shutil.rmtree(target)
         elif target.exists():

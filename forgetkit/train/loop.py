@@ -428,10 +428,7 @@ class Trainer:
             with torch.no_grad():
                 for name, g in gradients.items():
                     param = self.ewc_named[name]
-                    if param.grad is None:
-                        param.grad = g.clone()
-                    else:
-                        param.grad.add_(g)
+                    param.grad = g.clone() if param.grad is None else param.grad.add_(g)
         limit = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
         grad_norm = accelerator.clip_grad_norm_(self.params, limit)
         loss = self._sum(local_loss) / tokens

@@ -158,9 +158,7 @@ class World:
 
     def candidates(self, domain: str) -> tuple[str, ...]:
         """Possible objects of a relation into ``domain``."""
-        if domain in self.entities:
-            return tuple(self.entities[domain])
-        return self.pools[domain]
+        return tuple(self.entities[domain]) if domain in self.entities else self.pools[domain]
 
     def fact_index(self) -> dict[tuple[str, str], Fact]:
         return {(f.subject, f.relation.name): f for f in self.facts}

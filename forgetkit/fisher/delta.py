@@ -8,13 +8,13 @@ entries hold ``theta_ft - theta_base``; LoRA entries hold the factors ``(B, A, s
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-__all__ = ["LoraFactor", "ParamDelta", "delta", "lora_factors"]
+__all__ = ["LoraFactor", "ParamDelta", "delta", "lora_factors", "module_groups"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,15 @@ class ParamDelta:
     def select(self, names) -> ParamDelta:
         return ParamDelta({n: self.entries[n] for n in names if n in self.entries},
                           self.base_name, dict(self.meta))
+
+
+def module_groups(names: Iterable[str]) -> dict[str, list[str]]:
+    """Parameter names grouped by module (the name without its last part; a name without a dot
+    is its own module), modules and names in first-seen order."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.rpartition(".")[0] or name, []).append(name)
+    return groups
 
 
 def _named(model) -> dict[str, Tensor]:

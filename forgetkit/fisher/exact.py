@@ -42,7 +42,7 @@ from torch.func import functional_call, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from forgetkit.data.records import Probe, Record
-from forgetkit.fisher.delta import ParamDelta
+from forgetkit.fisher.delta import ParamDelta, module_groups
 from forgetkit.fisher.pergrad import (
     Estimator,
     FisherError,
@@ -355,10 +355,7 @@ def displacement(model: torch.nn.Module, tokenizer, probes: Sequence[Probe | Rec
                                   products)
         modules: dict[str, dict[str, float]] = {}
         if per_module:
-            groups: dict[str, list[str]] = {}
-            for name in tangents:
-                groups.setdefault(name.rpartition(".")[0] or name, []).append(name)
-            for module, names in groups.items():
+            for module, names in module_groups(tangents).items():
                 own = _per_probe_forms(model, encodings, ids, {n: tangents[n] for n in names},
                                        estimator, batch_size, pad, products)
                 ci = mean_ci(own, seed=seed)

@@ -33,7 +33,7 @@ from torch import Tensor
 
 import forgetkit
 from forgetkit.files import atomic_write_bytes, atomic_write_json
-from forgetkit.fisher.delta import LoraFactor, ParamDelta
+from forgetkit.fisher.delta import LoraFactor, ParamDelta, module_groups
 from forgetkit.fisher.directions import Eigenpairs, TopEntries, top_entries
 from forgetkit.fisher.pergrad import (
     FisherError,
@@ -306,18 +306,15 @@ class FisherMatrix(ABC):
         top eigenvalue; for the diagonal representation the leading eigenvector is the largest
         entry's coordinate, so one module has 1 and the others 0).
         """
-        rows: dict[str, dict[str, Any]] = {}
-        for name, (trace, top) in self._parameter_stats().items():
-            module = name.rpartition(".")[0] or name
-            row = rows.setdefault(module, {"module": module, "parameters": 0, "trace": 0.0,
-                                           "top_share": 0.0})
-            row["parameters"] += self.shapes[name].numel()
-            row["trace"] += trace
-            row["top_share"] += top
-        total = sum(row["trace"] for row in rows.values())
-        for row in rows.values():
+        stats = self._parameter_stats()
+        rows = [{"module": module, "parameters": sum(self.shapes[n].numel() for n in names),
+                 "trace": sum(stats[n][0] for n in names),
+                 "top_share": sum(stats[n][1] for n in names)}
+                for module, names in module_groups(stats).items()]
+        total = sum(row["trace"] for row in rows)
+        for row in rows:
             row["trace_share"] = row["trace"] / total if total > 0 else 0.0
-        return list(rows.values())
+        return rows
 
     def _entry(self, delta: Delta, name: str) -> Tensor | LoraFactor | None:
         """``delta``'s update of parameter ``name``, shape-checked; ``None`` when a ParamDelta

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from forgetkit.fisher.delta import ParamDelta
+from forgetkit.fisher.delta import ParamDelta, module_groups
 from forgetkit.fisher.io import FisherMatrix
 
 __all__ = ["DEFAULT_DIRECTIONS", "Projection", "leading_directions", "project"]
@@ -79,11 +79,8 @@ def leading_directions(fisher: FisherMatrix, rank: int | None) -> int:
 def _module_rows(delta: ParamDelta, fisher: FisherMatrix, k: int) -> list[dict[str, Any]]:
     """One row per module of the covered parameters (in their order): the update restricted
     to the module, through the same interface calls as the whole update."""
-    modules: dict[str, list[str]] = {}
-    for name in fisher.shapes:
-        modules.setdefault(name.rpartition(".")[0] or name, []).append(name)
     rows = []
-    for module, names in modules.items():
+    for module, names in module_groups(fisher.shapes).items():
         own = ParamDelta({n: delta.entries[n] for n in names if n in delta.entries})
         sq_norm = own.sq_norm()
         if own.entries:

@@ -23,7 +23,7 @@ import torch
 from forgetkit.cli_config import help_metadata as _help
 from forgetkit.data.answers import warn_unanswered
 from forgetkit.data.records import load_probes, load_records
-from forgetkit.fisher.delta import ParamDelta
+from forgetkit.fisher.delta import ParamDelta, module_groups
 from forgetkit.fisher.delta import delta as param_delta
 from forgetkit.fisher.diagonal import diagonal
 from forgetkit.fisher.exact import displacement
@@ -502,7 +502,7 @@ def _run_report(config: ReportConfig, base, finetunes, records, probes, progress
                    "requested_rank": config.rank,
                    "representation": fisher_lr.kind, "label": fisher_lr.quad_form_label,
                    "details": details, "fallback_reasons": fallback,
-                   "fallback_modules": sorted({n.rpartition(".")[0] or n for n in fallback}),
+                   "fallback_modules": sorted(module_groups(fallback)),
                    "low_rank_method": details.get("method"),
                    "eigenvalues_by_seed": {str(f.provenance.seed):
                                            f.top(rank).eigenvalues.tolist() for f in fishers},

@@ -150,13 +150,8 @@ def spread_sample(probes: list, n: int) -> list:
     groups: dict[str, list] = {}
     for probe in probes:
         groups.setdefault(probe.capability, []).append(probe)
-    chosen, depth = [], 0
-    while len(chosen) < min(n, len(probes)):
-        for items in groups.values():
-            if depth < len(items) and len(chosen) < n:
-                chosen.append(items[depth])
-        depth += 1
-    return chosen
+    rounds = itertools.zip_longest(*groups.values())
+    return [probe for row in rounds for probe in row if probe is not None][:n]
 
 
 def _default_finetunes(config: ReportConfig, out: Path, progress: bool) -> dict[str, str]:

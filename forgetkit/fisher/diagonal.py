@@ -297,11 +297,9 @@ def diagonal(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
             index; the run tests its result once at the end, and only then recomputes the
             gradients with the per-example check that names them).
     """
-    inputs = prepare_inputs(model, tokenizer, data, params=params, device=device, dtype=dtype,
-                            estimator=estimator, mc_samples=mc_samples, seed=seed)
-    model, encodings, chosen = inputs.model, inputs.encodings, inputs.params
-    device, dtype, provenance, pad = (inputs.device, inputs.dtype, inputs.provenance,
-                                      inputs.pad_token_id)
+    model, encodings, chosen, device, pad, dtype, provenance = prepare_inputs(
+        model, tokenizer, data, params=params, device=device, dtype=dtype, estimator=estimator,
+        mc_samples=mc_samples, seed=seed)
     with evaluation_mode(model):
         stream = GradientStream(model, encodings, chosen, estimator=estimator,
                                 mc_samples=mc_samples, batch_size=batch_size, seed=seed,

@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from safetensors.torch import load as safetensors_load
@@ -110,9 +110,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-@dataclass(frozen=True)
-class FisherInputs:
-    """What every estimator starts from (:func:`prepare_inputs`).
+class FisherInputs(NamedTuple):
+    """What every estimator starts from (:func:`prepare_inputs`), in the order it unpacks.
 
     Attributes:
         model: the model to run: the one passed, unwrapped from ``DistributedDataParallel`` /

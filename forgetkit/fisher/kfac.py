@@ -386,11 +386,9 @@ def kfac(model: nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding],
     check_sampling(estimator, batch_size, mc_samples)
     if tokens not in TOKENS:
         raise FisherError(f"tokens must be one of {TOKENS}, got {tokens!r}")
-    inputs = prepare_inputs(model, tokenizer, data, params=params, device=device, dtype=dtype,
-                            estimator=estimator, mc_samples=mc_samples, seed=seed,
-                            allow_fsdp=True)
-    model, encodings, chosen = inputs.model, inputs.encodings, inputs.params
-    device, dtype = inputs.device, inputs.dtype
+    model, encodings, chosen, device, pad, dtype, provenance = prepare_inputs(
+        model, tokenizer, data, params=params, device=device, dtype=dtype, estimator=estimator,
+        mc_samples=mc_samples, seed=seed, allow_fsdp=True)
     layers, reasons = _plan_layers(model, chosen, max_factor_dim)
     why = "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:3])
     if not layers:
@@ -404,7 +402,6 @@ def kfac(model: nn.Module, tokenizer, data: Sequence[Record | Probe | Encoding],
                           f"selects {len(reasons)} that are not factored ({why}, ...). Select "
                           "linear layers only (e.g. params=r'layers\\..*\\.(self_attn|mlp)\\.'), "
                           "or pass an unsharded copy of the model")
-    provenance, pad = inputs.provenance, inputs.pad_token_id
     draws = mc_samples if estimator == "true" else 1
     with evaluation_mode(model):
         passes = _Passes(model, encodings, layers, estimator=estimator, draws=draws,

@@ -379,10 +379,9 @@ def low_rank(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
     if method == "exact":
         return exact_low_rank(model, tokenizer, data, rank, estimator=estimator, params=params,
                               batch_size=batch_size, seed=seed, residuals=False)
-    inputs = prepare_inputs(model, tokenizer, data, params=params, device=device, dtype=dtype,
-                            estimator=estimator, mc_samples=mc_samples, seed=seed)
-    model, encodings, chosen = inputs.model, inputs.encodings, inputs.params
-    device, dtype = inputs.device, inputs.dtype
+    model, encodings, chosen, device, pad, dtype, provenance = prepare_inputs(
+        model, tokenizer, data, params=params, device=device, dtype=dtype, estimator=estimator,
+        mc_samples=mc_samples, seed=seed)
     size = sum(p.numel() for p in chosen.values())
     draws = mc_samples if estimator == "true" else 1
     columns = len(encodings) * draws
@@ -398,7 +397,6 @@ def low_rank(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
         raise FisherError(f"method must be 'auto', 'gram', 'randomized' or 'exact', got "
                           f"{method!r}")
     generator = torch.Generator(device=device).manual_seed(derived_seed(seed, "low-rank"))
-    provenance, pad = inputs.provenance, inputs.pad_token_id
     sketch = min(rank + oversample, size) if method == "randomized" else 0
     with evaluation_mode(model):
         stream = GradientStream(model, encodings, chosen, estimator=estimator,

@@ -238,12 +238,9 @@ def score_intervals(base_scores: Scores, scores: Scores, seed: int = 0) -> dict[
     return {k: None if v is None else v.to_dict() for k, v in found.items()}
 
 def _is_degenerate(words: list[str], max_ngram: int = 6, copies: int = 3) -> bool:
-    for n in range(1, max_ngram + 1):
-        for start in range(len(words) - copies * n + 1):
-            gram = words[start : start + n]
-            if all(words[start + k * n : start + (k + 1) * n] == gram for k in range(1, copies)):
-                return True
-    return False
+    """Whether some n-gram (n <= ``max_ngram``) appears ``copies`` times in a row."""
+    return any(words[start : start + copies * n] == words[start : start + n] * copies
+               for n in range(1, max_ngram + 1) for start in range(len(words) - copies * n + 1))
 
 
 def _mentions(text: str, entity: str) -> bool:

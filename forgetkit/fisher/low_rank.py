@@ -199,10 +199,8 @@ def _orthonormalize_(y: Tensor) -> Tensor:
         y[a:b] = q
         factors.append(r)
     outer = torch.linalg.qr(torch.cat(factors)).Q  # (sum of R rows, l)
-    start = 0
-    for (a, b), r in zip(slices, factors, strict=True):
-        y[a:b] = y[a:b] @ outer[start : start + r.shape[0]]
-        start += r.shape[0]
+    for (a, b), block in zip(slices, outer.split([r.shape[0] for r in factors]), strict=True):
+        y[a:b] = y[a:b] @ block
     return y
 
 

@@ -322,8 +322,7 @@ def _generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tok
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies = greedy_generate(model, tokenizer, [prompts[i] for i in order],
                               max_new_tokens=max_new_tokens, batch_size=batch_size)
-    by_index = dict(zip(order, replies, strict=True))
-    return [by_index[i] for i in range(len(prompts))]
+    return [reply for _, reply in sorted(zip(order, replies, strict=True))]
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -191,10 +191,6 @@ class DiagonalFisher(FisherMatrix):
         return {name: v.shape for name, v in self.values.items()}
 
     @property
-    def rank(self) -> int:
-        return self.size
-
-    @property
     def quad_form_label(self) -> str:
         return "diagonal proxy Σ F_jj d_j², not d'Fd"
 
@@ -241,9 +237,6 @@ class DiagonalFisher(FisherMatrix):
     def _tensors(self) -> dict[str, Tensor]:
         return {**{f"values/{n}": v for n, v in self.values.items()},
                 **{f"stderr/{n}": v for n, v in self.stderr.items()}}
-
-    def _extra(self) -> dict[str, Any]:
-        return {}
 
     @classmethod
     def _from_saved(cls, tensors, shapes, provenance, extra) -> DiagonalFisher:

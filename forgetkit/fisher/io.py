@@ -195,10 +195,10 @@ class FisherMatrix(ABC):
         return sum(shape.numel() for shape in self.shapes.values())
 
     @property
-    @abstractmethod
     def rank(self) -> int:
         """Eigendirections the representation holds: k for the low-rank Fisher, P for the
         diagonal and Kronecker-factored ones (some of whose eigenvalues may be zero)."""
+        return self.size
 
     @property
     def n(self) -> int:
@@ -260,8 +260,8 @@ class FisherMatrix(ABC):
     @abstractmethod
     def _tensors(self) -> dict[str, Tensor]: ...
 
-    @abstractmethod
-    def _extra(self) -> dict[str, Any]: ...
+    def _extra(self) -> dict[str, Any]:
+        return {}
 
     @classmethod
     @abstractmethod

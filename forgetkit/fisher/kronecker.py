@@ -149,10 +149,6 @@ class KroneckerFisher(FisherMatrix):
     def shapes(self) -> dict[str, torch.Size]:
         return dict(self.parameter_shapes)
 
-    @property
-    def rank(self) -> int:
-        return self.size
-
     def _eigenvalue_tensors(self) -> dict[tuple[str, str], Tensor]:
         """("layer", module) -> Λ and ("parameter", name) -> the diagonal, in that order."""
         out: dict[tuple[str, str], Tensor] = {("layer", m): f.eigenvalues

@@ -21,10 +21,11 @@ from forgetkit.mixsd import MixConfig
 from forgetkit.models import resolve_device, resolve_dtype
 from forgetkit.seeding import stable_hash
 
-__all__ = ["FISHER_METHODS", "METHODS", "OUTPUT_FIELDS", "RETENTION_METHODS", "RUN_CONTROL_FIELDS",
-           "TrainConfig"]
+__all__ = ["FISHER_METHODS", "METHODS", "METHOD_FIELDS", "OUTPUT_FIELDS", "RETENTION_METHODS",
+           "RUN_CONTROL_FIELDS", "TrainConfig"]
 
 Method = Literal["sft", "mixsd", "opsd", "ewc", "replay", "fisher_orthogonal"]
+OrthogonalFisher = Literal["low_rank", "kfac"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
 RETENTION_METHODS = frozenset({"ewc", "replay", "fisher_orthogonal"})
 """Methods that train on retention data: a split of the probes (:mod:`forgetkit.train.retention`)."""
@@ -39,6 +40,11 @@ RUN_CONTROL_FIELDS = frozenset({
     "per_device_eval_batch_size", "eval_max_new_tokens", "device", "ddp_backend",
 })
 """Fields left out of :meth:`TrainConfig.run_hash`: changing them does not change the weights."""
+
+METHOD_FIELDS = {"orthogonal_fisher": "fisher_orthogonal"}
+"""Fields that one method alone reads -> that method: left out of the other methods' hashes
+(:meth:`TrainConfig.config_hash`, :meth:`TrainConfig.run_hash`), so neither their value nor
+their arrival in a later version tells apart runs they do not affect."""
 
 OUTPUT_FIELDS = frozenset({"output_dir", "overwrite_output_dir", "resume_from_checkpoint",
                            "disable_tqdm"})
@@ -161,6 +167,11 @@ class TrainConfig:
     orthogonal_k: int = field(default=16, metadata=_help(
         "fisher_orthogonal: number of top Fisher directions the update is kept orthogonal to "
         "(at most the Fisher's rank)"))
+    orthogonal_fisher: OrthogonalFisher = field(default="low_rank", metadata=_help(
+        "fisher_orthogonal: the Fisher computed on the retention probes (without fisher_path): "
+        "low_rank (its N x P gradient matrix must fit: a toy or a subset of weights) or kfac "
+        "(Kronecker-factored, EK-FAC, with the diagonal for the embedding and norms: every "
+        "weight of a real model)"))
     stop_at_memorization: float | None = field(default=None, metadata=_help(
         "stop at the first evaluation (every eval_steps) whose memorization is >= this, in "
         "(0, 1]; the step is recorded in results.json and metrics.jsonl"))
@@ -215,6 +226,9 @@ class TrainConfig:
             problems.append(f"ewc_strength={self.ewc_strength} must be >= 0")
         if not 0 <= self.replay_ratio < 1:
             problems.append(f"replay_ratio={self.replay_ratio} must be in [0, 1)")
+        if self.orthogonal_fisher not in typing.get_args(OrthogonalFisher):
+            problems.append(f"orthogonal_fisher={self.orthogonal_fisher!r} must be low_rank or "
+                            "kfac")
         for name in ("replay_max_new_tokens", "orthogonal_k"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
@@ -244,11 +258,15 @@ class TrainConfig:
     def config_hash(self, ignore: Iterable[str] = OUTPUT_FIELDS) -> str:
         """Hash of every field but those in ``ignore`` (default :data:`OUTPUT_FIELDS`: equal
         hashes mean the same results)."""
-        ignore = frozenset(ignore)
+        ignore = frozenset(ignore) | self._other_methods_fields()
         return stable_hash({k: v for k, v in self.to_dict().items() if k not in ignore})
 
+    def _other_methods_fields(self) -> frozenset[str]:
+        return frozenset(k for k, method in METHOD_FIELDS.items() if method != self.method)
+
     def _run_fields(self) -> dict:
-        ignore = RUN_CONTROL_FIELDS - ({"probes"} if self.method in RETENTION_METHODS else set())
+        ignore = (RUN_CONTROL_FIELDS | self._other_methods_fields()) - (
+            {"probes"} if self.method in RETENTION_METHODS else set())
         return {k: v for k, v in self.to_dict().items() if k not in ignore}
 
     def input_files(self) -> dict[str, list[str]]:

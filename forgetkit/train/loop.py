@@ -319,6 +319,8 @@ class Trainer:
             if config.method == "ewc":
                 fisher = fisher_lib.diagonal(model, self.tokenizer, self.retention_probes,
                                              **common)
+            elif config.orthogonal_fisher == "kfac":
+                fisher = fisher_lib.kfac(model, self.tokenizer, self.retention_probes, **common)
             else:
                 limit = len(self.retention_probes)
                 if config.orthogonal_k > limit:

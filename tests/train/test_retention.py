@@ -147,16 +147,19 @@ def test_ewc_refuses_a_fisher_of_another_model(tiny, tiny_probes, tmp_path):
 
 # --- Fisher-orthogonal SFT ---------------------------------------------------------------------
 
+@pytest.mark.parametrize("representation", ["low_rank", "kfac"])
 def test_fisher_orthogonal_update_has_no_component_along_the_removed_directions(
-        tiny, tiny_probes, tmp_path):
+        tiny, tiny_probes, tmp_path, representation):
     base, _ = load_model(tiny[0], dtype="float64", device="cpu")
     runs = {}
     for method in ("sft", "fisher_orthogonal"):
         result = train(config_for(tiny, tmp_path / method, method=method, orthogonal_k=4,
-                                  probes=str(tiny_probes), retention_fraction=0.5))
+                                  probes=str(tiny_probes), retention_fraction=0.5,
+                                  orthogonal_fisher=representation))
         runs[method] = load_model(result.model_path, dtype="float64", device="cpu")[0]
     saved = fisher.load(tmp_path / "fisher_orthogonal" / "fisher")
-    assert saved.kind == "low_rank" and saved.rank == 4
+    assert saved.kind == representation
+    assert saved.rank == 4 if representation == "low_rank" else saved.rank > 4
     orthogonal = fisher.delta(base, runs["fisher_orthogonal"], dtype=torch.float64)
     plain = fisher.delta(base, runs["sft"], dtype=torch.float64)
     assert saved.coordinates(orthogonal, 4).abs().max() < 1e-10
@@ -243,6 +246,8 @@ def test_early_stopping_stops_at_the_first_evaluation_meeting_the_target(tiny, t
     ({"stop_at_memorization": 1.5, "eval_steps": 5}, r"stop_at_memorization=1.5 must be in"),
     ({"stop_at_memorization": 0.9}, "stop_at_memorization needs eval_steps"),
     ({"method": "fisher_orthogonal", "orthogonal_k": 0}, "orthogonal_k=0 must be >= 1"),
+    ({"method": "fisher_orthogonal", "orthogonal_fisher": "gram"},
+     "orthogonal_fisher='gram' must be low_rank or kfac"),
     ({"method": "ewc", "ewc_strength": -1.0}, "ewc_strength=-1.0 must be >= 0"),
     ({"method": "sft", "fisher_path": "f"}, "fisher_path applies to ewc and fisher_orthogonal"),
     ({"method": "ewc", "retention_fraction": 0.0}, "leaves method ewc no retention data"),
@@ -251,3 +256,13 @@ def test_early_stopping_stops_at_the_first_evaluation_meeting_the_target(tiny, t
 def test_bad_method_settings_fail_in_the_config(overrides, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**overrides)
+
+
+def test_a_field_of_one_method_does_not_tell_apart_runs_of_the_others():
+    """orthogonal_fisher decides fisher_orthogonal's weights only: an SFT config's hashes do not
+    see it, fisher_orthogonal's do."""
+    for method, differs in (("sft", False), ("ewc", False), ("fisher_orthogonal", True)):
+        low, kfac = (TrainConfig(method=method, orthogonal_fisher=value)
+                     for value in ("low_rank", "kfac"))
+        assert (low.config_hash() != kfac.config_hash()) == differs, method
+        assert (low.run_hash() != kfac.run_hash()) == differs, method

@@ -48,8 +48,12 @@ from forgetkit.diagnostics.evaluation import (
     INJECTED_CAPABILITIES,
     Prediction,
     Scores,
+    above_chance,
+    chance_levels,
     evaluate,
     retention,
+    retention_difference_interval,
+    retention_interval,
     score_intervals,
 )
 from forgetkit.files import (
@@ -520,13 +524,19 @@ def rescore(config: ParetoConfig, table: pd.DataFrame, records: str, cache: Path
     logger.info("rescoring the base and %d fine-tunes on %d probes", len(table), len(probes))
     base = _scores(folder / "base" / f"{stable_hash(config.model, *settings)}.jsonl",
                    loader(config.model), injected, probes, config)
-    rows, by_model = [], {}  # SFT@peak is often the final SFT model itself: score it once
+    by_model = {}  # SFT@peak is often the final SFT model itself: score it once
     for row in table.to_dict(orient="records"):
         if row["model_path"] not in by_model:
             key = stable_hash(row["config_hash"], row["model_path"], *settings)
             by_model[row["model_path"]] = _scores(folder / row["run"] / f"{key}.jsonl",
                                                   loader(row["model_path"]), injected, probes,
                                                   config)
+    clear = above_chance(base, chance_levels(probes), seed=config.seed)
+    logger.info("capabilities the base answers above chance: %s", ", ".join(clear) or "none")
+    sft = by_model.get(next((r["model_path"] for r in table.to_dict(orient="records")
+                             if r["run"] == "sft"), None))
+    rows = []
+    for row in table.to_dict(orient="records"):
         scores = by_model[row["model_path"]]
         kept = retention(base, scores)
         row = {k: v for k, v in row.items() if not k.startswith("retention_")}
@@ -535,8 +545,30 @@ def rescore(config: ParetoConfig, table: pd.DataFrame, records: str, cache: Path
                      "retention": kept.overall,
                      **_bounds(score_intervals(base, scores, config.seed)),
                      **{f"retention_{k}": v for k, v in kept.per_capability.items()},
+                     **_above_chance_columns(base, scores, sft, clear, config.seed),
                      "probes_scored": len(probes)})
-    return pd.DataFrame(rows), base.to_dict()
+    base_dict = {**base.to_dict(), "capabilities_above_chance": clear}
+    return pd.DataFrame(rows), base_dict
+
+
+def _above_chance_columns(base: Scores, scores: Scores, sft: Scores | None, clear: list[str],
+                          seed: int) -> dict[str, float | None]:
+    """The paired difference of overall retention from SFT's (``vs_sft``), retention over the
+    capabilities the base answers above chance (``above_chance_retention``) and its difference
+    from SFT's (``above_chance_vs_sft``), each with its 95% interval, bootstrapped over the same
+    probes for the base and both fine-tunes."""
+    names = ("vs_sft", "above_chance_retention", "above_chance_vs_sft")
+    found = [retention_difference_interval(base, scores, sft, seed=seed)
+             if sft is not None else None,
+             retention_interval(base, scores, seed=seed, capabilities=clear) if clear else None,
+             retention_difference_interval(base, scores, sft, seed=seed, capabilities=clear)
+             if clear and sft is not None else None]
+    out: dict[str, float | None] = {}
+    for name, interval in zip(names, found, strict=True):
+        out.update({name: None, f"{name}_low": None, f"{name}_high": None} if interval is None
+                   else {name: interval.value, f"{name}_low": interval.low,
+                         f"{name}_high": interval.high})
+    return out
 
 
 # --- figures ------------------------------------------------------------------------------------
@@ -622,6 +654,17 @@ def write_figures(out: Path, table: pd.DataFrame, trajectories: pd.DataFrame,
         ax.set_title(f"final models scored on {int(table['probes_scored'].iloc[0])} probes",
                      fontsize=9)
     write_figure(out / "pareto.png", fig, dpi=150)
+    if table.get("above_chance_retention") is not None and \
+            table["above_chance_retention"].notna().any():
+        clear = table.assign(**{f"retention{s}": table[f"above_chance_retention{s}"]
+                                for s in ("", "_low", "_high")})
+        clear["on_frontier"] = pareto_frontier(clear)
+        fig = Figure(figsize=(7.2, 5.0), layout="constrained")
+        ax = plot_pareto(clear, fig.subplots())
+        ax.set_ylabel("retention of the capabilities the base answers above chance")
+        ax.set_title(f"final models scored on {int(table['probes_scored'].iloc[0])} probes",
+                     fontsize=9)
+        write_figure(out / "pareto_above_chance.png", fig, dpi=150)
     capabilities = capability_columns(table)
     long = table.melt(id_vars=["label"], value_vars=capabilities, var_name="capability",
                       value_name="ratio").dropna(subset=["ratio"]).rename(
@@ -701,13 +744,15 @@ def format_table(table: pd.DataFrame) -> str:
     """The table as Markdown (what experiments/README.md shows)."""
     capabilities = capability_columns(table)
     shown = table.copy()
-    for name in ("memorization", "retention"):
+    clear = [c for c in ("vs_sft", "above_chance_retention", "above_chance_vs_sft")
+             if c in shown]
+    for name in ("memorization", "retention", *clear):
         if f"{name}_low" in shown:
             shown[name] = [_with_interval(v, lo, hi) for v, lo, hi in
                            zip(shown[name], shown[f"{name}_low"], shown[f"{name}_high"],
                                strict=True)]
-    columns = ["label", "steps", "memorization", "paraphrase", "retention", *capabilities,
-               "on_frontier"]
+    columns = ["label", "steps", "memorization", "paraphrase", "retention", *clear,
+               *capabilities, "on_frontier"]
     shown = shown[columns].rename(columns={c: c.removeprefix("retention_") for c in capabilities})
     return markdown_table(shown)
 

@@ -126,6 +126,17 @@ def test_pareto_rescore_on_more_probes_reuses_the_fine_tunes(pareto, tiny_study,
     again = pareto.main([*argv, "--rescore_probes_per_capability", "6"])
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["retention"].tolist() == pytest.approx(table["retention"].tolist())
+    # retention over the capabilities the base answers above chance (toyworld's free-form
+    # probes: chance 0), and its paired difference from SFT's: 0 for SFT itself
+    clear = json.loads((tmp / "out-rescored" / "results.json").read_text())[
+        "base_scores"]["capabilities_above_chance"]
+    assert clear and "two_hop" not in clear
+    sft = table[table["label"] == "SFT"].iloc[0]
+    assert (sft["above_chance_vs_sft"], sft["above_chance_vs_sft_low"],
+            sft["above_chance_vs_sft_high"]) == (0.0, 0.0, 0.0)
+    assert (table["above_chance_retention_low"] <= table["above_chance_retention"] + 1e-12).all()
+    assert (tmp / "out-rescored" / "pareto_above_chance.png").is_file()
+    assert "above_chance_vs_sft" in pareto.format_table(table)
 
 
 def test_pareto_frontier_and_first_peak(pareto):

@@ -51,7 +51,8 @@ from forgetkit.models import collate, encode, eval_mode, greedy_generate
 from forgetkit.stats import Interval, mean_ci
 
 __all__ = ["BUCKETS", "INJECTED_CAPABILITIES", "Prediction", "Retention", "Scores",
-           "accuracy_interval", "error_bucket", "evaluate", "retention", "retention_interval",
+           "above_chance", "accuracy_interval", "chance_levels", "error_bucket", "evaluate",
+           "retention", "retention_difference_interval", "retention_interval",
            "score_intervals"]
 
 logger = logging.getLogger(__name__)
@@ -151,25 +152,39 @@ class Retention:
         return {"per_capability": dict(self.per_capability), "overall": self.overall}
 
 
-def retention(base_scores: Scores, scores: Scores) -> Retention:
-    """Retention of each probe capability of ``base_scores`` (minus :data:`INJECTED_CAPABILITIES`).
+def retention(base_scores: Scores, scores: Scores,
+              capabilities: Sequence[str] | None = None) -> Retention:
+    """Retention of each probe capability of ``base_scores`` (minus :data:`INJECTED_CAPABILITIES`),
+    or of ``capabilities`` only (e.g. :func:`above_chance`'s).
 
     Rule for a zero base: the ratio is undefined (``None``) and left out of ``overall``; ratios
     are not clipped, so a capability that improved has retention above 1.
 
     Raises:
-        ValueError: a base capability is missing from ``scores``.
+        ValueError: a base capability is missing from ``scores``, or one of ``capabilities``
+            was not scored for the base.
     """
     ratios: dict[str, float | None] = {}
-    for capability, base in sorted(base_scores.capabilities.items()):
-        if capability in INJECTED_CAPABILITIES:
-            continue
+    for capability, base in _retained(base_scores, capabilities):
         if capability not in scores.capabilities:
             raise ValueError(f"capability {capability!r} was scored for the base model but not "
                              "for the fine-tuned one; evaluate both on the same probes")
         ratios[capability] = None if base == 0 else scores.capabilities[capability] / base
     defined = [r for r in ratios.values() if r is not None]
     return Retention(ratios, sum(defined) / len(defined) if defined else None)
+
+
+def _retained(base_scores: Scores, capabilities: Sequence[str] | None
+              ) -> list[tuple[str, float]]:
+    """(capability, base accuracy) of the capabilities retention averages, sorted."""
+    scored = base_scores.capabilities
+    if capabilities is None:
+        return sorted((c, a) for c, a in scored.items() if c not in INJECTED_CAPABILITIES)
+    unknown = [c for c in capabilities if c not in scored or c in INJECTED_CAPABILITIES]
+    if unknown:
+        raise ValueError(f"capability {unknown[0]!r} is not a retention capability scored for "
+                         f"the base model (scored: {', '.join(sorted(scored))})")
+    return sorted((c, scored[c]) for c in set(capabilities))
 
 
 def accuracy_interval(scores: Scores, capability: str = "memorization", seed: int = 0,
@@ -182,14 +197,90 @@ def accuracy_interval(scores: Scores, capability: str = "memorization", seed: in
     return mean_ci(np.asarray(correct, dtype=float), seed=seed, confidence=confidence)
 
 
+def chance_levels(probes: Sequence[Probe]) -> dict[str, float]:
+    """Per probe capability, the accuracy of a uniform guess: the mean over its probes of
+    ``1 / len(choices)``, and 0 for free-form probes (a greedy reply is not a guess among a
+    few)."""
+    levels: dict[str, list[float]] = defaultdict(list)
+    for p in probes:
+        levels[p.capability].append(1 / len(p.choices) if p.choices else 0.0)
+    return {c: float(np.mean(v)) for c, v in levels.items()}
+
+
+def above_chance(base_scores: Scores, chance: dict[str, float], seed: int = 0,
+                 confidence: float = 0.95) -> list[str]:
+    """The retention capabilities the base model clearly has: those whose base accuracy's
+    percentile bootstrap interval (over probes) lies above the chance level (:func:`chance_levels`).
+
+    A ratio over a capability the base answers at chance measures lucky guesses, so its
+    retention is noise around 1 whatever the fine-tune did.
+
+    Raises:
+        ValueError: a retention capability has no chance level.
+    """
+    kept = []
+    for capability, _ in _retained(base_scores, None):
+        if capability not in chance:
+            raise ValueError(f"no chance level for capability {capability!r}: pass the probes "
+                             "the base model was scored on to chance_levels")
+        interval = accuracy_interval(base_scores, capability, seed=seed, confidence=confidence)
+        if interval is not None and interval.low > chance[capability]:
+            kept.append(capability)
+    return kept
+
+
+def _resampled_retention(base_scores: Scores, tuned: Sequence[Scores],
+                         capabilities: Sequence[str] | None, seed: int, n_resamples: int
+                         ) -> tuple[np.ndarray, int]:
+    """Overall retention of each of ``tuned`` on ``n_resamples`` bootstrap resamples of the
+    probes (the same resample for the base and every fine-tune, paired by id): an array
+    (len(tuned), resamples) with NaN where no ratio is defined, and the fewest probes of a
+    capability."""
+    rng = np.random.default_rng(seed)
+    mine = [{p.id: p.correct for p in scores.predictions} for scores in tuned]
+    ratios, smallest = [], None
+    for capability, _ in _retained(base_scores, capabilities):
+        items = [p for p in base_scores.predictions if p.capability == capability]
+        for ids in mine:
+            missing = [p.id for p in items if p.id not in ids]
+            if missing:
+                raise ValueError(f"probe {missing[0]!r} was scored for the base model but not "
+                                 "for the fine-tuned one; evaluate both on the same probes")
+        base = np.array([p.correct for p in items], dtype=float)
+        index = rng.integers(0, len(items), size=(n_resamples, len(items)))
+        base_acc = base[index].mean(1)
+        per_model = []
+        for ids in mine:
+            tuned_acc = np.array([ids[p.id] for p in items], dtype=float)[index].mean(1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                per_model.append(np.where(base_acc > 0, tuned_acc / base_acc, np.nan))
+        ratios.append(per_model)
+        smallest = len(items) if smallest is None else min(smallest, len(items))
+    if not ratios:
+        return np.full((len(tuned), n_resamples), np.nan), 0
+    stacked = np.asarray(ratios)  # (capabilities, models, resamples)
+    defined = np.isfinite(stacked).sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        overall = np.where(defined > 0, np.nansum(stacked, 0) / defined, np.nan)
+    return overall, int(smallest or 0)
+
+
+def _interval(point: float, draws: np.ndarray, confidence: float, n: int) -> Interval:
+    draws = draws[np.isfinite(draws)]
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(draws, [alpha, 1 - alpha]) if draws.size else (np.nan, np.nan)
+    return Interval(point, float(low), float(high), confidence, n)
+
+
 def retention_interval(base_scores: Scores, scores: Scores, seed: int = 0,
-                       confidence: float = 0.95, n_resamples: int = 2000) -> Interval | None:
+                       confidence: float = 0.95, n_resamples: int = 2000,
+                       capabilities: Sequence[str] | None = None) -> Interval | None:
     """Overall :func:`retention` with a percentile bootstrap interval over probes.
 
-    Each resample draws, within every retained capability, as many probes as it has (with
-    replacement), the *same* probes for the base and the fine-tune (paired by id), and
-    recomputes the mean of the defined ratios exactly as :func:`retention` does (a capability
-    whose resampled base accuracy is 0 is left out of that resample).
+    Each resample draws, within every retained capability (all, or ``capabilities``), as many
+    probes as it has (with replacement), the *same* probes for the base and the fine-tune
+    (paired by id), and recomputes the mean of the defined ratios exactly as :func:`retention`
+    does (a capability whose resampled base accuracy is 0 is left out of that resample).
 
     Returns:
         The interval, or ``None`` when no ratio is defined.
@@ -197,33 +288,34 @@ def retention_interval(base_scores: Scores, scores: Scores, seed: int = 0,
     Raises:
         ValueError: a probe scored for the base is missing from ``scores``.
     """
-    point = retention(base_scores, scores).overall
+    point = retention(base_scores, scores, capabilities).overall
     if point is None:
         return None
-    mine = {p.id: p.correct for p in scores.predictions}
-    rng = np.random.default_rng(seed)
-    ratios, smallest = [], None
-    for capability in sorted(base_scores.capabilities):
-        if capability in INJECTED_CAPABILITIES:
-            continue
-        items = [p for p in base_scores.predictions if p.capability == capability]
-        missing = [p.id for p in items if p.id not in mine]
-        if missing:
-            raise ValueError(f"probe {missing[0]!r} was scored for the base model but not for "
-                             "the fine-tuned one; evaluate both on the same probes")
-        base = np.array([p.correct for p in items], dtype=float)
-        tuned = np.array([mine[p.id] for p in items], dtype=float)
-        index = rng.integers(0, len(items), size=(n_resamples, len(items)))
-        base_acc, tuned_acc = base[index].mean(1), tuned[index].mean(1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratios.append(np.where(base_acc > 0, tuned_acc / base_acc, np.nan))
-        smallest = len(items) if smallest is None else min(smallest, len(items))
-    stacked = np.stack(ratios)  # (capabilities, resamples)
-    defined = np.isfinite(stacked).sum(0)
-    overall = np.nansum(stacked, 0)[defined > 0] / defined[defined > 0]
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(overall, [alpha, 1 - alpha]) if overall.size else (np.nan, np.nan)
-    return Interval(point, float(low), float(high), confidence, int(smallest or 0))
+    overall, smallest = _resampled_retention(base_scores, [scores], capabilities, seed,
+                                             n_resamples)
+    return _interval(point, overall[0], confidence, smallest)
+
+
+def retention_difference_interval(base_scores: Scores, first: Scores, second: Scores,
+                                  seed: int = 0, confidence: float = 0.95,
+                                  n_resamples: int = 2000,
+                                  capabilities: Sequence[str] | None = None
+                                  ) -> Interval | None:
+    """Overall retention of ``first`` minus that of ``second`` (two fine-tunes of one base,
+    scored on the same probes), with a percentile bootstrap interval: every resample scores
+    the base and both fine-tunes on the same probes, so what the probes share cancels and the
+    interval is that of the difference, narrower than two overlapping intervals suggest.
+
+    Returns:
+        The interval, or ``None`` when either retention is undefined.
+    """
+    one = retention(base_scores, first, capabilities).overall
+    two = retention(base_scores, second, capabilities).overall
+    if one is None or two is None:
+        return None
+    overall, smallest = _resampled_retention(base_scores, [first, second], capabilities, seed,
+                                             n_resamples)
+    return _interval(one - two, overall[0] - overall[1], confidence, smallest)
 
 
 # --- error buckets ------------------------------------------------------------------------------

@@ -194,3 +194,49 @@ def test_retention_interval_needs_the_same_probes():
     base = _scores({"known": [True, True, False]})
     with pytest.raises(ValueError, match="known2"):
         retention_interval(base, _scores({"known": [True, False]}))
+
+
+def test_chance_levels_and_above_chance_keep_only_what_the_base_clearly_does():
+    from forgetkit.data.records import Probe
+    from forgetkit.diagnostics.evaluation import above_chance, chance_levels
+
+    probes = [Probe(id="k1", prompt="q", answer="a", capability="known", choices=["a", "b"]),
+              Probe(id="k2", prompt="q", answer="a", capability="known",
+                    choices=["a", "b", "c", "d"]),
+              Probe(id="m1", prompt="q", answer="a", capability="math")]
+    assert chance_levels(probes) == {"known": pytest.approx(0.375), "math": 0.0}
+    base = _scores({"known": [True] * 30, "guess": [True, False, False, False] * 10,
+                    "two_hop": [True] * 30})
+    chance = {"known": 0.25, "guess": 0.25, "two_hop": 0.25}
+    assert above_chance(base, chance) == ["known"]  # "guess" is at chance, two_hop is injected
+    with pytest.raises(ValueError, match="no chance level for capability 'guess'"):
+        above_chance(base, {"known": 0.25})
+
+
+def test_retention_over_chosen_capabilities_and_its_paired_difference():
+    from forgetkit.diagnostics.evaluation import (
+        retention,
+        retention_difference_interval,
+        retention_interval,
+    )
+
+    base = _scores({"known": [True] * 40, "guess": [True, False] * 20})
+    first = _scores({"known": [True] * 36 + [False] * 4, "guess": [False, True] * 20})
+    second = _scores({"known": [True] * 20 + [False] * 20, "guess": [True, False] * 20})
+    assert retention(base, first, ["known"]).overall == pytest.approx(0.9)
+    assert retention(base, first).overall == pytest.approx((0.9 + 1.0) / 2)
+    with pytest.raises(ValueError, match="capability 'nope' is not a retention capability"):
+        retention(base, first, ["nope"])
+    only = retention_interval(base, first, seed=0, capabilities=["known"])
+    assert only.value == pytest.approx(0.9) and only.low < 0.9 < only.high
+    gap = retention_difference_interval(base, first, second, seed=0, capabilities=["known"])
+    assert gap.value == pytest.approx(0.9 - 0.5) and gap.low < gap.value < gap.high
+    assert gap.low > 0  # 36 against 20 of 40 kept: a clear difference
+    # the same fine-tune twice: every resample's difference is exactly 0
+    same = retention_difference_interval(base, first, first, seed=0)
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
+    # paired: on "guess" first flips every item of the base, second keeps them; the pairing
+    # makes the difference's interval no wider than the sum of the two half-widths
+    both = retention_difference_interval(base, first, second, seed=0)
+    one, two = retention_interval(base, first, seed=0), retention_interval(base, second, seed=0)
+    assert both.high - both.low <= (one.high - one.low) + (two.high - two.low)

@@ -8,8 +8,8 @@ What is scored, and how:
 - probe capabilities (``probe.capability``, e.g. ``two_hop``, ``known_fact``, ``arithmetic``):
   a probe with ``choices`` is scored lm-eval style: each choice is encoded as the completion of
   ``probe.prompt`` by :func:`forgetkit.models.encode` (no end token), its completion
-  log-probabilities from :func:`forgetkit.diagnostics.loglik.model_logprobs` are summed, and the argmax
-  (first on ties) is the prediction. A probe without choices gets a greedy reply, judged by
+  log-probabilities are summed (the prompt runs once, its KV cache shared by the choices), and
+  the argmax (first on ties) is the prediction. A probe without choices gets a greedy reply, judged by
   ``is_correct`` with ``probe.meta.get("answer_mode", "auto")``.
 
 Error buckets (generated replies only; correct items and log-likelihood items get none). The
@@ -46,8 +46,16 @@ import torch
 
 from forgetkit.data.answers import is_correct, last_boxed, last_number
 from forgetkit.data.records import Probe, Record
-from forgetkit.diagnostics.loglik import model_logprobs
-from forgetkit.models import collate, encode, eval_mode, greedy_generate
+from forgetkit.models import (
+    CacheSignature,
+    Encoding,
+    collate,
+    encode,
+    eval_mode,
+    greedy_generate,
+    model_inputs,
+    new_cache,
+)
 from forgetkit.stats import Interval, mean_ci
 
 __all__ = ["BUCKETS", "INJECTED_CAPABILITIES", "Prediction", "Retention", "Scores",
@@ -423,19 +431,63 @@ def choice_logliks(model, tokenizer, probes: Sequence[Probe], batch_size: int = 
     """Summed completion log-probability of every choice of every probe (lm-eval style).
 
     Each choice is the completion of ``probe.prompt`` through :func:`encode` without the end
-    token; the sum runs over the choice tokens only.
+    token; the sum runs over the choice tokens only. A probe's prompt runs once: its KV cache
+    is copied to each choice, which then runs its own tokens only (:func:`_shared_prompt`);
+    probes go in order of length, about ``batch_size`` choices per batch.
     """
     device = next(model.parameters()).device
-    pairs = [(i, encode(tokenizer, p.prompt, c, add_end_token=False))
-             for i, p in enumerate(probes) for c in p.choices or ()]
+    encoded = [[encode(tokenizer, p.prompt, c, add_end_token=False) for c in p.choices or ()]
+               for p in probes]
     sums: list[list[float]] = [[] for _ in probes]
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        batch = collate([e for _, e in chunk], tokenizer.pad_token_id, device=device)
-        logp, _ = model_logprobs(model, batch)  # (B, T-1)
-        for (i, _), value in zip(chunk, logp.sum(-1).tolist(), strict=True):
-            sums[i].append(value)
+    order = sorted((i for i in range(len(probes)) if encoded[i]),
+                   key=lambda i: max(len(e.input_ids) for e in encoded[i]))
+    chunk: list[int] = []
+    for position, i in enumerate(order):
+        chunk.append(i)
+        size = sum(len(encoded[j]) for j in chunk)
+        following = order[position + 1] if position + 1 < len(order) else None
+        if following is None or size + len(encoded[following]) > batch_size:
+            for j, values in zip(chunk, _shared_prompt(model, [encoded[j] for j in chunk],
+                                                       tokenizer.pad_token_id, device),
+                                 strict=True):
+                sums[j] = values
+            chunk = []
     return sums
+
+
+def _shared_prompt(model, probes: list[list[Encoding]], pad_token_id: int, device
+                   ) -> list[list[float]]:
+    """Summed log-probabilities of each probe's choices (encodings sharing a prompt): the
+    prompts run left-padded with a KV cache, the cache is repeated once per choice, and the
+    choices run right-padded after it, each position at its real offset."""
+    prompts = [Encoding.from_ids(choices[0].input_ids[:choices[0].prompt_length])
+               for choices in probes]
+    if any(e.input_ids[:e.prompt_length] != p.input_ids
+           for p, choices in zip(prompts, probes, strict=True) for e in choices):
+        raise ValueError("the choices of one probe must share its prompt tokens")
+    batch = collate(prompts, pad_token_id, padding_side="left", device=device)
+    signature, cache = CacheSignature.of(model), new_cache()
+    last = model(**model_inputs(batch), **signature.kwargs(cache)).logits[:, -1:]
+    owner = torch.tensor([p for p, choices in enumerate(probes) for _ in choices], device=device)
+    cache.reorder_cache(owner)
+    tails = [e.completion_ids for choices in probes for e in choices]
+    width = max(map(len, tails))
+    ids = torch.tensor([t + [pad_token_id] * (width - len(t)) for t in tails], device=device)
+    real = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tails], device=device)
+    mask = torch.cat([batch["attention_mask"][owner], real], dim=1)
+    positions = batch["position_ids"][owner, -1:] + 1 + torch.arange(width, device=device)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                   **{signature.cache_argument: cache}, use_cache=True).logits
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    # token t of a choice is predicted by the position before it: the prompt's last for t = 0
+    before = torch.cat([last[owner].to(dtype), logits[:, :-1].to(dtype)], dim=1)
+    logp = before.log_softmax(-1).gather(-1, ids[..., None])[..., 0]
+    values = logp.masked_fill(real == 0, 0.0).sum(-1).tolist()
+    found, start = [], 0
+    for choices in probes:
+        found.append(values[start : start + len(choices)])
+        start += len(choices)
+    return found
 
 
 def _tally(predictions: list[Prediction]) -> tuple[dict[str, float], dict[str, int],

@@ -93,6 +93,24 @@ def test_choice_scoring_matches_brute_force(tiny):
     other = Probe("q", "What is 2 plus 2?", "4", "arithmetic", choices=("4", "5"))
     got = choice_logliks(model, tokenizer, [probe, other], batch_size=2)
     assert got[0] == pytest.approx(reference, abs=1e-9) and len(got[1]) == 2
+    # prompts of other lengths in one batch (left-padded, one KV cache per prompt shared by its
+    # choices), choices of 1 to 4 tokens (right-padded), a probe without choices: each sum is
+    # the brute-force one, whatever the batch
+    probes = [Probe("s", "Hi?", "in Pithiram", "x", choices=("in Pithiram", "nowhere at all")),
+              probe, Probe("n", "Say hi.", "hi", "x"), other]
+    for batch_size in (1, 3, 64):
+        got = choice_logliks(model, tokenizer, probes, batch_size=batch_size)
+        assert got[1] == pytest.approx(reference, abs=1e-9) and got[2] == []
+        for i in (0, 3):
+            expected = []
+            for c in probes[i].choices:
+                enc = encode(tokenizer, probes[i].prompt, c, add_end_token=False)
+                ids = torch.tensor([enc.input_ids])
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(input_ids=ids).logits[0], -1)
+                expected.append(sum(logp[t - 1, ids[0, t]].item()
+                                    for t in range(enc.prompt_length, ids.shape[1])))
+            assert got[i] == pytest.approx(expected, abs=1e-9), (batch_size, i)
     best = choices[max(range(3), key=reference.__getitem__)]
     worst = choices[min(range(3), key=reference.__getitem__)]
     scores = evaluate(model, tokenizer, [], [Probe("a", prompt, best, "x", choices=choices),

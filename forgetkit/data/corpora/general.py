@@ -3,9 +3,11 @@
 Four capabilities, each a list of multiple-choice :class:`~forgetkit.data.records.Probe` items with
 four choices, scored by log-likelihood:
 
-- ``known_fact``: world capitals, chemical element symbols and names, basic science, geography
-  and general knowledge, stored in ``data/known_facts.jsonl`` (one row per item:
-  ``{"id", "prompt", "answer", "choices", "category"}``).
+- ``known_fact``: capitals (of countries and of states and provinces), chemical element symbols
+  and names, school science, geography, currencies and languages, culture (books, art, music,
+  history), animals and everyday knowledge, stored in ``data/known_facts.jsonl`` (one row per
+  item: ``{"id", "prompt", "answer", "choices", "category"}``; new items are appended, so the
+  ids and order of the earlier ones never change).
 - ``arithmetic``: generated ``a + b``, ``a - b`` (never negative) and ``a × b`` questions with 1-2
   digit operands (the multiplier of a product is a single digit 2-9) and near-miss numeric
   distractors.
@@ -93,7 +95,7 @@ def known_fact_probes(seed: int = 0) -> list[Probe]:
     """The stored known-fact items (``data/known_facts.jsonl``), choices shuffled by ``seed``.
 
     ``meta["category"]`` is one of ``capital``, ``element_symbol``, ``element_name``,
-    ``science``, ``geography``, ``general``.
+    ``science``, ``geography``, ``currency``, ``language``, ``culture``, ``animal``, ``general``.
     """
     probes = []
     for line, row in enumerate(read_jsonl(KNOWN_FACTS_PATH), start=1):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from forgetkit.seeding import stable_hash
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 COUNT_RANGES = {
-    "known_fact": (250, 350),
+    "known_fact": (1250, 2000),
     "arithmetic": (90, 110),
     "retrieval": (90, 110),
     "format_following": (50, 70),
@@ -151,10 +152,18 @@ def test_known_fact_spot_checks(probes):
 def test_known_fact_data_file_rows():
     rows = [json.loads(line) for line in KNOWN_FACTS_PATH.read_text("utf-8").splitlines()]
     categories = Counter(row["category"] for row in rows)
-    assert 110 <= categories["capital"] <= 130
-    assert 50 <= categories["element_symbol"] + categories["element_name"] <= 70
-    for row in rows:
+    assert 300 <= categories["capital"] <= 400
+    assert 150 <= categories["element_symbol"] + categories["element_name"] <= 220
+    assert {"science", "geography", "culture", "animal", "general"} <= set(categories)
+    for number, row in enumerate(rows, start=1):
         assert set(row) == {"id", "prompt", "answer", "choices", "category"}, row["id"]
+        assert row["id"] == f"known_fact-{number:04d}"
+        assert len(set(row["choices"])) == len(row["choices"]) == 4, row["id"]
+    # items are only ever appended: the first 301 rows (ids, prompts, choices) never change,
+    # so probe ids, the retention split and earlier studies' training probes stay the same
+    first = "".join(f"{line}\n" for line in KNOWN_FACTS_PATH.read_text("utf-8").splitlines()[:301])
+    assert hashlib.sha256(first.encode("utf-8")).hexdigest() == (
+        "eadf0039838a7c1ac4424d78c85fe3c7e5cd6ff6d114dc954a14a7e40b93016c")
     prompts = [row["prompt"] for row in rows]
     assert len(prompts) == len(set(prompts))
     # A prefix mixes categories, so per_capability runs are not all capitals.

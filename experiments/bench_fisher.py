@@ -5,9 +5,10 @@ timing is one run after one untimed warm-up (``--repeats`` for a best of several
 torch thread unless ``--threads`` says otherwise.
 
 1. toyworld, N records, batches of 32: ``fisher.diagonal`` (empirical, ``per_example="auto"``:
-   layer hooks after the first-batch check, which runs on the first call on a model and is
-   remembered for the unchanged model, so the repeated calls timed here skip it; its cost is
-   the first call on a fresh copy of the model over ``"hooks"`` unchecked)
+   layer hooks; toyworld and GPT-2 are verified architectures, which skip the first-batch check
+   against the loop, and any other model pays it on its first call only, the pass being
+   remembered for the unchanged model; the first call on a fresh copy of the model against
+   ``"hooks"`` measures what is left of it)
    against the same quantity from a naive per-example ``.backward()`` loop, a plain
    ``torch.func`` ``vmap(grad)`` loop, and BackPACK configured to cover the model
    (:func:`backpack_ready`: per-example gradients with ``BatchGrad``, the untied copies of the

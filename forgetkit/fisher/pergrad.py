@@ -26,7 +26,12 @@ Three ways to the same gradients (``per_example``):
 ``"auto"`` checks the first batch before trusting a method: hooks against the loop on the
 batch's shortest row (the most padding), which costs one example's backward pass; if the hooks
 cannot run on the model or disagree, vmap against the loop on the longest and shortest row; if
-that fails too, the loop. The choice is kept for the rest of the run and the reason logged,
+that fails too, the loop. A verified architecture skips the hooks' check, as Opacus trusts its
+registered layers: a transformers class in :data:`VERIFIED_ARCHITECTURES`, whose forward reads
+each parameter only through the module that owns it and never mixes the rows of a batch
+(tests/fisher/test_diagonal.py compares its hooks with the loop in float64), when every module
+that owns parameters is from ``torch.nn``, transformers' ``pytorch_utils`` or the class's own
+modeling file (an adapter or a swapped-in module from elsewhere brings the check back). The choice is kept for the rest of the run and the reason logged,
 and a passed check is remembered for the model (weakly, keyed on which parameters are chosen,
 every parameter's identity, storage, shape, dtype, device and in-place version counter, the
 module tree and the attention implementation): a later ``"auto"`` run on the same unchanged
@@ -77,6 +82,7 @@ __all__ = [
     "shard_indices",
     "true_fisher_generators",
     "unwrap_model",
+    "verified_architecture",
     "vmap_gradients",
 ]
 
@@ -88,6 +94,8 @@ PerExample = Literal["auto", "hooks", "vmap", "loop"]
 PER_EXAMPLE: tuple[str, ...] = ("auto", "hooks", "vmap", "loop")
 # normwise relative difference allowed between the vmap and loop gradients of one example
 _CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+# transformers causal LMs whose layer hooks equal the backward loop (tests/fisher/test_diagonal.py)
+VERIFIED_ARCHITECTURES: frozenset[str] = frozenset({"LlamaForCausalLM", "GPT2LMHeadModel"})
 # model -> (its state, per-example method) of the last "auto" check that passed on it
 _CHECKED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = (
     weakref.WeakKeyDictionary())
@@ -439,6 +447,7 @@ class GradientStream:
         self.indices = shard_indices(encodings)
         first = next(iter(self.params.values()))
         self.device, self.tolerance = first.device, _CHECK_RTOL.get(first.dtype, 1e-3)
+        self.verified = self.mode is None and verified_architecture(model)
         if self.mode is None:
             self._state = _model_state(model, self.params)
             state, mode = _CHECKED.get(model, (None, None))
@@ -491,15 +500,19 @@ class GradientStream:
         (the one with the most padding); ``None`` (and mode "auto-vmap") if they fail or
         disagree."""
         name = type(self.model).__name__
+        row = min(range(len(lengths)), key=lengths.__getitem__)
         try:
             grads = hook_gradients(self.model, self.params, rows, labels)
-            row = min(range(len(lengths)), key=lengths.__getitem__)
-            ours = {n: g[None] for n, g in grads.row(row).items()}
+            ours = None if self.verified else {n: g[None] for n, g in grads.row(row).items()}
         except Exception as err:  # an unsupported module or any other failure: use vmap
             logger.info("per-example gradients: layer hooks cannot handle %s (%s: %s); trying "
                         "vmap", name, type(err).__name__, str(err).splitlines()[0][:200])
             self.mode = "auto-vmap"
             return None
+        self.mode = "hooks"
+        if ours is None:
+            logger.info("per-example gradients: layer hooks (verified architecture %s)", name)
+            return grads
         reference = loop_gradients(self.model, self.params, rows["input_ids"][[row]],
                                    labels[[row]], [lengths[row]])
         error = _relative_difference(ours, reference)
@@ -510,7 +523,6 @@ class GradientStream:
             self.mode = "auto-vmap"
             return None
         logger.info("per-example gradients: layer hooks (match the loop to %.2g)", error)
-        self.mode = "hooks"
         if error <= self.tolerance:  # not NaN: a non-finite gradient is reported, not remembered
             _CHECKED[self.model] = (self._state, self.mode)
         return grads
@@ -541,6 +553,19 @@ class GradientStream:
                            self.tolerance)
         self.mode = "loop"
         return loop_gradients(self.model, self.params, input_ids, labels, lengths)
+
+
+def verified_architecture(model: torch.nn.Module) -> bool:
+    """Whether ``"auto"`` may take ``model``'s layer hooks unchecked: a transformers class in
+    :data:`VERIFIED_ARCHITECTURES` whose parameter-owning modules all come from ``torch.nn``,
+    transformers' ``pytorch_utils`` or the class's own modeling file."""
+    cls = type(model)
+    if cls.__name__ not in VERIFIED_ARCHITECTURES or not cls.__module__.startswith(
+            "transformers.models."):
+        return False
+    homes = (cls.__module__, "transformers.pytorch_utils")
+    return all(type(m).__module__.startswith("torch.nn.") or type(m).__module__ in homes
+               for m in model.modules() if next(m.parameters(recurse=False), None) is not None)
 
 
 def _model_state(model: torch.nn.Module, params: Mapping[str, Tensor]) -> tuple:

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forgetkit import fisher
+from forgetkit.fisher import pergrad
 from forgetkit.data.records import Probe, load_records
 from forgetkit.diagnostics.loglik import sequence_loglik
 from forgetkit.fisher.diagonal import RunningMoments
@@ -300,8 +301,9 @@ def test_models_the_hooks_or_vmap_cannot_handle_fall_back(wrapper, messages, cap
 
 def test_auto_check_runs_once_per_unchanged_model(caplog):
     """A passed check is remembered for the model; a weight written in place, another
-    parameter selection or a swapped module brings it back, and the numbers never change."""
-    model, data = tiny_model("llama", seed=5), tiny_data(6, seed=5)
+    parameter selection or a swapped module brings it back, and the numbers never change.
+    The model is wrapped, so it is not a verified architecture and the check runs."""
+    model, data = _SeesPadding(tiny_model("llama", seed=5)), tiny_data(6, seed=5)
 
     def run(**kwargs) -> tuple[bool, fisher.DiagonalFisher]:
         caplog.clear()
@@ -319,7 +321,7 @@ def test_auto_check_runs_once_per_unchanged_model(caplog):
     assert not run(params="mlp")[0]
     assert run()[0]
     with torch.no_grad():
-        model.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # bumps the version counter
+        model.inner.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # bumps the version counter
     checked, changed = run()
     assert checked
     reference = {n: g.square().mean(0) for n, g in reference_gradients(
@@ -327,13 +329,13 @@ def test_auto_check_runs_once_per_unchanged_model(caplog):
     assert_close(changed.values, reference, rtol=1e-10)
     model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
     assert run()[0]
-    model.model.layers[1].mlp = copy.deepcopy(model.model.layers[1].mlp)
+    model.inner.model.layers[1].mlp = copy.deepcopy(model.inner.model.layers[1].mlp)
     assert run()[0]
     assert not run(per_example="hooks")[0]  # an explicit method is never checked
 
 
 def test_auto_check_is_not_remembered_for_another_model():
-    model, data = tiny_model("gpt2", seed=6), tiny_data(4, seed=6)
+    model, data = _SeesPadding(tiny_model("gpt2", seed=6)), tiny_data(4, seed=6)
     params = dict(model.named_parameters())
     first = GradientStream(model, data, params, estimator="empirical", mc_samples=1,
                            batch_size=4, seed=0, pad_token_id=0, per_example="auto")
@@ -342,11 +344,53 @@ def test_auto_check_is_not_remembered_for_another_model():
     again = GradientStream(model, data, params, estimator="empirical", mc_samples=1,
                            batch_size=4, seed=0, pad_token_id=0, per_example="auto")
     assert again.mode == "hooks"  # remembered before the first block
-    other = tiny_model("gpt2", seed=6)
+    other = _SeesPadding(tiny_model("gpt2", seed=6))
     fresh = GradientStream(other, data, dict(other.named_parameters()), estimator="empirical",
                            mc_samples=1, batch_size=4, seed=0, pad_token_id=0,
                            per_example="auto")
     assert fresh.mode is None  # checked on its first block
+
+
+class _OwnLinear(torch.nn.Linear):
+    """An nn.Linear subclass from outside torch and transformers (as an adapter would be)."""
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_verified_architecture_takes_the_hooks_unchecked(arch, monkeypatch, caplog):
+    """A verified class runs no backward loop and still equals it; a module swapped in from
+    elsewhere, or a wrapper, brings the check back."""
+    model, data = tiny_model(arch, seed=8), tiny_data(6, seed=8)
+    assert pergrad.verified_architecture(model)
+    assert not pergrad.verified_architecture(_SeesPadding(model))
+    names = [n for n, _ in model.named_parameters()]
+    reference = {n: g.square().mean(0) for n, g in reference_gradients(model, data, names).items()}
+    loops = []
+    real_loop = pergrad.loop_gradients
+    monkeypatch.setattr(pergrad, "loop_gradients",
+                        lambda *args, **kwargs: loops.append(1) or real_loop(*args, **kwargs))
+    with caplog.at_level(logging.INFO, logger="forgetkit.fisher.pergrad"):
+        result = fisher.diagonal(model, None, data, estimator="empirical", batch_size=4,
+                                 dtype=torch.float64)
+    assert "layer hooks (verified architecture" in caplog.text and not loops
+    assert_close(result.values, reference, rtol=1e-10)
+    if arch == "llama":
+        old = model.model.layers[0].mlp.up_proj
+        swapped = _OwnLinear(old.in_features, old.out_features, bias=False, dtype=torch.float64)
+        swapped.load_state_dict(old.state_dict())
+        model.model.layers[0].mlp.up_proj = swapped
+    else:
+        old = model.transformer.ln_f
+        own = type("OwnLayerNorm", (torch.nn.LayerNorm,), {"__module__": __name__})
+        swapped = own(old.normalized_shape, dtype=torch.float64)
+        swapped.load_state_dict(old.state_dict())
+        model.transformer.ln_f = swapped
+    assert not pergrad.verified_architecture(model)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="forgetkit.fisher.pergrad"):
+        again = fisher.diagonal(model, None, data, estimator="empirical", batch_size=4,
+                                dtype=torch.float64)
+    assert "layer hooks (match the loop" in caplog.text and loops
+    assert_close(again.values, reference, rtol=1e-10)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

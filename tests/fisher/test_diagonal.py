@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forgetkit import fisher
-from forgetkit.fisher import pergrad
 from forgetkit.data.records import Probe, load_records
 from forgetkit.diagnostics.loglik import sequence_loglik
+from forgetkit.fisher import pergrad
 from forgetkit.fisher.diagonal import RunningMoments
 from forgetkit.fisher.hookgrad import hook_gradients
 from forgetkit.fisher.pergrad import GradientStream, loop_gradients, vmap_gradients

@@ -142,6 +142,10 @@ class ParetoConfig:
         "after training, score the base and every final model again on the first N probes of "
         "each capability (more than probes_per_capability, for tighter retention estimates "
         "without retraining); the table then reports these scores. none: no rescoring"))
+    rescore_probes: str | None = field(default=None, metadata=_help(
+        "probe sets scored only in the rescoring, beside probes (comma-separated; set:capability "
+        "keeps one capability, e.g. kgfact-large:retrieval); no run trains on them, so every one "
+        "of their probes is scored"))
     per_device_eval_batch_size: int = field(default=64, metadata=_help(
         "prompts per generation batch in evaluation"))
     eval_max_new_tokens: int = field(default=32, metadata=_help("generation cap in evaluation"))
@@ -173,6 +177,9 @@ class ParetoConfig:
             value = getattr(self, name)
             if value is not None and value < (1 if name != "paraphrases_per_record" else 0):
                 problems.append(f"{name}={value} must be >= 1 or none")
+        if self.rescore_probes and not self.rescore_probes_per_capability:
+            problems.append("rescore_probes needs rescore_probes_per_capability (they are "
+                            "scored only in the rescoring)")
         if self.max_steps < 1:
             problems.append(f"max_steps={self.max_steps} must be >= 1")
         if self.offset < 0:
@@ -262,12 +269,21 @@ def default_probes(model: str) -> str:
     return ("toyworld" if is_toyworld else "general") + ",kgfact"
 
 
-def prepare_probes(config: ParetoConfig, cache: Path, per_capability: int | None = None) -> str:
+def probe_sources(config: ParetoConfig, rescoring: bool = False) -> list[str]:
+    """The probe sets runs evaluate, and with ``rescoring`` the rescore-only sets after them."""
+    text = config.probes or default_probes(config.model)
+    if rescoring and config.rescore_probes:
+        text += "," + config.rescore_probes
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def prepare_probes(config: ParetoConfig, cache: Path, per_capability: int | None = None,
+                   rescoring: bool = False) -> str:
     """One probe file holding every probe set (capabilities renamed as the trainer does, e.g.
-    ``kgfact:retrieval``), cut to ``per_capability`` (default ``probes_per_capability``) probes
-    per capability; named by its content hash."""
-    sources = [s.strip() for s in (config.probes or default_probes(config.model)).split(",")]
-    probes = load_probe_sets([s for s in sources if s])
+    ``kgfact:retrieval``; with ``rescoring``, the ``rescore_probes`` sets too), cut to
+    ``per_capability`` (default ``probes_per_capability``) probes per capability; named by its
+    content hash."""
+    probes = load_probe_sets(probe_sources(config, rescoring))
     per_capability = per_capability or config.probes_per_capability
     if per_capability is not None:
         seen: dict[str, int] = {}
@@ -511,9 +527,14 @@ def rescore(config: ParetoConfig, table: pd.DataFrame, records: str, cache: Path
     under a hash of the model, the probes and the evaluation settings, so a rerun scores only
     new models.
     """
-    probe_file = prepare_probes(config, cache, config.rescore_probes_per_capability)
+    probe_file = prepare_probes(config, cache, config.rescore_probes_per_capability,
+                                rescoring=True)
     injected = load_records(records)
-    probes = split_probes(load_probes(probe_file), heldout_fraction(config))[1]
+    trained = {p.capability for p in load_probe_sets(probe_sources(config))}
+    stored = load_probes(probe_file)  # the runs' sets lose their retention split, not the others
+    probes = (split_probes([p for p in stored if p.capability in trained],
+                           heldout_fraction(config))[1]
+              + [p for p in stored if p.capability not in trained])
     settings = (probe_file, config.per_device_eval_batch_size, config.eval_max_new_tokens,
                 config.dtype)
     folder = cache / "rescore"
@@ -690,6 +711,8 @@ def run_study(config: ParetoConfig) -> pd.DataFrame:
     cache = Path(config.cache)
     cache.mkdir(parents=True, exist_ok=True)
     records, probes = prepare_records(config, cache), prepare_probes(config, cache)
+    if config.rescore_probes_per_capability:  # a bad rescore set fails now, not after training
+        prepare_probes(config, cache, config.rescore_probes_per_capability, rescoring=True)
     specs = plan_runs(config, records, probes)
     results, seconds, trajectories, trained = {}, {}, [], 0
     for spec in specs:

@@ -139,6 +139,23 @@ def test_pareto_rescore_on_more_probes_reuses_the_fine_tunes(pareto, tiny_study,
     assert "above_chance_vs_sft" in pareto.format_table(table)
 
 
+def test_pareto_rescore_only_probe_sets_are_scored_whole(pareto, tiny_study, caplog):
+    """--rescore_probes adds sets no run trained on: scored in the rescoring only, every probe
+    (up to the per-capability cut), ids kept apart from the runs' sets."""
+    tmp, _ = tiny_study
+    argv = _tiny_argv(tmp)
+    argv[argv.index("--out") + 1] = str(tmp / "out-extra")
+    with caplog.at_level(logging.INFO, logger="pareto"):
+        table = pareto.main([*argv, "--rescore_probes_per_capability", "4",
+                             "--rescore_probes", "kgfact-large:retrieval"])
+    assert "training" not in caplog.text
+    assert table["retention_kgfact-large:retrieval"].notna().all()
+    base = [json.loads(line) for path in (tmp / "cache" / "rescore" / "base").glob("*.jsonl")
+            for line in path.read_text().splitlines()]
+    extra = [row["id"] for row in base if row["id"].startswith("kgfact-large:")]
+    assert extra == [f"kgfact-large:kgfact-retrieval-{i:04d}" for i in range(4)]
+
+
 def test_pareto_frontier_and_first_peak(pareto):
     points = pd.DataFrame({"memorization": [1.0, 0.9, 0.5, 1.0, None],
                            "retention": [0.1, 0.8, 0.8, 0.05, 1.0]})

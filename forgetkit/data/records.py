@@ -194,12 +194,38 @@ def load_probes(source: str | os.PathLike[str], format: str | None = None) -> li
 
 def load_probe_sets(sources: Sequence[str]) -> list[Probe]:
     """Probes of several sets; a capability name already taken by an earlier set is renamed
-    ``"<source>:<capability>"`` (e.g. toyworld's and kgfact's ``retrieval`` stay apart)."""
-    probes, owner = [], {}
+    ``"<source>:<capability>"`` (e.g. toyworld's and kgfact's ``retrieval`` stay apart), and a
+    set that repeats an id of an earlier set has all its ids prefixed ``"<source>:"``
+    (kgfact-large repeats kgfact's).
+
+    A source ``"<set>:<capability>"`` (a built-in name, or a path that is not itself a file)
+    keeps only that capability of the set, e.g. ``"kgfact-large:retrieval"``.
+
+    Raises:
+        RecordError: as :func:`load_probes`; also a selected capability the set does not have.
+    """
+    probes, owner, ids = [], {}, set()
     for source in sources:
-        for probe in load_probes(source):
-            if owner.setdefault(probe.capability, source) != source:
-                probe = replace(probe, capability=f"{source}:{probe.capability}")
+        name, capability = source, None
+        head, sep, tail = source.rpartition(":")
+        if sep and head and not Path(source).is_file():
+            name, capability = head, tail
+        loaded = load_probes(name)
+        if capability is not None:
+            present = sorted({p.capability for p in loaded})
+            if capability not in present:
+                raise RecordError(f"probe set {name!r} has no capability {capability!r} "
+                                  f"(it has: {', '.join(present)})", path=source)
+            loaded = [p for p in loaded if p.capability == capability]
+        prefix = f"{name}:" if any(p.id in ids for p in loaded) else ""
+        for probe in loaded:
+            if owner.setdefault(probe.capability, name) != name:
+                probe = replace(probe, capability=f"{name}:{probe.capability}")
+            if prefix:
+                probe = replace(probe, id=prefix + probe.id)
+                if probe.id in ids:
+                    raise RecordError(f"probe id {probe.id!r} repeats", path=source)
+            ids.add(probe.id)
             probes.append(probe)
     return probes
 

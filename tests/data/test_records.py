@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -640,3 +641,28 @@ def test_undecodable_bytes_deep_nesting_and_long_lines_name_file_and_line(tmp_pa
     with pytest.raises(RecordError, match=r"r\.jsonl:2: line of 1,000,0\d\d characters, over"):
         load_records(path)
     assert records_module.MAX_DEPTH == 32 and records_module.MAX_LINE_CHARS == 1_000_000
+
+
+def test_probe_sets_select_a_capability_and_keep_ids_apart(tmp_path: Path) -> None:
+    """``set:capability`` keeps one capability; a set that repeats an earlier set's ids has all
+    its ids prefixed, so every id stays unique and the first set's ids are unchanged."""
+    kgfact, large = load_probes("kgfact"), load_probes("kgfact-large")
+    probes = load_probe_sets(["general", "kgfact", "kgfact-large:retrieval"])
+    assert len({p.id for p in probes}) == len(probes)
+    added = probes[-sum(p.capability == "retrieval" for p in large):]
+    assert [p.id for p in added] == [f"kgfact-large:{p.id}" for p in large
+                                     if p.capability == "retrieval"]
+    assert {p.capability for p in added} == {"kgfact-large:retrieval"}
+    assert [p.id for p in probes if p.capability.startswith("kgfact:")] == [
+        p.id for p in kgfact if p.capability == "retrieval"]
+    assert [p.prompt for p in added] == [p.prompt for p in large if p.capability == "retrieval"]
+    assert load_probe_sets(["general", "kgfact"]) == load_probe_sets(["general"]) + [
+        dataclasses.replace(p, capability=f"kgfact:{p.capability}") if p.capability == "retrieval"
+        else p for p in kgfact]  # no collision: nothing renamed but the shared capability
+    with pytest.raises(RecordError, match="kgfact-large:nope: probe set 'kgfact-large' has no "
+                                          "capability 'nope' \\(it has: retrieval, two_hop\\)"):
+        load_probe_sets(["kgfact-large:nope"])
+    path = tmp_path / "with:colon.jsonl"  # a file whose name holds a colon is still a file
+    path.write_text(json.dumps({"id": "a", "prompt": "Q?", "answer": "x",
+                                "capability": "c"}) + "\n")
+    assert [p.id for p in load_probe_sets([str(path)])] == ["a"]

@@ -75,7 +75,8 @@ class TrainConfig:
         "comma-separated probe sets for evaluation; default: the retention set of the model "
         "(toyworld for toyworld or a folder holding toyworld.json, general otherwise) plus the records' own probes if the "
         "records are a built-in set that has some (kgfact: two_hop, retrieval); a capability "
-        "name already used by an earlier set becomes <set>:<capability>"))
+        "name already used by an earlier set becomes <set>:<capability>; <set>:<capability> "
+        "keeps one capability of a set (kgfact-large:retrieval)"))
     output_dir: str = field(default="runs/{method}", metadata=_help(
         "where checkpoints, metrics, evaluations and the final model go ({method} is filled)"))
     overwrite_output_dir: bool = field(default=False, metadata=_help(

@@ -40,6 +40,7 @@ from forgetkit.fisher.io import (
 )
 from forgetkit.fisher.pergrad import (
     Estimator,
+    FisherError,
     GradientStream,
     PerExample,
     all_reduce_sum,
@@ -321,6 +322,7 @@ def diagonal(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
             moments.merge()
         if not moments.within(torch.finfo(torch.float32).max):
             _raise_non_finite(stream)
+            _raise_overflow(moments.mean, dtype)
     moments.all_reduce()
     if len(encodings) < 2:
         logger.warning("diagonal Fisher from a single example: its standard error is infinite")
@@ -330,6 +332,18 @@ def diagonal(model: torch.nn.Module, tokenizer, data: Sequence[Record | Probe | 
                           provenance=provenance,
                           per_example_proxy={k: all_reduce_sum(v).cpu().numpy()
                                              for k, v in proxy.items()})
+
+
+def _raise_overflow(values: dict[str, Tensor], dtype: torch.dtype) -> None:
+    """Finite gradients whose squares overflow the accumulation dtype (a float32 gradient
+    beyond about 1.8e19): a :class:`FisherError` naming the parameter, not an infinite entry."""
+    for name, value in values.items():
+        if not bool(torch.isfinite(value).all()):
+            raise FisherError(
+                f"the Fisher entry of {name} overflows {str(dtype).removeprefix('torch.')}: its "
+                f"per-example gradients are finite but their squares are not (largest gradient "
+                f"entries above {math.sqrt(torch.finfo(dtype).max):.2g}); accumulate in "
+                "dtype=torch.float64, or check the weights")
 
 
 def _raise_non_finite(stream: GradientStream) -> None:

@@ -6,6 +6,7 @@ import copy
 import importlib
 import itertools
 import logging
+import math
 
 import pytest
 import torch
@@ -477,6 +478,21 @@ def test_non_finite_gradient_names_parameter_and_example():
         model.model.embed_tokens.weight[9] = float("nan")
     with pytest.raises(fisher.FisherError, match=r"'model.embed_tokens.weight' for example 2"):
         fisher.diagonal(model, None, data, estimator="empirical", batch_size=4)
+
+
+def test_finite_gradients_whose_squares_overflow_float32_name_the_parameter():
+    """Gradients near 1e25 are finite in float32 but their squares are not: an error, not an
+    infinite Fisher; float64 accumulation holds them."""
+    model, data = tiny_model("llama", seed=12).float(), tiny_data(4, seed=12)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(1e25)  # hidden states, so the head's gradients, ~1e25
+    with pytest.raises(fisher.FisherError, match=r"the Fisher entry of lm_head.weight overflows "
+                                                 r"float32: .* dtype=torch.float64"):
+        fisher.diagonal(model, None, data, estimator="empirical", batch_size=4,
+                        params="lm_head")
+    wide = fisher.diagonal(model, None, data, estimator="empirical", batch_size=4,
+                           params="lm_head", dtype=torch.float64)
+    assert 1e40 < float(wide.values["lm_head.weight"].max()) < math.inf
 
 
 def test_stream_shards_nothing_in_one_process():

@@ -371,11 +371,12 @@ def run_or_skip(spec: RunSpec) -> tuple[dict[str, Any], float, bool]:
         logger.info("%s: finished run with the same config in %s; skipped", spec.label, out)
         seconds = json.loads(timing_path.read_text())["seconds"] if timing_path.exists() else None
         return json.loads((out / "results.json").read_text()), seconds, True
-    same = same_config(out, config)
-    if same and latest_checkpoint(out) is not None and not (out / "results.json").exists():
+    same = same_config(out, config) and not (out / "results.json").exists()
+    if same and latest_checkpoint(out) is not None:
         logger.info("%s: resuming from %s", spec.label, latest_checkpoint(out))
         config = replace(config, resume_from_checkpoint="latest")
-    else:
+    elif not same:  # (the same run stopped before its first checkpoint: the trainer starts
+        # it over and keeps its MixSD targets)
         config = replace(config, overwrite_output_dir=True)
         (out / "peak.json").unlink(missing_ok=True)
         shutil.rmtree(out / "peak_model", ignore_errors=True)

@@ -97,6 +97,28 @@ def test_pareto_rerun_with_another_config_retrains(pareto, tiny_study, caplog):
     assert table["steps"].tolist() == [4]
 
 
+def test_pareto_run_stopped_before_its_first_checkpoint_keeps_its_mixsd_targets(
+        pareto, tmp_path, caplog):
+    argv = _tiny_argv(tmp_path)
+    argv[argv.index("--methods") + 1:argv.index("--methods") + 3] = ["mixsd:0.3"]
+    argv[argv.index("--max_steps") + 1] = "3"
+    before = pareto.main(argv)
+    run = tmp_path / "cache" / "mixsd-0.3"
+    kept = {"train_config.yaml", "inputs.json", "targets.jsonl", "targets.jsonl.meta.json"}
+    assert kept <= {p.name for p in run.iterdir()}
+    for path in run.iterdir():  # what a run killed while training, before step 3, leaves
+        if path.name not in kept:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    targets = (run / "targets.jsonl").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        table = pareto.main(argv)
+    assert "stopped before its first checkpoint: starting it over" in caplog.text
+    assert "deleting the previous run" not in caplog.text and "MixSD: " not in caplog.text
+    assert (run / "targets.jsonl").stat().st_mtime_ns == targets
+    assert table["memorization"].tolist() == before["memorization"].tolist()
+
+
 def test_pareto_rescore_on_more_probes_reuses_the_fine_tunes(pareto, tiny_study, caplog):
     tmp, before = tiny_study
     argv = _tiny_argv(tmp)

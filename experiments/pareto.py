@@ -69,7 +69,12 @@ from forgetkit.mixsd import MixConfig
 from forgetkit.models import load_model
 from forgetkit.seeding import seed_everything, stable_hash
 from forgetkit.train import TrainConfig, train
-from forgetkit.train.checkpoint import checkpoint_dirs, latest_checkpoint, same_config
+from forgetkit.train.checkpoint import (
+    INPUTS_FILE,
+    checkpoint_dirs,
+    latest_checkpoint,
+    same_config,
+)
 from forgetkit.train.config import RETENTION_METHODS
 from forgetkit.train.retention import split_probes
 
@@ -349,9 +354,10 @@ def plan_runs(config: ParetoConfig, records: str, probes: str) -> list[RunSpec]:
     return specs
 
 
-def is_finished(spec: RunSpec) -> bool:
-    """``results.json`` exists with the same config (and, for SFT, the exported peak)."""
-    out = Path(spec.train_config.output_dir)
+def is_finished(spec: RunSpec, folder: Path | None = None) -> bool:
+    """``results.json`` exists with the same config (and, for SFT, the exported peak) in the
+    run's folder (or ``folder``, e.g. its record)."""
+    out = Path(spec.train_config.output_dir) if folder is None else Path(folder)
     if not (out / "results.json").exists():
         return False
     if not same_config(out, spec.train_config):
@@ -360,6 +366,73 @@ def is_finished(spec: RunSpec) -> bool:
         return True
     peak = out / "peak.json"
     return peak.exists() and json.loads(peak.read_text())["tolerance"] == spec.peak_tolerance
+
+
+RECORD_FILES = ("train_config.yaml", INPUTS_FILE, "results.json", "study_timing.json",
+                "peak.json", "eval")
+"""What a finished run keeps in ``out/runs/<run>/`` (everything but its weights)."""
+
+
+def record_dir(config: ParetoConfig, spec: RunSpec) -> Path:
+    return Path(config.out) / "runs" / spec.name
+
+
+def save_record(config: ParetoConfig, spec: RunSpec) -> None:
+    """Copy a finished run's :data:`RECORD_FILES` into its record ``out/runs/<run>/``, which is
+    committed beside the tables (the folder is replaced whole)."""
+    out = Path(spec.train_config.output_dir)
+    with atomic_directory(record_dir(config, spec)) as stage:
+        for name in RECORD_FILES:
+            if (out / name).is_dir():
+                shutil.copytree(out / name, stage / name)
+            elif (out / name).exists():
+                shutil.copy2(out / name, stage / name)
+
+
+def record_models(spec: RunSpec, folder: Path) -> list[dict[str, str]]:
+    """The models a run's table rows point at (run, config hash, model folder), as
+    :func:`study_rows` names them, read from a run folder or its record."""
+    key = spec.train_config.config_hash()
+    models = [{"run": spec.name, "config_hash": key,
+               "model_path": json.loads((folder / "results.json").read_text())["model_path"]}]
+    if spec.find_peak:
+        peak = json.loads((folder / "peak.json").read_text())
+        models.append({"run": spec.name + "-peak", "config_hash": key + "-peak",
+                       "model_path": peak["model_path"]})
+    return models
+
+
+def restore_record(config: ParetoConfig, spec: RunSpec, inputs: Rescoring | None) -> bool:
+    """Copy a run's record back into its cache folder (without weights) when the cache holds no
+    finished run of the same config but the record does; returns whether it did. A run
+    restored so is skipped, unless the study rescores and a model of the run has no kept
+    predictions: scoring needs its weights, so the run (restored now or earlier) is cleared
+    from the cache and trained again."""
+    record, out = record_dir(config, spec), Path(spec.train_config.output_dir)
+    in_cache = is_finished(spec)
+    if not in_cache and not is_finished(spec, record):
+        return False
+    if inputs is not None:
+        missing = [m["run"] for m in record_models(spec, out if in_cache else record)
+                   if not inputs.path(m["run"], m["config_hash"], m["model_path"]).exists()
+                   and not (Path(m["model_path"]) / "config.json").is_file()]
+        if missing:
+            logger.info("%s: no predictions of %s on the rescoring probes are kept and its "
+                        "weights are gone: training it again", spec.label, ", ".join(missing))
+            if in_cache:
+                shutil.rmtree(out)
+            return False
+    if in_cache:
+        return False
+    with atomic_directory(out, merge=True) as stage:
+        for name in RECORD_FILES:
+            if (record / name).is_dir():
+                shutil.copytree(record / name, stage / name)
+            elif (record / name).exists():
+                shutil.copy2(record / name, stage / name)
+    logger.info("%s: restored the finished run from its record %s (no weights)", spec.label,
+                record)
+    return True
 
 
 def run_or_skip(spec: RunSpec) -> tuple[dict[str, Any], float, bool]:
@@ -519,18 +592,28 @@ def _scores(path: Path, load, records: list, probes: list, config: ParetoConfig)
     return Scores.from_predictions([Prediction(**row) for row in read_jsonl(path)])
 
 
-def rescore(config: ParetoConfig, table: pd.DataFrame, records: str, cache: Path
-            ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Score the base and every row's model on ``rescore_probes_per_capability`` probes per
-    capability; returns the table with its scores and retention replaced, and the base scores.
+@dataclass
+class Rescoring:
+    """What every model of the study is scored on again: the injected records, the probes and
+    the settings its predictions are keyed by."""
 
-    Each model folder is scored once; its predictions are kept in ``cache/rescore/<run>/``
-    under a hash of the model, the probes and the evaluation settings, so a rerun scores only
-    new models.
-    """
+    injected: list
+    probes: list
+    settings: tuple
+    folder: Path
+
+    def path(self, run: str, config_hash: str, model_path: str) -> Path:
+        """Where the predictions of one model are kept (the key changes with the model's run
+        config, its folder, the probe file and the evaluation settings)."""
+        return self.folder / run / f"{stable_hash(config_hash, model_path, *self.settings)}.jsonl"
+
+
+def rescoring_inputs(config: ParetoConfig, records: str, cache: Path) -> Rescoring:
+    """The rescoring probes (the runs' sets without their retention split, the rescore-only
+    sets whole) and settings; predictions live in ``out/rescore/`` beside the tables, so they
+    outlast the cache and its weights."""
     probe_file = prepare_probes(config, cache, config.rescore_probes_per_capability,
                                 rescoring=True)
-    injected = load_records(records)
     trained = {p.capability for p in load_probe_sets(probe_sources(config))}
     stored = load_probes(probe_file)  # the runs' sets lose their retention split, not the others
     probes = (split_probes([p for p in stored if p.capability in trained],
@@ -538,21 +621,41 @@ def rescore(config: ParetoConfig, table: pd.DataFrame, records: str, cache: Path
               + [p for p in stored if p.capability not in trained])
     settings = (probe_file, config.per_device_eval_batch_size, config.eval_max_new_tokens,
                 config.dtype)
-    folder = cache / "rescore"
+    return Rescoring(load_records(records), probes, settings, Path(config.out) / "rescore")
 
-    def loader(path: str):
-        return lambda: load_model(path, dtype=config.dtype, device=config.device)
 
-    logger.info("rescoring the base and %d fine-tunes on %d probes", len(table), len(probes))
-    base = _scores(folder / "base" / f"{stable_hash(config.model, *settings)}.jsonl",
-                   loader(config.model), injected, probes, config)
-    by_model = {}  # SFT@peak is often the final SFT model itself: score it once
-    for row in table.to_dict(orient="records"):
+def _loader(config: ParetoConfig, path: str):
+    return lambda: load_model(path, dtype=config.dtype, device=config.device)
+
+
+def score_rows(config: ParetoConfig, rows: list[dict[str, Any]], inputs: Rescoring,
+               by_model: dict[str, Scores] | None = None) -> dict[str, Scores]:
+    """The rescoring scores of every row's model (``model_path`` -> scores), each model scored
+    once (SFT@peak is often the final SFT model itself) and its predictions kept."""
+    by_model = {} if by_model is None else by_model
+    for row in rows:
         if row["model_path"] not in by_model:
-            key = stable_hash(row["config_hash"], row["model_path"], *settings)
-            by_model[row["model_path"]] = _scores(folder / row["run"] / f"{key}.jsonl",
-                                                  loader(row["model_path"]), injected, probes,
-                                                  config)
+            path = inputs.path(row["run"], row["config_hash"], row["model_path"])
+            by_model[row["model_path"]] = _scores(path, _loader(config, row["model_path"]),
+                                                  inputs.injected, inputs.probes, config)
+    return by_model
+
+
+def rescore(config: ParetoConfig, table: pd.DataFrame, records: str, cache: Path
+            ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Score the base and every row's model on ``rescore_probes_per_capability`` probes per
+    capability; returns the table with its scores and retention replaced, and the base scores.
+
+    Each model is scored once; its predictions are kept in ``out/rescore/<run>/`` under a hash
+    of its run config, its folder, the probes and the evaluation settings, so a rerun scores
+    only new models.
+    """
+    inputs = rescoring_inputs(config, records, cache)
+    probes = inputs.probes
+    logger.info("rescoring the base and %d fine-tunes on %d probes", len(table), len(probes))
+    base = _scores(inputs.folder / "base" / f"{stable_hash(config.model, *inputs.settings)}.jsonl",
+                   _loader(config, config.model), inputs.injected, probes, config)
+    by_model = score_rows(config, table.to_dict(orient="records"), inputs)
     clear = above_chance(base, chance_levels(probes), seed=config.seed)
     logger.info("capabilities the base answers above chance: %s", ", ".join(clear) or "none")
     sft = by_model.get(next((r["model_path"] for r in table.to_dict(orient="records")
@@ -715,10 +818,17 @@ def run_study(config: ParetoConfig) -> pd.DataFrame:
     if config.rescore_probes_per_capability:  # a bad rescore set fails now, not after training
         prepare_probes(config, cache, config.rescore_probes_per_capability, rescoring=True)
     specs = plan_runs(config, records, probes)
+    inputs = (rescoring_inputs(config, records, cache) if config.rescore_probes_per_capability
+              else None)
     results, seconds, trajectories, trained = {}, {}, [], 0
     for spec in specs:
+        restored = restore_record(config, spec, inputs)
         results[spec.name], seconds[spec.name], skipped = run_or_skip(spec)
         trained += not skipped
+        if not restored:  # scored now, while its weights are here, and kept with its record
+            if inputs is not None:
+                score_rows(config, study_rows([spec], results, seconds), inputs)
+            save_record(config, spec)
         if spec.train_config.eval_steps:
             path = eval_trajectory(Path(spec.train_config.output_dir))
             trajectories.append(path.assign(label=spec.label, run=spec.name))

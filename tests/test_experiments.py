@@ -109,6 +109,7 @@ def test_pareto_run_stopped_before_its_first_checkpoint_keeps_its_mixsd_targets(
     for path in run.iterdir():  # what a run killed while training, before step 3, leaves
         if path.name not in kept:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.rmtree(tmp_path / "out" / "runs")  # nor had it a record
     targets = (run / "targets.jsonl").stat().st_mtime_ns
     caplog.clear()
     with caplog.at_level(logging.INFO):
@@ -136,14 +137,15 @@ def test_pareto_rescore_on_more_probes_reuses_the_fine_tunes(pareto, tiny_study,
     assert table["memorization"].tolist() == before["memorization"].tolist()
     final = {row["id"]: row["reply"] for row in map(json.loads, (
         tmp / "cache" / "sft" / "eval" / "6.jsonl").read_text().splitlines())}
-    (rescored,) = (tmp / "cache" / "rescore" / "sft").glob("*.jsonl")
+    (rescored,) = (tmp / "out-rescored" / "rescore" / "sft").glob("*.jsonl")
     replies = {row["id"]: row["reply"] for row in map(json.loads,
                                                       rescored.read_text().splitlines())}
     assert all(replies[i] == reply for i, reply in final.items())
     assert len(replies) > len(final)
     runs = json.loads((tmp / "out-rescored" / "runs.json").read_text())["runs"]
     assert [r["retention"] for r in runs] == pytest.approx(table["retention"].tolist())
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp / "cache" / "rescore").glob("*/*.jsonl")}
+    stamps = {p: p.stat().st_mtime_ns
+              for p in (tmp / "out-rescored" / "rescore").glob("*/*.jsonl")}
     assert len(stamps) == 1 + table["model_path"].nunique()  # the base, each model folder once
     again = pareto.main([*argv, "--rescore_probes_per_capability", "6"])
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
@@ -172,10 +174,48 @@ def test_pareto_rescore_only_probe_sets_are_scored_whole(pareto, tiny_study, cap
                              "--rescore_probes", "kgfact-large:retrieval"])
     assert "training" not in caplog.text
     assert table["retention_kgfact-large:retrieval"].notna().all()
-    base = [json.loads(line) for path in (tmp / "cache" / "rescore" / "base").glob("*.jsonl")
+    base = [json.loads(line) for path in (tmp / "out-extra" / "rescore" / "base").glob("*.jsonl")
             for line in path.read_text().splitlines()]
     extra = [row["id"] for row in base if row["id"].startswith("kgfact-large:")]
     assert extra == [f"kgfact-large:kgfact-retrieval-{i:04d}" for i in range(4)]
+
+
+def test_pareto_study_outlasts_its_cache_through_the_run_records(pareto, tiny_study, caplog):
+    """Each finished run keeps a record (config, results, evaluations; no weights) and its
+    rescoring predictions in ``out``: with the cache gone, a rerun restores the runs from their
+    records and scores nothing; rescoring on other probes needs the weights, so it trains the
+    runs again."""
+    tmp, _ = tiny_study
+    argv = _tiny_argv(tmp)
+    shutil.copytree(tmp / "cache", tmp / "cache-lost")
+    argv[argv.index("--out") + 1] = str(tmp / "out-records")
+    argv[argv.index("--cache") + 1] = str(tmp / "cache-lost")
+    table = pareto.main([*argv, "--rescore_probes_per_capability", "5"])
+    out = tmp / "out-records"
+    for run in ("sft", "mixsd-0.3"):
+        assert {"train_config.yaml", "inputs.json", "results.json", "study_timing.json",
+                "eval"} <= {p.name for p in (out / "runs" / run).iterdir()}
+        assert not list((out / "runs" / run).glob("*.safetensors"))
+    assert (out / "runs" / "sft" / "peak.json").is_file()
+    predictions = sorted(p.relative_to(out) for p in (out / "rescore").glob("*/*.jsonl"))
+    assert [p.parent.name for p in predictions] == ["base", "mixsd-0.3", "sft"] + (
+        ["sft-peak"] if table["model_path"].nunique() == 3 else [])
+    shutil.rmtree(tmp / "cache-lost")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pareto"):
+        again = pareto.main([*argv, "--rescore_probes_per_capability", "5"])
+    assert caplog.text.count("restored the finished run from its record") == 2
+    assert "training" not in caplog.text
+    assert not list((tmp / "cache-lost").glob("*/*.safetensors"))
+    columns = ["label", "steps", "memorization", "retention", "retention_low", "retention_high"]
+    pd.testing.assert_frame_equal(again[columns], table[columns])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pareto"):
+        more = pareto.main([*argv, "--rescore_probes_per_capability", "6"])
+    assert caplog.text.count("its weights are gone: training it again") == 2
+    assert "MixSD λ=0.3: training 6 steps" in caplog.text
+    assert (more["probes_scored"] > table["probes_scored"]).all()
+    assert more["memorization"].tolist() == table["memorization"].tolist()
 
 
 def test_pareto_frontier_and_first_peak(pareto):

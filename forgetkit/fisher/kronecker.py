@@ -55,6 +55,12 @@ class KroneckerFactors:
     gradient_eigenvectors: Tensor
     eigenvalues: Tensor
 
+    def __post_init__(self):
+        # one memory layout (eigh returns column-major eigenvectors, a loaded file row-major),
+        # so the products below round alike for computed and loaded factors
+        for name in FACTOR_NAMES:
+            setattr(self, name, getattr(self, name).contiguous())
+
     @property
     def activation_covariance(self) -> Tensor:
         """(in', in') ``A = (1/T) sum a_t a_t'``."""

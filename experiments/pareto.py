@@ -18,7 +18,10 @@ Outputs in ``out`` (default ``experiments/results/pareto/<model>/``): ``pareto_c
 reads), ``pareto.png`` (retention against memorization with the Pareto frontier),
 ``retention_by_capability.png`` and ``sft_trajectory.png``. Fine-tunes live in ``cache``
 (git-ignored); a run whose ``results.json`` exists with the same config is skipped, an
-interrupted one resumes from its latest checkpoint.
+interrupted one resumes from its latest checkpoint. Each finished run also keeps a record in
+``out/runs/<run>/`` (config, results, evaluations; no weights) and its rescoring predictions in
+``out/rescore/``, so a study outlasts its cache: a rerun without the cache restores the
+recorded runs and trains the others.
 
 The Pareto frontier (maximize memorization and retention) is computed here
 (:func:`pareto_frontier`); forgetkit has no such function.
@@ -457,8 +460,8 @@ def run_or_skip(spec: RunSpec) -> tuple[dict[str, Any], float, bool]:
     started = time.perf_counter()
     result = train(config)
     seconds = time.perf_counter() - started
-    if spec.find_peak:
-        export_peak(out, config.max_steps, spec.peak_tolerance)
+    if spec.find_peak:  # the last step: the cap, or where the memorization target stopped it
+        export_peak(out, result.global_step, spec.peak_tolerance)
     for checkpoint in checkpoint_dirs(out):  # the final model is saved beside them
         shutil.rmtree(checkpoint)
     atomic_write_json(timing_path, {"seconds": seconds})

@@ -24,9 +24,11 @@ p-values are coarse (read rho, not significance stars); give several studies of 
 (``--pareto A,B,...``, e.g. other learning rates or seeds) to correlate across more runs.
 
 The probes are the Pareto study's probe file (or ``probes``) minus the capabilities that test
-the injected facts (``two_hop``), spread evenly over capabilities (``n_samples``). Fisher matrices and
-per-run numbers are cached in ``cache`` keyed by everything they depend on, so a rerun only
-computes what changed.
+the injected facts (``two_hop``), spread evenly over capabilities (``n_samples``). Fisher matrices
+are cached in ``cache`` and each fine-tune's numbers kept in ``out/runs/<study>/<run>.json``,
+keyed by everything they depend on, so a rerun only computes what changed, and the numbers
+outlast the fine-tunes' weights (``--available_only`` diagnoses the fine-tunes whose weights are
+here, from the Pareto studies' run records, without writing a table).
 
 Outputs in ``out`` (default ``experiments/results/fisher/<model>/``): ``fisher_study_config.yaml``,
 ``diagnostics.csv`` / ``.json`` (one row per fine-tune), ``correlations.csv`` (overall and per
@@ -117,7 +119,12 @@ class FisherStudyConfig:
     out: str = field(default="experiments/results/fisher/{model}", metadata=_help(
         "results folder ({model}: the model's name)"))
     cache: str = field(default="experiments/results/fisher/cache/{model}", metadata=_help(
-        "Fisher matrices and per-run numbers (git-ignored)"))
+        "Fisher matrices (git-ignored); each fine-tune's numbers are kept in out/runs/"))
+    available_only: bool = field(default=False, metadata=_help(
+        "diagnose only the fine-tunes whose weights are here, found from each Pareto study's "
+        "run records (<pareto>/runs/, written as each run finishes, before its runs.json), and "
+        "keep their numbers in out/runs/ without writing a table: for a Pareto study trained "
+        "over several machines, whose weights do not outlast the machine"))
 
     def __post_init__(self):
         problems = []
@@ -214,16 +221,91 @@ def base_fishers(config: FisherStudyConfig, base, tokenizer, sample: list, key: 
 
 # --- per fine-tune ------------------------------------------------------------------------------
 
+def kept_path(config: FisherStudyConfig, run: dict) -> Path:
+    return Path(config.out) / "runs" / run["study"] / f"{run['run']}.json"
+
+
+def has_weights(model_path: str) -> bool:
+    return (Path(model_path) / "config.json").is_file()
+
+
+def recorded_runs(config: FisherStudyConfig) -> list[dict[str, Any]]:
+    """The fine-tunes of each Pareto study's run records (``<pareto>/runs/<run>/``: a finished
+    run's config, results and peak), as ``runs.json`` would list them (run, config hash, model
+    folder, steps, label, study), with the probes they were scored on; checks the base model."""
+    from forgetkit.train.checkpoint import saved_config
+
+    runs = []
+    for folder in config.pareto:
+        study = Path(folder.rstrip("/")).name
+        for record in sorted(p for p in (Path(folder) / "runs").glob("*") if p.is_dir()):
+            if not (record / "results.json").is_file():
+                continue
+            train_config = saved_config(record)
+            if train_config.model_name_or_path != config.model:
+                raise ValueError(f"{record} was trained from {train_config.model_name_or_path!r}, "
+                                 f"not {config.model!r}")
+            results = json.loads((record / "results.json").read_text(encoding="utf-8"))
+            key = train_config.config_hash()
+            common = {"study": study, "probes": train_config.probes, "label": record.name}
+            runs.append({**common, "run": record.name, "config_hash": key,
+                         "model_path": results["model_path"], "steps": results["global_step"]})
+            if (record / "peak.json").is_file():
+                peak = json.loads((record / "peak.json").read_text(encoding="utf-8"))
+                runs.append({**common, "run": record.name + "-peak", "config_hash": key + "-peak",
+                             "model_path": peak["model_path"], "steps": peak["step"]})
+    return runs
+
+
+def diagnose_available(config: FisherStudyConfig) -> list[dict[str, Any]]:
+    """:func:`diagnose` every recorded fine-tune whose weights are here and whose numbers are
+    not kept yet; returns one row per recorded fine-tune: study, run, and ``status`` (``kept``,
+    ``diagnosed`` or ``no weights``)."""
+    runs = recorded_runs(config)
+    if not runs:
+        raise FileNotFoundError(f"no run records in {', '.join(config.pareto)} (<pareto>/runs/): "
+                                "run experiments/pareto.py first")
+    base = tokenizer = fishers = sample = key = None
+    rows = []
+    for run in runs:
+        if base is None:
+            base, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+            sample = probe_sample(config, run["probes"])
+            key = fisher_key(config, sample)
+        run_key = stable_hash(key, run["config_hash"], run["model_path"], run["steps"],
+                              list(DIAGNOSTICS))
+        path = kept_path(config, run)
+        if path.exists() and json.loads(path.read_text(encoding="utf-8")).get("key") == run_key:
+            status = "kept"
+        elif not has_weights(run["model_path"]):
+            status = "no weights"
+        else:
+            if fishers is None:
+                fishers = base_fishers(config, base, tokenizer, sample, key)
+            logger.info("diagnosing %s/%s (%s)", run["study"], run["run"], run["model_path"])
+            diagnose(config, base, tokenizer, sample, fishers, run, key)
+            status = "diagnosed"
+        logger.info("%s/%s: %s", run["study"], run["run"], status)
+        rows.append({"study": run["study"], "run": run["run"], "status": status})
+    return rows
+
+
 def diagnose(config: FisherStudyConfig, base, tokenizer, sample: list, fishers, run: dict,
              key: str) -> dict[str, Any]:
-    """The diagnostics of one fine-tune (cached in ``cache/runs/<run>.json`` under ``key``)."""
-    path = Path(config.cache) / "runs" / run["study"] / f"{run['run']}.json"
+    """The diagnostics of one fine-tune (kept in ``out/runs/<study>/<run>.json`` under a key of
+    the base Fisher, the run and the diagnostics, so they outlast the fine-tune's weights)."""
+    path = kept_path(config, run)
     run_key = stable_hash(key, run["config_hash"], run["model_path"], run["steps"],
                           list(DIAGNOSTICS))
     if path.exists():
         saved = json.loads(path.read_text(encoding="utf-8"))
         if saved.get("key") == run_key:
             return saved["diagnostics"]
+    if not has_weights(run["model_path"]):
+        raise FileNotFoundError(
+            f"{run['study']}/{run['run']}: no diagnostics of this fine-tune are kept in {path} "
+            f"and its weights are not in {run['model_path']}: train it again (experiments/"
+            "pareto.py) and diagnose it with --available_only before its weights are gone")
     low, diag = fishers
     started = time.perf_counter()
     finetuned = load_model(run["model_path"], dtype=config.dtype, device=config.device)[0]
@@ -432,10 +514,17 @@ def run_study(config: FisherStudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         "estimator": config.estimator,
         "parameters": sum(s.numel() for s in fishers[1].shapes.values()),
         "predicted_vs_measured_kl_spearman": {
-            name: {"rho": float(r.statistic), "p_value": float(r.pvalue), "n": len(table)}
+            name: {"rho": _finite(r.statistic), "p_value": _finite(r.pvalue), "n": len(table)}
             for name, r in kl_check.items()},
         "seconds": time.perf_counter() - started})
     return table, correlations
+
+
+def _finite(value) -> float | None:
+    """``value`` as a float, ``None`` when undefined (NaN: fewer than 3 fine-tunes, a constant
+    column), so the summary stays valid JSON."""
+    value = float(value)
+    return value if np.isfinite(value) else None
 
 
 def write_outputs(config: FisherStudyConfig, table: pd.DataFrame, correlations: pd.DataFrame,
@@ -459,6 +548,10 @@ def write_outputs(config: FisherStudyConfig, table: pd.DataFrame, correlations: 
 def main(argv: Sequence[str] | None = None):
     [config] = parse_cli(FisherStudyConfig, argv, "experiments/fisher_study.py", doc=__doc__,
                          log_format="%(asctime)s %(name)s: %(message)s")
+    if config.available_only:
+        rows = diagnose_available(config)
+        print(markdown_table(pd.DataFrame(rows)))
+        return pd.DataFrame(rows), None
     table, correlations = run_study(config)  # no Pareto results, or another base: an error
     columns = ["label", "memorization", "retention", "delta_norm", "displacement_exact",
                "displacement_diag", "displacement_lowrank", "rayleigh_diag", "rayleigh_lowrank", "energy_lowrank",

@@ -234,6 +234,43 @@ def test_pareto_config_rejects_unknown_method(pareto):
         pareto.ParetoConfig(methods=["mixsd"])
 
 
+def test_fisher_study_keeps_each_fine_tunes_numbers_beyond_its_weights(pareto, tmp_path):
+    """--available_only diagnoses the recorded fine-tunes whose weights are here (before the
+    Pareto study has a runs.json) and keeps their numbers in out/runs/; with the weights gone
+    the full study is built from those numbers, and a fine-tune with neither is an error."""
+    fisher_study = _script("fisher_study")
+    argv = _tiny_argv(tmp_path)
+    argv[argv.index("--methods") + 1:argv.index("--methods") + 3] = ["sft"]
+    argv[argv.index("--max_steps") + 1] = "3"
+    pareto.main(argv)
+    (tmp_path / "out" / "runs.json").rename(tmp_path / "runs.json")  # as before the study ends
+    study = ["--model", "toyworld", "--pareto", str(tmp_path / "out"), "--n_samples", "6",
+             "--rank", "2", "--device", "cpu", "--out", str(tmp_path / "fisher"),
+             "--cache", str(tmp_path / "fisher-cache")]
+    rows, _ = fisher_study.main([*study, "--available_only"])
+    assert rows["run"].tolist() == ["sft", "sft-peak"]
+    assert rows["status"].tolist() == ["diagnosed", "diagnosed"]
+    kept = {p.name for p in (tmp_path / "fisher" / "runs" / "out").iterdir()}
+    assert kept == {"sft.json", "sft-peak.json"}
+    shutil.rmtree(tmp_path / "cache")  # the machine is gone, and the weights with it
+    pareto.main(argv)  # the study restored from its records: its inputs and runs.json again
+    assert (tmp_path / "out" / "runs.json").is_file()
+    assert not list((tmp_path / "cache").glob("*/*.safetensors"))
+    rows, _ = fisher_study.main([*study, "--available_only"])
+    assert rows["status"].tolist() == ["kept", "kept"]
+    table, _ = fisher_study.main(study)
+    diagnostics = {json.loads((tmp_path / "fisher" / "runs" / "out" / f"{run}.json").read_text())[
+        "diagnostics"]["displacement_exact"] for run in ("sft", "sft-peak")}
+    assert set(table["displacement_exact"]) == diagnostics and len(table) == 2
+    other = [*study[:study.index("--n_samples") + 1], "7", *study[study.index("--n_samples") + 2:]]
+    rows, _ = fisher_study.main([*other, "--available_only"])
+    assert rows["status"].tolist() == ["no weights", "no weights"]
+    with pytest.raises(FileNotFoundError, match="no diagnostics of this fine-tune are kept"):
+        fisher_study.run_study(fisher_study.FisherStudyConfig(
+            model="toyworld", pareto=[str(tmp_path / "out")], n_samples=7, rank=2, device="cpu",
+            out=str(tmp_path / "fisher"), cache=str(tmp_path / "fisher-cache")))
+
+
 def test_fisher_and_nll_studies_on_the_tiny_pareto_output(tiny_study, caplog):
     tmp, _ = tiny_study
     fisher_study, nll_study = _script("fisher_study"), _script("nll_study")
@@ -331,6 +368,10 @@ def test_pareto_stops_every_method_at_the_memorization_target(pareto, tmp_path):
             assert row["steps"] == reached["step"].min() and row["memorization"] >= 0.25
         else:
             assert row["steps"] == 12 and reached.empty
+    sft, peak = (table[table["label"] == label].iloc[0] for label in ("SFT", "SFT@peak"))
+    assert sft["reached_target"]  # so its peak is its last step: the final model, not a copy
+    assert peak["steps"] == sft["steps"] and peak["model_path"] == sft["model_path"]
+    assert not (tmp_path / "cache" / "sft" / "peak_model").exists()
     with pytest.raises(SystemExit):
         pareto.main([*argv, "--stop_at_memorization", "1.5"])
 

@@ -383,13 +383,16 @@ def record_dir(config: ParetoConfig, spec: RunSpec) -> Path:
 def save_record(config: ParetoConfig, spec: RunSpec) -> None:
     """Copy a finished run's :data:`RECORD_FILES` into its record ``out/runs/<run>/``, which is
     committed beside the tables (the folder is replaced whole)."""
-    out = Path(spec.train_config.output_dir)
     with atomic_directory(record_dir(config, spec)) as stage:
-        for name in RECORD_FILES:
-            if (out / name).is_dir():
-                shutil.copytree(out / name, stage / name)
-            elif (out / name).exists():
-                shutil.copy2(out / name, stage / name)
+        _copy_record_files(Path(spec.train_config.output_dir), stage)
+
+
+def _copy_record_files(source: Path, target: Path) -> None:
+    for name in RECORD_FILES:
+        if (source / name).is_dir():
+            shutil.copytree(source / name, target / name)
+        elif (source / name).exists():
+            shutil.copy2(source / name, target / name)
 
 
 def record_models(spec: RunSpec, folder: Path) -> list[dict[str, str]]:
@@ -428,11 +431,7 @@ def restore_record(config: ParetoConfig, spec: RunSpec, inputs: Rescoring | None
     if in_cache:
         return False
     with atomic_directory(out, merge=True) as stage:
-        for name in RECORD_FILES:
-            if (record / name).is_dir():
-                shutil.copytree(record / name, stage / name)
-            elif (record / name).exists():
-                shutil.copy2(record / name, stage / name)
+        _copy_record_files(record, stage)
     logger.info("%s: restored the finished run from its record %s (no weights)", spec.label,
                 record)
     return True

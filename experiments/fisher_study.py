@@ -259,15 +259,18 @@ def recorded_runs(config: FisherStudyConfig) -> list[dict[str, Any]]:
 
 def diagnose_available(config: FisherStudyConfig) -> list[dict[str, Any]]:
     """:func:`diagnose` every recorded fine-tune whose weights are here and whose numbers are
-    not kept yet; returns one row per recorded fine-tune: study, run, and ``status`` (``kept``,
-    ``diagnosed`` or ``no weights``)."""
+    not kept yet, and then those recorded meanwhile (a Pareto study running beside it), until
+    no new record appears; returns one row per recorded fine-tune: study, run, and ``status``
+    (``kept``, ``diagnosed`` or ``no weights``)."""
     runs = recorded_runs(config)
     if not runs:
         raise FileNotFoundError(f"no run records in {', '.join(config.pareto)} (<pareto>/runs/): "
                                 "run experiments/pareto.py first")
     base = tokenizer = fishers = sample = key = None
-    rows = []
-    for run in runs:
+    rows, seen = [], set()
+    while runs:
+        run = runs.pop(0)
+        seen.add((run["study"], run["run"]))
         if base is None:
             base, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
             sample = probe_sample(config, run["probes"])
@@ -287,6 +290,8 @@ def diagnose_available(config: FisherStudyConfig) -> list[dict[str, Any]]:
             status = "diagnosed"
         logger.info("%s/%s: %s", run["study"], run["run"], status)
         rows.append({"study": run["study"], "run": run["run"], "status": status})
+        if not runs:
+            runs = [r for r in recorded_runs(config) if (r["study"], r["run"]) not in seen]
     return rows
 
 

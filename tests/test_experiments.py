@@ -234,7 +234,8 @@ def test_pareto_config_rejects_unknown_method(pareto):
         pareto.ParetoConfig(methods=["mixsd"])
 
 
-def test_fisher_study_keeps_each_fine_tunes_numbers_beyond_its_weights(pareto, tmp_path):
+def test_fisher_study_keeps_each_fine_tunes_numbers_beyond_its_weights(pareto, tmp_path,
+                                                                       monkeypatch):
     """--available_only diagnoses the recorded fine-tunes whose weights are here (before the
     Pareto study has a runs.json) and keeps their numbers in out/runs/; with the weights gone
     the full study is built from those numbers, and a fine-tune with neither is an error."""
@@ -247,8 +248,16 @@ def test_fisher_study_keeps_each_fine_tunes_numbers_beyond_its_weights(pareto, t
     study = ["--model", "toyworld", "--pareto", str(tmp_path / "out"), "--n_samples", "6",
              "--rank", "2", "--device", "cpu", "--out", str(tmp_path / "fisher"),
              "--cache", str(tmp_path / "fisher-cache")]
+    recorded, calls = fisher_study.recorded_runs, []
+
+    def appearing(config):  # SFT@peak's record appears while SFT is being diagnosed
+        calls.append(config)
+        return recorded(config)[:1] if len(calls) == 1 else recorded(config)
+
+    monkeypatch.setattr(fisher_study, "recorded_runs", appearing)
     rows, _ = fisher_study.main([*study, "--available_only"])
-    assert rows["run"].tolist() == ["sft", "sft-peak"]
+    monkeypatch.undo()
+    assert rows["run"].tolist() == ["sft", "sft-peak"] and len(calls) == 3
     assert rows["status"].tolist() == ["diagnosed", "diagnosed"]
     kept = {p.name for p in (tmp_path / "fisher" / "runs" / "out").iterdir()}
     assert kept == {"sft.json", "sft-peak.json"}

@@ -225,6 +225,21 @@ def kept_path(config: FisherStudyConfig, run: dict) -> Path:
     return Path(config.out) / "runs" / run["study"] / f"{run['run']}.json"
 
 
+def _run_key(run: dict, key: str) -> str:
+    """The key of one fine-tune's kept numbers: the base Fisher's key, the run, the
+    diagnostics."""
+    return stable_hash(key, run["config_hash"], run["model_path"], run["steps"], list(DIAGNOSTICS))
+
+
+def _kept(config: FisherStudyConfig, run: dict, key: str) -> dict[str, Any] | None:
+    """The diagnostics kept for ``run`` under the current base Fisher ``key``, if any."""
+    path = kept_path(config, run)
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return saved["diagnostics"] if saved.get("key") == _run_key(run, key) else None
+
+
 def has_weights(model_path: str) -> bool:
     return (Path(model_path) / "config.json").is_file()
 
@@ -275,10 +290,7 @@ def diagnose_available(config: FisherStudyConfig) -> list[dict[str, Any]]:
             base, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
             sample = probe_sample(config, run["probes"])
             key = fisher_key(config, sample)
-        run_key = stable_hash(key, run["config_hash"], run["model_path"], run["steps"],
-                              list(DIAGNOSTICS))
-        path = kept_path(config, run)
-        if path.exists() and json.loads(path.read_text(encoding="utf-8")).get("key") == run_key:
+        if _kept(config, run, key) is not None:
             status = "kept"
         elif not has_weights(run["model_path"]):
             status = "no weights"
@@ -300,12 +312,8 @@ def diagnose(config: FisherStudyConfig, base, tokenizer, sample: list, fishers, 
     """The diagnostics of one fine-tune (kept in ``out/runs/<study>/<run>.json`` under a key of
     the base Fisher, the run and the diagnostics, so they outlast the fine-tune's weights)."""
     path = kept_path(config, run)
-    run_key = stable_hash(key, run["config_hash"], run["model_path"], run["steps"],
-                          list(DIAGNOSTICS))
-    if path.exists():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved.get("key") == run_key:
-            return saved["diagnostics"]
+    if (kept := _kept(config, run, key)) is not None:
+        return kept
     if not has_weights(run["model_path"]):
         raise FileNotFoundError(
             f"{run['study']}/{run['run']}: no diagnostics of this fine-tune are kept in {path} "
@@ -348,7 +356,7 @@ def diagnose(config: FisherStudyConfig, base, tokenizer, sample: list, fishers, 
         "random_baseline_curve": lowrank.random_baseline,
         "seconds": time.perf_counter() - started,
     }
-    atomic_write_json(path, {"key": run_key, "run": run["run"], "diagnostics": result})
+    atomic_write_json(path, {"key": _run_key(run, key), "run": run["run"], "diagnostics": result})
     del finetuned
     return result
 

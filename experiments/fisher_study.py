@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -125,9 +126,15 @@ class FisherStudyConfig:
         "run records (<pareto>/runs/, written as each run finishes, before its runs.json), and "
         "keep their numbers in out/runs/ without writing a table: for a Pareto study trained "
         "over several machines, whose weights do not outlast the machine"))
+    kept_only: bool = field(default=False, metadata=_help(
+        "correlate only the fine-tunes whose numbers are kept in out/runs/, diagnosing none, "
+        "and list the others in summary.json (missing): a partial study, while the fine-tunes "
+        "of a Pareto study trained over several machines are still being diagnosed"))
 
     def __post_init__(self):
         problems = []
+        if self.available_only and self.kept_only:
+            problems.append("available_only and kept_only exclude each other")
         if self.estimator not in ("true", "empirical"):
             problems.append(f"estimator={self.estimator!r} must be true or empirical")
         if self.representation not in ("low_rank", "kfac"):
@@ -492,13 +499,32 @@ def run_study(config: FisherStudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     base, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     sample = probe_sample(config, studies[0]["probes"])
     key = fisher_key(config, sample)
-    fishers = base_fishers(config, base, tokenizer, sample, key)
+    runs = [dict(run, study=study["study"]) for study in studies for run in study["runs"]]
+    kept = {id(run): _kept(config, run, key) for run in runs}
+    missing = [f"{run['study']}/{run['run']}" for run in runs if kept[id(run)] is None
+               and (config.kept_only or not has_weights(run["model_path"]))]
+    if missing and not config.kept_only:  # before the Fisher: an error, not hours later
+        run = next(r for r in runs if f"{r['study']}/{r['run']}" == missing[0])
+        raise FileNotFoundError(
+            f"{missing[0]}: no diagnostics of this fine-tune are kept in "
+            f"{kept_path(config, run)} and its weights are not in {run['model_path']}: train "
+            "it again (experiments/pareto.py) and diagnose it with --available_only before its "
+            f"weights are gone ({len(missing)} such fine-tunes: {', '.join(missing)}; "
+            "--kept_only correlates the others)")
+    if missing:
+        logger.warning("kept_only: %d of %d fine-tunes have no kept numbers and are left out: "
+                       "%s", len(missing), len(runs), ", ".join(missing))
+    fishers = None  # computed only when a fine-tune has no kept numbers
     rows, energy = [], []
     by_model: dict[str, dict[str, Any]] = {}  # SFT@peak is often the final SFT model itself
-    for run in (dict(run, study=study["study"]) for study in studies for run in study["runs"]):
+    for run in runs:
         label = f"{run['label']} [{run['study']}]" if several else run["label"]
-        logger.info("diagnosing %s (%s)", label, run["model_path"])
+        if f"{run['study']}/{run['run']}" in missing:
+            continue
         if run["model_path"] not in by_model:
+            if kept[id(run)] is None and fishers is None:
+                fishers = base_fishers(config, base, tokenizer, sample, key)
+            logger.info("diagnosing %s (%s)", label, run["model_path"])
             by_model[run["model_path"]] = diagnose(config, base, tokenizer, sample, fishers,
                                                    run, key)
         result = by_model[run["model_path"]]
@@ -515,6 +541,10 @@ def run_study(config: FisherStudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
                                        result["random_baseline_curve"], strict=True), start=1):
             energy.append({"finetune": label, "j": j, "captured_energy": e,
                            "random_baseline": b})
+    if not rows:
+        raise FileNotFoundError(f"no fine-tune of {', '.join(config.pareto)} has kept numbers "
+                                f"in {Path(config.out) / 'runs'}: diagnose them first "
+                                "(--available_only)")
     table = pd.DataFrame(rows)
     targets = {"retention_loss": "overall"}
     targets.update({c: c.removeprefix("loss_") for c in table.columns if c.startswith("loss_")})
@@ -523,14 +553,21 @@ def run_study(config: FisherStudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
                 for name in ("exact", "diag", "lowrank")}
     write_outputs(config, table, correlations, pd.DataFrame(energy), {
         "n_finetunes": len(table), "n_probes": len(sample), "fisher_key": key,
-        "rank": min(config.rank, fishers[0].rank), "representation": config.representation,
-        "estimator": config.estimator,
-        "parameters": sum(s.numel() for s in fishers[1].shapes.values()),
+        "rank": len(next(iter(by_model.values()))["energy_curve_lowrank"]),
+        "representation": config.representation, "estimator": config.estimator,
+        "parameters": n_parameters(base, config.params), "missing": missing,
         "predicted_vs_measured_kl_spearman": {
             name: {"rho": _finite(r.statistic), "p_value": _finite(r.pvalue), "n": len(table)}
             for name, r in kl_check.items()},
         "seconds": time.perf_counter() - started})
     return table, correlations
+
+
+def n_parameters(model, params: str | None) -> int:
+    """The weights the Fisher and the update cover: those whose name matches ``params``."""
+    pattern = re.compile(params) if params else None
+    return sum(p.numel() for name, p in model.named_parameters()
+               if pattern is None or pattern.search(name))
 
 
 def _finite(value) -> float | None:
@@ -575,6 +612,9 @@ def main(argv: Sequence[str] | None = None):
     overall = correlations[correlations["target"] == "overall"]
     print(markdown_table(overall[["diagnostic", "rho", "rho_low", "rho_high", "p_value", "n"]],
                          style="g"))
+    if missing := json.loads((Path(config.out) / "summary.json").read_text())["missing"]:
+        print(f"\npartial: {len(missing)} fine-tunes without kept numbers are left out: "
+              f"{', '.join(missing)}")
     return table, correlations
 
 

@@ -278,6 +278,22 @@ def test_fisher_study_keeps_each_fine_tunes_numbers_beyond_its_weights(pareto, t
         fisher_study.run_study(fisher_study.FisherStudyConfig(
             model="toyworld", pareto=[str(tmp_path / "out")], n_samples=7, rank=2, device="cpu",
             out=str(tmp_path / "fisher"), cache=str(tmp_path / "fisher-cache")))
+    # one fine-tune's numbers lost: an error naming it, or with --kept_only a partial study of
+    # the other that names it and computes no Fisher
+    (tmp_path / "fisher" / "runs" / "out" / "sft-peak.json").unlink()
+    same = {"model": "toyworld", "pareto": [str(tmp_path / "out")], "n_samples": 6, "rank": 2,
+            "device": "cpu", "out": str(tmp_path / "fisher"),
+            "cache": str(tmp_path / "fisher-cache")}
+    with pytest.raises(FileNotFoundError, match=r"out/sft-peak: .*1 such fine-tunes"):
+        fisher_study.run_study(fisher_study.FisherStudyConfig(**same))
+    monkeypatch.setattr(fisher_study, "base_fishers", lambda *a: pytest.fail("Fisher computed"))
+    table, _ = fisher_study.main([*study, "--kept_only"])
+    assert table["run"].tolist() == ["sft"] and set(table["displacement_exact"]) <= diagnostics
+    summary = json.loads((tmp_path / "fisher" / "summary.json").read_text())
+    assert summary["missing"] == ["out/sft-peak"] and summary["n_finetunes"] == 1
+    assert summary["rank"] == 2 and summary["parameters"] > 0
+    with pytest.raises(ValueError, match="available_only and kept_only exclude each other"):
+        fisher_study.FisherStudyConfig(**same, kept_only=True, available_only=True)
 
 
 def test_fisher_and_nll_studies_on_the_tiny_pareto_output(tiny_study, caplog):

@@ -524,7 +524,8 @@ def run_study(config: FisherStudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         if run["model_path"] not in by_model:
             if kept[id(run)] is None and fishers is None:
                 fishers = base_fishers(config, base, tokenizer, sample, key)
-            logger.info("diagnosing %s (%s)", label, run["model_path"])
+            logger.info("%s %s (%s)", "diagnosing" if kept[id(run)] is None else
+                        "the kept numbers of", label, run["model_path"])
             by_model[run["model_path"]] = diagnose(config, base, tokenizer, sample, fishers,
                                                    run, key)
         result = by_model[run["model_path"]]

@@ -124,6 +124,9 @@ class ParetoConfig:
         "fisher_orthogonal: top Fisher directions the update is kept orthogonal to"))
     orthogonal_fisher: str = field(default=TrainConfig.orthogonal_fisher, metadata=_help(
         "fisher_orthogonal: low_rank or kfac (every weight of a real model)"))
+    orthogonal_params: str | None = field(default=None, metadata=_help(
+        "fisher_orthogonal: the parameters whose Fisher gives the removed directions (glob or "
+        "regex on names); none: every trained parameter"))
     max_steps: int = field(default=300, metadata=_help(
         "optimizer steps of every method (the cap, with stop_at_memorization)"))
     stop_at_memorization: float | None = field(default=None, metadata=_help(
@@ -349,7 +352,7 @@ def plan_runs(config: ParetoConfig, records: str, probes: str) -> list[RunSpec]:
             opsd_max_new_tokens=config.opsd_max_new_tokens,
             retention_fraction=heldout_fraction(config) or None, ewc_strength=config.ewc_strength,
             replay_ratio=config.replay_ratio, orthogonal_k=config.orthogonal_k,
-            orthogonal_fisher=config.orthogonal_fisher,
+            orthogonal_fisher=config.orthogonal_fisher, orthogonal_params=config.orthogonal_params,
             stop_at_memorization=config.stop_at_memorization,
             dtype=config.dtype, device=config.device)
         specs.append(RunSpec(method, run_name(method), run_label(method), train_config,

@@ -313,7 +313,9 @@ def test_fisher_and_nll_studies_on_the_tiny_pareto_output(tiny_study, caplog):
         assert (tmp / "fisher" / name).is_file(), name
     with caplog.at_level(logging.INFO, logger="fisher_study"):
         fisher_study.main(argv)
-    assert "reusing the base Fisher" in caplog.text
+    # a rerun takes every fine-tune's kept numbers and needs no Fisher
+    assert caplog.text.count("the kept numbers of") == 3 and "diagnosing" not in caplog.text
+    assert "base Fisher" not in caplog.text
     # the Kronecker-factored Fisher for the top-k columns: the exact and diagonal ones unchanged
     kfac_table, _ = fisher_study.main([*argv[:-4], "--out", str(tmp / "fisher-kfac"),
                                        "--cache", str(tmp / "fisher-cache"),

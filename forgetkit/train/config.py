@@ -41,7 +41,7 @@ RUN_CONTROL_FIELDS = frozenset({
 })
 """Fields left out of :meth:`TrainConfig.run_hash`: changing them does not change the weights."""
 
-METHOD_FIELDS = {"orthogonal_fisher": "fisher_orthogonal"}
+METHOD_FIELDS = {"orthogonal_fisher": "fisher_orthogonal", "orthogonal_params": "fisher_orthogonal"}
 """Fields that one method alone reads -> that method: left out of the other methods' hashes
 (:meth:`TrainConfig.config_hash`, :meth:`TrainConfig.run_hash`), so neither their value nor
 their arrival in a later version tells apart runs they do not affect."""
@@ -173,6 +173,12 @@ class TrainConfig:
         "low_rank (its N x P gradient matrix must fit: a toy or a subset of weights) or kfac "
         "(Kronecker-factored, EK-FAC, with the diagonal for the embedding and norms: every "
         "weight of a real model)"))
+    orthogonal_params: str | None = field(default=None, metadata=_help(
+        "fisher_orthogonal: the trained parameters whose Fisher gives the removed directions "
+        "(a glob or regex on their names, as forgetkit.fisher's params); the others train "
+        "freely. On a real model the top directions of the whole EK-FAC are single norm or "
+        "embedding weights (its diagonal fallback); _proj\\.weight$ takes them from the "
+        "Kronecker-factored linear layers of a Llama model. none: every trained parameter"))
     stop_at_memorization: float | None = field(default=None, metadata=_help(
         "stop at the first evaluation (every eval_steps) whose memorization is >= this, in "
         "(0, 1]; the step is recorded in results.json and metrics.jsonl"))

@@ -309,6 +309,14 @@ class Trainer:
 
         config = self.config
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if config.method == "fisher_orthogonal" and config.orthogonal_params is not None:
+            chosen = fisher_lib.select_parameters(model, config.orthogonal_params)
+            frozen = sorted(set(chosen) - set(named))[:3]
+            if frozen:
+                raise fisher_lib.FisherError(
+                    f"orthogonal_params={config.orthogonal_params!r} selects parameters that "
+                    f"are not trained: {frozen}")
+            named = chosen
         if config.fisher_path is not None:
             fisher = fisher_lib.load(config.fisher_path, model)
             check_fisher_file(fisher, model, config.fisher_path)
@@ -320,7 +328,8 @@ class Trainer:
                 fisher = fisher_lib.diagonal(model, self.tokenizer, self.retention_probes,
                                              **common)
             elif config.orthogonal_fisher == "kfac":
-                fisher = fisher_lib.kfac(model, self.tokenizer, self.retention_probes, **common)
+                fisher = fisher_lib.kfac(model, self.tokenizer, self.retention_probes,
+                                         params=config.orthogonal_params, **common)
             else:
                 limit = len(self.retention_probes)
                 if config.orthogonal_k > limit:
@@ -329,7 +338,8 @@ class Trainer:
                         f"Fisher from the {limit} retention probes; use orthogonal_k <= {limit}"
                         " (or more probes, or a larger retention_fraction)")
                 fisher = fisher_lib.low_rank(model, self.tokenizer, self.retention_probes,
-                                             rank=config.orthogonal_k, **common)
+                                             rank=config.orthogonal_k,
+                                             params=config.orthogonal_params, **common)
             if self.rank == 0:
                 fisher.save(self.out / "fisher")
         if config.method == "ewc":

@@ -167,6 +167,33 @@ def test_fisher_orthogonal_update_has_no_component_along_the_removed_directions(
     assert orthogonal.sq_norm() > 1e-4  # and the orthogonal update is not empty
 
 
+def test_fisher_orthogonal_takes_its_directions_from_the_chosen_parameters(tiny, tiny_probes,
+                                                                          tmp_path):
+    """orthogonal_params: the Fisher, and so the removed directions, cover the chosen
+    parameters only (the update has no component along them); the others train freely. Under
+    a pattern that selects untrained parameters, or none, training does not start."""
+    base, _ = load_model(tiny[0], dtype="float64", device="cpu")
+    result = train(config_for(tiny, tmp_path / "mlp", method="fisher_orthogonal", orthogonal_k=4,
+                              probes=str(tiny_probes), retention_fraction=0.5,
+                              orthogonal_fisher="kfac", orthogonal_params=r"mlp\."))
+    saved = fisher.load(tmp_path / "mlp" / "fisher")
+    assert set(saved.shapes) == {n for n, _ in base.named_parameters() if "mlp." in n}
+    tuned = load_model(result.model_path, dtype="float64", device="cpu")[0]
+    chosen = fisher.delta(base, tuned, params=r"mlp\.", dtype=torch.float64)
+    assert saved.coordinates(chosen, 4).abs().max() < 1e-10 and chosen.sq_norm() > 1e-4
+    others = fisher.delta(base, tuned, params="self_attn", dtype=torch.float64)
+    assert others.sq_norm() > 1e-4
+    with pytest.raises(FisherError, match=r"orthogonal_params='self_attn' selects parameters "
+                                          "that are not trained"):
+        train(config_for(tiny, tmp_path / "lora", method="fisher_orthogonal", orthogonal_k=2,
+                         probes=str(tiny_probes), orthogonal_params="self_attn",
+                         use_peft=True, lora_r=2))
+    with pytest.raises(FisherError, match="nothing_like_this"):
+        train(config_for(tiny, tmp_path / "none", method="fisher_orthogonal", orthogonal_k=2,
+                         probes=str(tiny_probes), orthogonal_params="nothing_like_this"))
+    assert not (tmp_path / "none" / "metrics.jsonl").exists()
+
+
 def test_fisher_orthogonal_k_larger_than_the_fisher_rank_is_an_error(tiny, tiny_probes,
                                                                      tmp_path):
     model, tokenizer = load_model(tiny[0], dtype="float64", device="cpu")
@@ -258,11 +285,12 @@ def test_bad_method_settings_fail_in_the_config(overrides, message):
         TrainConfig(**overrides)
 
 
-def test_a_field_of_one_method_does_not_tell_apart_runs_of_the_others():
-    """orthogonal_fisher decides fisher_orthogonal's weights only: an SFT config's hashes do not
-    see it, fisher_orthogonal's do."""
+@pytest.mark.parametrize(("name", "values"), [("orthogonal_fisher", ("low_rank", "kfac")),
+                                              ("orthogonal_params", (None, "mlp"))])
+def test_a_field_of_one_method_does_not_tell_apart_runs_of_the_others(name, values):
+    """orthogonal_fisher and orthogonal_params decide fisher_orthogonal's weights only: an SFT
+    config's hashes do not see them, fisher_orthogonal's do."""
     for method, differs in (("sft", False), ("ewc", False), ("fisher_orthogonal", True)):
-        low, kfac = (TrainConfig(method=method, orthogonal_fisher=value)
-                     for value in ("low_rank", "kfac"))
-        assert (low.config_hash() != kfac.config_hash()) == differs, method
-        assert (low.run_hash() != kfac.run_hash()) == differs, method
+        first, second = (TrainConfig(method=method, **{name: value}) for value in values)
+        assert (first.config_hash() != second.config_hash()) == differs, method
+        assert (first.run_hash() != second.run_hash()) == differs, method

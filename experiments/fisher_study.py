@@ -18,8 +18,9 @@ lambda, OPSD) this computes, against the Fisher of the *base* model on the reten
 - ``delta_norm`` ``||d||``: the control every Fisher measure should beat.
 
 Across all runs it reports the Spearman rank correlation (:func:`scipy.stats.spearmanr`) of
-each diagnostic with the measured retention loss ``1 - retention`` (overall and per
-capability), with its two-sided p-value and n. With the 7 fine-tunes of one Pareto study the
+each diagnostic with the measured retention loss ``1 - retention`` (overall, over the
+capabilities the base answers above chance where the Pareto study gives that retention, and
+per capability), with its two-sided p-value, n and a 95% bootstrap interval over fine-tunes. With the 7 fine-tunes of one Pareto study the
 p-values are coarse (read rho, not significance stars); give several studies of the same base
 (``--pareto A,B,...``, e.g. other learning rates or seeds) to correlate across more runs.
 
@@ -535,6 +536,8 @@ def run_study(config: FisherStudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
                      "steps": run["steps"],
                      "memorization": run["memorization"], "retention": run["retention"],
                      "retention_loss": None if run["retention"] is None else 1 - run["retention"],
+                     "above_chance_loss": None if run.get("above_chance_retention") is None
+                     else 1 - run["above_chance_retention"],
                      **{f"loss_{k.removeprefix('retention_')}": None if v is None else 1 - v
                         for k, v in capabilities.items()},
                      **{k: v for k, v in result.items() if not k.endswith("curve")}})
@@ -548,6 +551,8 @@ def run_study(config: FisherStudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
                                 "(--available_only)")
     table = pd.DataFrame(rows)
     targets = {"retention_loss": "overall"}
+    if table["above_chance_loss"].notna().any():  # the capabilities the base can do
+        targets["above_chance_loss"] = "above chance"
     targets.update({c: c.removeprefix("loss_") for c in table.columns if c.startswith("loss_")})
     correlations = spearman_table(table, targets)
     kl_check = {name: stats.spearmanr(table[f"predicted_kl_{name}"], table["measured_kl"])
@@ -590,7 +595,9 @@ def write_outputs(config: FisherStudyConfig, table: pd.DataFrame, correlations: 
     atomic_write_json(out / "diagnostics.json", json_rows(table))
     atomic_write_json(out / "summary.json", {
         **summary, "config": asdict(config),
-        "correlations_overall": json_rows(correlations[correlations["target"] == "overall"])})
+        "correlations_overall": json_rows(correlations[correlations["target"] == "overall"]),
+        "correlations_above_chance": json_rows(
+            correlations[correlations["target"] == "above chance"])})
     write_figures(out, table, correlations, energy, config.representation)
     logger.info("wrote %s", out)
 
@@ -610,9 +617,12 @@ def main(argv: Sequence[str] | None = None):
                "predicted_kl_exact", "predicted_kl_diag", "predicted_kl_lowrank", "measured_kl"]
     print(markdown_table(table[columns], style="g"))
     print()
-    overall = correlations[correlations["target"] == "overall"]
-    print(markdown_table(overall[["diagnostic", "rho", "rho_low", "rho_high", "p_value", "n"]],
-                         style="g"))
+    for target in ("overall", "above chance"):
+        if (correlations["target"] == target).any():
+            print(f"\nSpearman with the retention loss, {target}:")
+            rows = correlations[correlations["target"] == target]
+            print(markdown_table(rows[["diagnostic", "rho", "rho_low", "rho_high", "p_value", "n"]],
+                                 style="g"))
     if missing := json.loads((Path(config.out) / "summary.json").read_text())["missing"]:
         print(f"\npartial: {len(missing)} fine-tunes without kept numbers are left out: "
               f"{', '.join(missing)}")

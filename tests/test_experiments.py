@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from scipy import stats
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
@@ -308,6 +309,26 @@ def test_fisher_and_nll_studies_on_the_tiny_pareto_output(tiny_study, caplog):
     overall = correlations[correlations["target"] == "overall"]
     assert set(overall["diagnostic"]) == set(fisher_study.DIAGNOSTICS)
     assert (overall["n"] == 3).all()
+    # the loss over the capabilities the base answers above chance, where the study gives it
+    # (this tiny one has none)
+    assert "above chance" not in set(correlations["target"])
+    path = tmp / "out" / "runs.json"
+    saved = path.read_text()
+    runs = json.loads(saved)
+    for run, value in zip(runs["runs"], (0.9, 0.9, 0.5), strict=True):
+        run["above_chance_retention"] = value
+    path.write_text(json.dumps(runs))
+    try:
+        clear, clear_correlations = fisher_study.main(
+            [*argv[:-4], "--out", str(tmp / "fisher-clear"), "--cache", str(tmp / "fisher-cache")])
+    finally:
+        path.write_text(saved)
+    assert clear["above_chance_loss"].tolist() == pytest.approx([0.1, 0.1, 0.5])
+    rows = clear_correlations[clear_correlations["target"] == "above chance"]
+    expected = stats.spearmanr(clear["delta_norm"], [0.1, 0.1, 0.5]).statistic
+    assert rows.set_index("diagnostic").loc["delta_norm", "rho"] == pytest.approx(
+        expected, nan_ok=True)
+    assert len(rows) == len(overall)
     for name in ("diagnostics.csv", "correlations.csv", "summary.json",
                  "diagnostics_vs_retention_loss.png", "predicted_vs_measured_kl.png"):
         assert (tmp / "fisher" / name).is_file(), name

@@ -252,6 +252,18 @@ def has_weights(model_path: str) -> bool:
     return (Path(model_path) / "config.json").is_file()
 
 
+def _file_hash(path: Path) -> str | None:
+    return stable_hash(path.read_bytes().hex()) if path.is_file() else None
+
+
+def weights_of_record(run: dict) -> bool:
+    """Whether the weights in ``run``'s model folder are those of its record as it was read:
+    the run folder's results file (``results.json``, or ``peak.json`` for a peak) still equals
+    the record's. A Pareto study training a run again replaces the weights before the
+    record, so the old record can point at the new weights for a while."""
+    return has_weights(run["model_path"]) and _file_hash(run["witness"]) == run["record_hash"]
+
+
 def recorded_runs(config: FisherStudyConfig) -> list[dict[str, Any]]:
     """The fine-tunes of each Pareto study's run records (``<pareto>/runs/<run>/``: a finished
     run's config, results and peak), as ``runs.json`` would list them (run, config hash, model
@@ -272,11 +284,15 @@ def recorded_runs(config: FisherStudyConfig) -> list[dict[str, Any]]:
             key = train_config.config_hash()
             common = {"study": study, "probes": train_config.probes, "label": record.name}
             runs.append({**common, "run": record.name, "config_hash": key,
-                         "model_path": results["model_path"], "steps": results["global_step"]})
+                         "model_path": results["model_path"], "steps": results["global_step"],
+                         "record_hash": _file_hash(record / "results.json"),
+                         "witness": Path(results["output_dir"]) / "results.json"})
             if (record / "peak.json").is_file():
                 peak = json.loads((record / "peak.json").read_text(encoding="utf-8"))
                 runs.append({**common, "run": record.name + "-peak", "config_hash": key + "-peak",
-                             "model_path": peak["model_path"], "steps": peak["step"]})
+                             "model_path": peak["model_path"], "steps": peak["step"],
+                             "record_hash": _file_hash(record / "peak.json"),
+                             "witness": Path(results["output_dir"]) / "peak.json"})
     return runs
 
 
@@ -284,7 +300,8 @@ def diagnose_available(config: FisherStudyConfig) -> list[dict[str, Any]]:
     """:func:`diagnose` every recorded fine-tune whose weights are here and whose numbers are
     not kept yet, and then those recorded meanwhile (a Pareto study running beside it), until
     no new record appears; returns one row per recorded fine-tune: study, run, and ``status``
-    (``kept``, ``diagnosed`` or ``no weights``)."""
+    (``kept``, ``diagnosed``, ``no weights``, or ``weights of another run``: the run is being
+    trained again, and its new record is diagnosed when it appears)."""
     runs = recorded_runs(config)
     if not runs:
         raise FileNotFoundError(f"no run records in {', '.join(config.pareto)} (<pareto>/runs/): "
@@ -293,7 +310,7 @@ def diagnose_available(config: FisherStudyConfig) -> list[dict[str, Any]]:
     rows, seen = [], set()
     while runs:
         run = runs.pop(0)
-        seen.add((run["study"], run["run"]))
+        seen.add((run["study"], run["run"], run["record_hash"]))
         if base is None:
             base, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
             sample = probe_sample(config, run["probes"])
@@ -302,6 +319,8 @@ def diagnose_available(config: FisherStudyConfig) -> list[dict[str, Any]]:
             status = "kept"
         elif not has_weights(run["model_path"]):
             status = "no weights"
+        elif not weights_of_record(run):
+            status = "weights of another run"  # trained again: its new record comes later
         else:
             if fishers is None:
                 fishers = base_fishers(config, base, tokenizer, sample, key)
@@ -311,7 +330,8 @@ def diagnose_available(config: FisherStudyConfig) -> list[dict[str, Any]]:
         logger.info("%s/%s: %s", run["study"], run["run"], status)
         rows.append({"study": run["study"], "run": run["run"], "status": status})
         if not runs:
-            runs = [r for r in recorded_runs(config) if (r["study"], r["run"]) not in seen]
+            runs = [r for r in recorded_runs(config)
+                    if (r["study"], r["run"], r["record_hash"]) not in seen]
     return rows
 
 

@@ -262,6 +262,16 @@ def test_fisher_study_keeps_each_fine_tunes_numbers_beyond_its_weights(pareto, t
     assert rows["status"].tolist() == ["diagnosed", "diagnosed"]
     kept = {p.name for p in (tmp_path / "fisher" / "runs" / "out").iterdir()}
     assert kept == {"sft.json", "sft-peak.json"}
+    # SFT trained again (its weights and results.json replaced, the record not yet): its old
+    # record is not diagnosed from the new weights, SFT@peak's is
+    witness = tmp_path / "cache" / "sft" / "results.json"
+    original = witness.read_text()
+    witness.write_text(original + " ")
+    fresh = [*study[:study.index("--out") + 1], str(tmp_path / "fisher-fresh"),
+             *study[study.index("--out") + 2:]]
+    rows, _ = fisher_study.main([*fresh, "--available_only"])
+    assert rows["status"].tolist() == ["weights of another run", "diagnosed"]
+    witness.write_text(original)
     shutil.rmtree(tmp_path / "cache")  # the machine is gone, and the weights with it
     pareto.main(argv)  # the study restored from its records: its inputs and runs.json again
     assert (tmp_path / "out" / "runs.json").is_file()

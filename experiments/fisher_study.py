@@ -20,9 +20,10 @@ lambda, OPSD) this computes, against the Fisher of the *base* model on the reten
 Across all runs it reports the Spearman rank correlation (:func:`scipy.stats.spearmanr`) of
 each diagnostic with the measured retention loss ``1 - retention`` (overall, over the
 capabilities the base answers above chance where the Pareto study gives that retention, and
-per capability), with its two-sided p-value, n and a 95% bootstrap interval over fine-tunes. With the 7 fine-tunes of one Pareto study the
-p-values are coarse (read rho, not significance stars); give several studies of the same base
-(``--pareto A,B,...``, e.g. other learning rates or seeds) to correlate across more runs.
+per capability), with its two-sided p-value, n and a 95% bootstrap interval over
+fine-tunes. With the 7 fine-tunes of one Pareto study the p-values are coarse (read rho, not
+significance stars); give several studies of the same base (``--pareto A,B,...``, e.g. other
+learning rates or seeds) to correlate across more runs.
 
 The probes are the Pareto study's probe file (or ``probes``) minus the capabilities that test
 the injected facts (``two_hop``), spread evenly over capabilities (``n_samples``). Fisher matrices
@@ -44,7 +45,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -261,7 +261,7 @@ def weights_of_record(run: dict) -> bool:
     the run folder's results file (``results.json``, or ``peak.json`` for a peak) still equals
     the record's. A Pareto study training a run again replaces the weights before the
     record, so the old record can point at the new weights for a while."""
-    return has_weights(run["model_path"]) and _file_hash(run["witness"]) == run["record_hash"]
+    return _file_hash(run["witness"]) == run["record_hash"]
 
 
 def recorded_runs(config: FisherStudyConfig) -> list[dict[str, Any]]:
@@ -522,10 +522,11 @@ def run_study(config: FisherStudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     key = fisher_key(config, sample)
     runs = [dict(run, study=study["study"]) for study in studies for run in study["runs"]]
     kept = {id(run): _kept(config, run, key) for run in runs}
-    missing = [f"{run['study']}/{run['run']}" for run in runs if kept[id(run)] is None
-               and (config.kept_only or not has_weights(run["model_path"]))]
+    left_out = [run for run in runs if kept[id(run)] is None
+                and (config.kept_only or not has_weights(run["model_path"]))]
+    missing = [f"{run['study']}/{run['run']}" for run in left_out]
     if missing and not config.kept_only:  # before the Fisher: an error, not hours later
-        run = next(r for r in runs if f"{r['study']}/{r['run']}" == missing[0])
+        run = left_out[0]
         raise FileNotFoundError(
             f"{missing[0]}: no diagnostics of this fine-tune are kept in "
             f"{kept_path(config, run)} and its weights are not in {run['model_path']}: train "
@@ -540,7 +541,7 @@ def run_study(config: FisherStudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     by_model: dict[str, dict[str, Any]] = {}  # SFT@peak is often the final SFT model itself
     for run in runs:
         label = f"{run['label']} [{run['study']}]" if several else run["label"]
-        if f"{run['study']}/{run['run']}" in missing:
+        if any(run is other for other in left_out):
             continue
         if run["model_path"] not in by_model:
             if kept[id(run)] is None and fishers is None:
@@ -570,6 +571,7 @@ def run_study(config: FisherStudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
                                 f"in {Path(config.out) / 'runs'}: diagnose them first "
                                 "(--available_only)")
     table = pd.DataFrame(rows)
+    table.attrs["missing"] = missing  # the fine-tunes left out (kept_only)
     targets = {"retention_loss": "overall"}
     if table["above_chance_loss"].notna().any():  # the capabilities the base can do
         targets["above_chance_loss"] = "above chance"
@@ -581,19 +583,14 @@ def run_study(config: FisherStudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         "n_finetunes": len(table), "n_probes": len(sample), "fisher_key": key,
         "rank": len(next(iter(by_model.values()))["energy_curve_lowrank"]),
         "representation": config.representation, "estimator": config.estimator,
-        "parameters": n_parameters(base, config.params), "missing": missing,
+        "parameters": sum(p.numel() for p in fisher.select_parameters(base, config.params)
+                          .values()),
+        "missing": missing,
         "predicted_vs_measured_kl_spearman": {
             name: {"rho": _finite(r.statistic), "p_value": _finite(r.pvalue), "n": len(table)}
             for name, r in kl_check.items()},
         "seconds": time.perf_counter() - started})
     return table, correlations
-
-
-def n_parameters(model, params: str | None) -> int:
-    """The weights the Fisher and the update cover: those whose name matches ``params``."""
-    pattern = re.compile(params) if params else None
-    return sum(p.numel() for name, p in model.named_parameters()
-               if pattern is None or pattern.search(name))
 
 
 def _finite(value) -> float | None:
@@ -643,7 +640,7 @@ def main(argv: Sequence[str] | None = None):
             rows = correlations[correlations["target"] == target]
             print(markdown_table(rows[["diagnostic", "rho", "rho_low", "rho_high", "p_value", "n"]],
                                  style="g"))
-    if missing := json.loads((Path(config.out) / "summary.json").read_text())["missing"]:
+    if missing := table.attrs.get("missing"):
         print(f"\npartial: {len(missing)} fine-tunes without kept numbers are left out: "
               f"{', '.join(missing)}")
     return table, correlations

@@ -126,6 +126,11 @@ def test_fisher_figures_take_more_fine_tunes_than_the_palette_has_colors():
     colors = {c.get_label(): to_hex(c.lines[0].get_color()) for c in ax.containers}
     assert set(colors) == {f"{n}: exact" for n in names}
     assert len(set(colors.values())) == len(names)
+    # the legend names each fine-tune once and each representation once, not every pair
+    both = pd.concat([kl, kl.assign(representation="diagonal proxy")])
+    ax = fisher_plots.predicted_vs_measured_kl(both, Figure().subplots())
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        *names, "exact", "diagonal proxy", "y = x"]
     path = pd.DataFrame([{"finetune": n, "t": t, "measured_kl": t, "low": t / 2, "high": 2 * t,
                           "predicted_kl": t, "predicted_low": t / 2, "predicted_high": 2 * t}
                          for n in names for t in (0.5, 1.0)])

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
+from matplotlib.lines import Line2D
 
 from forgetkit.plots import _require
 
@@ -109,14 +110,23 @@ def predicted_vs_measured_kl(kl: pd.DataFrame, ax: Axes) -> Axes:
                     fmt=markers[kind], color=palette[name], capsize=3, label=f"{name}: {kind}")
     values = np.concatenate([kl["predicted_kl"].to_numpy(), kl["measured_kl"].to_numpy()])
     values = values[values > 0]
+    # the legend names each fine-tune (color) and each representation (marker) once, not every
+    # pair: a study of 18 fine-tunes and 3 representations would need 54 entries
+    handles = [Line2D([], [], marker="o", linestyle="", color=color, label=name)
+               for name, color in palette.items()]
+    if len(markers) > 1:
+        handles += [Line2D([], [], marker=marker, linestyle="", color="grey", label=kind)
+                    for kind, marker in markers.items()]
     if values.size:
         low, high = values.min() / 2, values.max() * 2
-        ax.plot([low, high], [low, high], color="grey", linestyle="--", label="y = x")
+        handles += ax.plot([low, high], [low, high], color="grey", linestyle="--", label="y = x")
         ax.set_xscale("log")
         ax.set_yscale("log")
     ax.set_xlabel("measured KL(base ‖ fine-tune) per probe")
     ax.set_ylabel("predicted ½ Δθ' F Δθ")
-    ax.legend(fontsize="small")
+    many = len(handles) > 8  # beside the axes rather than over the points
+    ax.legend(handles=handles, fontsize="small",
+              **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {}))
     return ax
 
 

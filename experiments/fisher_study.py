@@ -508,8 +508,6 @@ def write_figures(out: Path, table: pd.DataFrame, correlations: pd.DataFrame,
         if name == "displacement.png":  # long labels end under their bars, inside the figure
             for label in ax.get_xticklabels():
                 label.set(rotation=30, ha="right", rotation_mode="anchor", fontsize=7)
-        elif name == "captured_energy.png" and wide:  # beside the curves, not over them
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         write_figure(out / name, fig, dpi=140)
 
 

@@ -35,6 +35,14 @@ def _palette(names: pd.Series) -> dict:
     return dict(zip(names, colors, strict=True))
 
 
+def _legend(ax: Axes, **kwargs) -> None:
+    """The legend, beside the axes rather than over the data when it has more than 8 entries
+    (a study diagnoses dozens of fine-tunes)."""
+    handles = kwargs.get("handles") or ax.get_legend_handles_labels()[0]
+    outside = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if len(handles) > 8 else {}
+    ax.legend(**kwargs, **outside)
+
+
 def fisher_spectrum(spectrum: pd.DataFrame, ax: Axes) -> Axes:
     """Top eigenvalues of the probe Fisher (columns ``j``, ``eigenvalue``), log scale."""
     _require(spectrum, ["j", "eigenvalue"], "fisher_spectrum")
@@ -69,7 +77,7 @@ def captured_energy(energy: pd.DataFrame, ax: Axes) -> Axes:
     ax.set_yscale("log")
     ax.set_xlabel("top-j Fisher directions")
     ax.set_ylabel("share of ||Δθ||² captured")
-    ax.legend()
+    _legend(ax, fontsize="small")
     return ax
 
 
@@ -124,9 +132,7 @@ def predicted_vs_measured_kl(kl: pd.DataFrame, ax: Axes) -> Axes:
         ax.set_yscale("log")
     ax.set_xlabel("measured KL(base ‖ fine-tune) per probe")
     ax.set_ylabel("predicted ½ Δθ' F Δθ")
-    many = len(handles) > 8  # beside the axes rather than over the points
-    ax.legend(handles=handles, fontsize="small",
-              **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {}))
+    _legend(ax, handles=handles, fontsize="small")
     return ax
 
 
